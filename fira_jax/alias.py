@@ -1,0 +1,205 @@
+"""Ready-made optimizers: Fira and GaLore as ``optax.chain`` s of the public pieces."""
+
+from typing import Any
+
+import optax
+
+from fira_jax import masks
+from fira_jax._validation import check_choice, check_float, is_traced
+from fira_jax.limiter import clip_by_norm_growth
+from fira_jax.projection import PROJ_TYPES, project_back, project_gradients
+from fira_jax.residual import GRANULARITIES, scale_residual_by_norm_ratio
+from fira_jax.subspace import adam_bias_correction, in_subspace, scale_by_adam
+from fira_jax.weight_decay import add_decayed_weights_after_step
+
+
+def _tail(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float,
+    b2: float,
+    weight_decay: float,
+    base_optimizer: optax.GradientTransformation | None,
+) -> list[optax.GradientTransformation]:
+    """Bias correction (Adam only), learning rate and post-step weight decay."""
+    tail = []
+    if base_optimizer is None:
+        tail.append(optax.scale_by_schedule(adam_bias_correction(b1, b2)))
+    tail.append(optax.scale_by_learning_rate(learning_rate))
+    if is_traced(weight_decay) or callable(weight_decay) or weight_decay != 0:
+        tail.append(add_decayed_weights_after_step(weight_decay, learning_rate))
+    return tail
+
+
+def _check_common(b1: float, b2: float, eps: float, weight_decay: float, proj_type: str) -> None:
+    check_float("b1", b1, low=0.0, high=1.0)
+    check_float("b2", b2, low=0.0, high=1.0)
+    check_float("eps", eps, low=0.0, high=float("inf"), high_open=False)
+    check_float("weight_decay", weight_decay, low=0.0, high=float("inf"), high_open=False)
+    check_choice("proj_type", proj_type, PROJ_TYPES)
+
+
+def fira(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    gamma: float = 1.01,
+    proj_type: str = "std",
+    mask: masks.Mask = None,
+    base_optimizer: optax.GradientTransformation | None = None,
+    *,
+    axes: Any = None,
+    granularity: str = "column",
+    residual_scale: float | None = None,
+    canonical_signs: bool = False,
+    mu_dtype: Any = None,
+    basis_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Fira: full-rank training under a low-rank optimizer state.
+
+    For each selected matrix W with gradient G at step t (Chen et al., 2024,
+    Algorithm 1, as the authors' ``FiraAdamW`` implements it):
+
+    1. every ``update_proj_gap`` steps, P ← top-``rank`` singular vectors of G;
+       ``R = P^T G`` or ``G P^T`` (:func:`fira_jax.project_gradients`);
+    2. ``N = m / (sqrt(v) + eps)`` with Adam's moments kept in the subspace and
+       never reset (:func:`fira_jax.in_subspace` of :func:`fira_jax.scale_by_adam`);
+    3. ``S = phi * (G - scale * back(R))`` with ``phi = ||N|| / (||R|| + 1e-8)``
+       per column (:func:`fira_jax.scale_residual_by_norm_ratio`);
+    4. ``||S||`` may grow at most by ``gamma`` per step
+       (:func:`fira_jax.clip_by_norm_growth`);
+    5. ``U = scale * back(N) + S`` (:func:`fira_jax.project_back`);
+    6. ``W ← W - lr c_t U`` with ``c_t = sqrt(1 - b2^(t+1)) / (1 - b1^(t+1))``,
+       then ``W ← W - lr wd W`` (:func:`fira_jax.add_decayed_weights_after_step`).
+
+    Unselected leaves get the same Adam (step 2 and 6) on their full gradient.
+
+    Args:
+      learning_rate: a float or an optax schedule (0.01 in the paper).
+      rank: the subspace's rank (128 for LLaMA 60M in the paper).
+      update_proj_gap: steps between basis refreshes (200 in the paper).
+      scale: the scale of the low-rank update (``alpha``; 0.25 in the paper).
+      b1: Adam's first-moment decay.
+      b2: Adam's second-moment decay.
+      eps: Adam's epsilon, added to ``sqrt(v)`` (the reference's 1e-6).
+      weight_decay: decoupled weight decay, applied after the step.
+      gamma: the limiter's growth bound (``inf`` disables it).
+      proj_type: ``"std"``, ``"reverse_std"``, ``"right"`` or ``"left"``
+        (``"full"`` is GaLore-only: the column scaling is undefined there).
+      mask: which leaves get Fira (see :func:`fira_jax.mask_by_path`); default
+        every leaf with at least 2 dimensions.
+      base_optimizer: run this optax transformation in the subspace instead of
+        Adam (e.g. :func:`optax.scale_by_lion`). No Adam bias correction is
+        then applied; ``b1``, ``b2`` and ``eps`` are unused.
+      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`).
+      granularity: ``"column"`` or ``"matrix"`` scaling factors.
+      residual_scale: the multiple of ``P P^T G`` removed from G in step 3;
+        default ``scale`` as in the reference; 1.0 gives the paper's
+        orthogonal residual.
+      canonical_signs: fix the singular vectors' signs (see
+        :func:`fira_jax.project_gradients`).
+      mu_dtype: dtype of Adam's first moment.
+      basis_dtype: dtype of the stored bases.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``: the ``optax.chain`` of the
+      pieces above.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, fira_jax
+      >>> params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+      >>> tx = fira_jax.fira(learning_rate=1e-2, rank=2)
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+      Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024.
+    """
+    _check_common(b1, b2, eps, weight_decay, proj_type)
+    if proj_type == "full":
+        raise ValueError(
+            "`proj_type` 'full' (two-sided projection) is GaLore-only: Fira's column-wise "
+            "scaling of the residual is undefined there. Use fira_jax.galore, or a one-sided proj_type."
+        )
+    check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
+    check_choice("granularity", granularity, GRANULARITIES)
+    project = project_gradients(
+        rank, update_proj_gap, proj_type, mask, axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype
+    )
+    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    return optax.chain(
+        project,
+        in_subspace(inner, project),
+        scale_residual_by_norm_ratio(scale if residual_scale is None else residual_scale, granularity),
+        clip_by_norm_growth(gamma, projection=project),
+        project_back(scale),
+        *_tail(learning_rate, b1, b2, weight_decay, base_optimizer),
+    )
+
+
+def galore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    proj_type: str = "std",
+    mask: masks.Mask = None,
+    base_optimizer: optax.GradientTransformation | None = None,
+    *,
+    axes: Any = None,
+    canonical_signs: bool = False,
+    mu_dtype: Any = None,
+    basis_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""GaLore with AdamW, as the authors' ``GaLoreAdamW`` (``galore-torch`` 1.0).
+
+    Fira without the residual: ``U = scale * back(N)`` and
+    ``W ← W - lr c_t U``, then ``W ← W - lr wd W``. ``proj_type="full"``
+    projects on both sides.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      rank: the subspace's rank.
+      update_proj_gap: steps between basis refreshes.
+      scale: the scale of the low-rank update (0.25 in the paper).
+      b1: Adam's first-moment decay.
+      b2: Adam's second-moment decay.
+      eps: Adam's epsilon, added to ``sqrt(v)``.
+      weight_decay: decoupled weight decay, applied after the step.
+      proj_type: ``"std"``, ``"reverse_std"``, ``"right"``, ``"left"`` or ``"full"``.
+      mask: which leaves to project; default every leaf with at least 2 dims.
+      base_optimizer: run this optax transformation in the subspace instead of Adam.
+      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`).
+      canonical_signs: fix the singular vectors' signs.
+      mu_dtype: dtype of Adam's first moment.
+      basis_dtype: dtype of the stored bases.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    References:
+      Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+      Projection <https://arxiv.org/abs/2403.03507>`_, 2024.
+    """
+    _check_common(b1, b2, eps, weight_decay, proj_type)
+    project = project_gradients(
+        rank, update_proj_gap, proj_type, mask, axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype
+    )
+    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    return optax.chain(
+        project,
+        in_subspace(inner, project),
+        project_back(scale),
+        *_tail(learning_rate, b1, b2, weight_decay, base_optimizer),
+    )

@@ -1,0 +1,462 @@
+"""Projecting gradients onto, and back from, a low-rank subspace.
+
+This is step 1 of GaLore (Zhao et al., 2024) and Fira (Chen et al., 2024):
+every ``update_proj_gap`` steps the top-``rank`` singular vectors P of each
+selected gradient G are computed; the optimizer then works on the low-rank
+gradient ``P^T G`` (left side) or ``G P^T`` (right side).
+
+:func:`project_gradients` replaces each selected gradient by a :class:`LowRank`
+node that carries everything the later pieces of the chain need; the pieces in
+between (:func:`fira_jax.in_subspace`,
+:func:`fira_jax.scale_residual_by_norm_ratio`,
+:func:`fira_jax.clip_by_norm_growth`) read and replace its fields, and
+:func:`project_back` turns it back into a dense update.
+"""
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fira_jax import masks
+from fira_jax._validation import check_choice, check_int
+
+PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+
+
+class MatrixAxes(NamedTuple):
+    """Which axes of a leaf form the matrix that is projected.
+
+    The leaf is viewed as a stack of (rows × cols) matrices: ``rows`` and
+    ``cols`` name one axis or a tuple of axes each (flattened, in that order);
+    every other axis indexes independent matrices, each with its own basis,
+    moments, scaling factors and limiter norm. The default for a selected leaf
+    is ``MatrixAxes(rows=-2, cols=-1)``, which treats layers stacked by
+    ``nnx.scan`` as separate matrices.
+
+    Example: a ``DenseGeneral`` kernel of shape (embed, heads, head_dim) is one
+    embed × (heads·head_dim) matrix with ``MatrixAxes(rows=0, cols=(1, 2))``.
+    """
+
+    rows: int | tuple[int, ...] = -2
+    cols: int | tuple[int, ...] = -1
+
+
+class Layout(NamedTuple):
+    """Static description of one selected leaf (hashable; pytree aux data).
+
+    The *canonical* form of the leaf is ``batch + (m, n)``: batch axes first,
+    then the flattened row axes and column axes.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    perm: tuple[int, ...]
+    batch: tuple[int, ...]
+    m: int
+    n: int
+    rank: int
+    side: str  # "left", "right" or "full"
+
+    def canonical(self, x: jax.Array) -> jax.Array:
+        """The leaf as a stack of ``batch + (m, n)`` matrices."""
+        return jnp.transpose(x, self.perm).reshape((*self.batch, self.m, self.n))
+
+    def restore(self, x: jax.Array) -> jax.Array:
+        """Inverse of :meth:`canonical`."""
+        permuted = tuple(self.shape[a] for a in self.perm)
+        inverse = tuple(sorted(range(len(self.perm)), key=lambda a: self.perm[a]))
+        return jnp.transpose(x.reshape(permuted), inverse)
+
+    @property
+    def low_shape(self) -> tuple[int, ...]:
+        """Shape of the low-rank gradient (and of the subspace optimizer's state)."""
+        r = self.rank
+        return self.batch + {"right": (self.m, r), "left": (r, self.n), "full": (r, r)}[self.side]
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Basis:
+    """Orthonormal basis of one selected leaf's subspace.
+
+    ``left`` is U[:, :r] (batch + (m, r)), used on the left and two-sided
+    ("full") side; ``right`` is Vh[:r] (batch + (r, n)), used on the right and
+    full side; the unused one is ``None``.
+    """
+
+    left: jax.Array | None
+    right: jax.Array | None
+    layout: Layout
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], Layout]:
+        return (self.left, self.right), self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout: Layout, children: tuple[Any, ...]) -> "Basis":
+        return cls(*children, layout)
+
+    def project(self, g: jax.Array) -> jax.Array:
+        """Low-rank coordinates: ``G P^T`` (right), ``P^T G`` (left), ``U^T G V`` (full)."""
+        out = g
+        if self.left is not None:
+            out = jnp.einsum("...mr,...mn->...rn", self.left.astype(g.dtype), out)
+        if self.right is not None:
+            out = jnp.einsum("...mn,...rn->...mr", out, self.right.astype(g.dtype))
+        return out
+
+    def back(self, x: jax.Array) -> jax.Array:
+        """Back to the full space: ``X P`` (right), ``P X`` (left), ``U X V^T`` (full)."""
+        out = x
+        if self.left is not None:
+            out = jnp.einsum("...mr,...rn->...mn", self.left.astype(x.dtype), out)
+        if self.right is not None:
+            out = jnp.einsum("...mr,...rn->...mn", out, self.right.astype(x.dtype))
+        return out
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """A selected gradient on its way through the chain.
+
+    Attributes:
+      coeffs: the low-rank update being transformed; starts as ``low``, and
+        :func:`fira_jax.in_subspace` replaces it by the subspace optimizer's
+        output (``N`` in the Fira paper).
+      low: the raw low-rank gradient ``P^T G`` or ``G P^T``.
+      grad: the full gradient G, in canonical ``batch + (m, n)`` form.
+      basis: the :class:`Basis` used at this step.
+      residual: the (scaled, limited) residual ``S`` once
+        :func:`fira_jax.scale_residual_by_norm_ratio` has set it, else None.
+    """
+
+    coeffs: jax.Array
+    low: jax.Array
+    grad: jax.Array
+    basis: Basis
+    residual: jax.Array | None = None
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], None]:
+        return (self.coeffs, self.low, self.grad, self.basis, self.residual), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: tuple[Any, ...]) -> "LowRank":
+        del aux
+        return cls(*children)
+
+    @property
+    def layout(self) -> Layout:
+        return self.basis.layout
+
+    def replace(self, **changes: Any) -> "LowRank":
+        return dataclasses.replace(self, **changes)
+
+
+def is_low_rank(x: Any) -> bool:
+    """True for a :class:`LowRank` node (use as ``is_leaf`` in tree maps)."""
+    return isinstance(x, LowRank)
+
+
+def is_basis(x: Any) -> bool:
+    """True for a :class:`Basis` node (use as ``is_leaf`` in tree maps)."""
+    return isinstance(x, Basis)
+
+
+class ProjectionState(NamedTuple):
+    """State of :func:`project_gradients`.
+
+    Attributes:
+      count: number of updates so far (int32); a refresh happens when
+        ``count % update_proj_gap == 0``.
+      bases: a :class:`Basis` per selected leaf, ``optax.MaskedNode()`` elsewhere.
+    """
+
+    count: jax.Array
+    bases: Any
+
+
+def _side(proj_type: str, m: int, n: int) -> str:
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    return proj_type
+
+
+def _normalize_axes(axes: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    if not axes or any(not isinstance(a, int) or not -ndim <= a < ndim for a in axes):
+        raise ValueError
+    return tuple(a % ndim for a in axes)
+
+
+def _layout(path: str, leaf: Any, axes: MatrixAxes | None, rank: int, proj_type: str) -> Layout:
+    shape = tuple(leaf.shape)
+    if len(shape) < 2:
+        raise ValueError(
+            f"Leaf '{path}' with shape {shape} is selected for low-rank projection, "
+            "but only leaves with at least 2 dimensions can be projected. "
+            "Leave it out of `mask`."
+        )
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise TypeError(
+            f"Leaf '{path}' has dtype {leaf.dtype}; low-rank projection needs a "
+            "floating-point leaf. Leave it out of `mask`."
+        )
+    axes = MatrixAxes() if axes is None else axes
+    if not isinstance(axes, MatrixAxes):
+        raise TypeError(f"`axes` for leaf '{path}' must be a fira_jax.MatrixAxes or None, got {axes!r}.")
+    try:
+        rows = _normalize_axes(axes.rows, len(shape))
+        cols = _normalize_axes(axes.cols, len(shape))
+    except ValueError:
+        raise ValueError(f"`axes` {axes} is not valid for leaf '{path}' with shape {shape}.") from None
+    if len(set(rows + cols)) != len(rows + cols):
+        raise ValueError(f"`axes` {axes} repeats an axis for leaf '{path}' with shape {shape}.")
+    batch_axes = tuple(a for a in range(len(shape)) if a not in rows + cols)
+    m = math.prod(shape[a] for a in rows)
+    n = math.prod(shape[a] for a in cols)
+    return Layout(
+        path=path,
+        shape=shape,
+        perm=batch_axes + rows + cols,
+        batch=tuple(shape[a] for a in batch_axes),
+        m=m,
+        n=n,
+        rank=min(rank, m, n),
+        side=_side(proj_type, m, n),
+    )
+
+
+def layouts(tree: Any, rank: int, proj_type: str, mask: masks.Mask = None, axes: Any = None) -> list[Layout | None]:
+    """The :class:`Layout` of every leaf of ``tree`` (None for unselected leaves).
+
+    Raises a ValueError or TypeError naming the leaf's path when a selected
+    leaf cannot be projected.
+    """
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+    selected = masks.resolve_per_leaf(tree, mask, lambda x: getattr(x, "ndim", 0) >= 2, "mask")
+    if isinstance(axes, MatrixAxes):
+        leaf_axes = [axes] * len(with_path)
+    else:
+        leaf_axes = masks.resolve_per_leaf(tree, axes, lambda x: None, "axes")
+    out = []
+    for (path, leaf), sel, ax in zip(with_path, selected, leaf_axes, strict=True):
+        if not isinstance(sel, bool | np.bool_):
+            raise TypeError(f"`mask` must hold bools; got {sel!r} for leaf '{masks.path_str(path)}'.")
+        out.append(_layout(masks.path_str(path), leaf, ax, rank, proj_type) if sel else None)
+    return out
+
+
+def _default_basis(layout: Layout, dtype: Any) -> Basis:
+    """A valid orthonormal basis (the first r coordinate vectors), used before the first refresh."""
+    r = layout.rank
+    left = right = None
+    if layout.side in ("left", "full"):
+        left = jnp.broadcast_to(jnp.eye(layout.m, r, dtype=dtype), (*layout.batch, layout.m, r))
+    if layout.side in ("right", "full"):
+        right = jnp.broadcast_to(jnp.eye(r, layout.n, dtype=dtype), (*layout.batch, r, layout.n))
+    return Basis(left, right, layout)
+
+
+def _canonical_signs(u: jax.Array, vh: jax.Array, side: str) -> tuple[jax.Array, jax.Array]:
+    """Makes the largest-magnitude entry of each basis vector positive.
+
+    The sign is read from the vectors that form the basis (Vh's rows on the
+    right side, U's columns otherwise) and applied to both U and Vh, so
+    ``U diag(s) Vh`` is unchanged.
+    """
+    if side == "right":
+        idx = jnp.argmax(jnp.abs(vh), axis=-1, keepdims=True)
+        sign = jnp.take_along_axis(vh, idx, axis=-1)[..., 0]
+    else:
+        idx = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)
+        sign = jnp.take_along_axis(u, idx, axis=-2)[..., 0, :]
+    sign = jnp.where(sign < 0, -1.0, 1.0).astype(u.dtype)
+    return u * sign[..., None, :], vh * sign[..., :, None]
+
+
+def _svd_basis(g: jax.Array, old: Basis, canonical_signs: bool) -> Basis:
+    """Top-r singular vectors of the canonical gradient ``g``, in float32.
+
+    Matrices whose new basis is not finite (a NaN/Inf gradient, or an SVD that
+    failed) keep their previous basis.
+    """
+    layout = old.layout
+    r = layout.rank
+    u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+    u, vh = u[..., :, :r], vh[..., :r, :]
+    if canonical_signs:
+        u, vh = _canonical_signs(u, vh, layout.side)
+
+    def keep_finite(new: jax.Array, prev: jax.Array) -> jax.Array:
+        ok = jnp.all(jnp.isfinite(new), axis=(-2, -1), keepdims=True)
+        return jnp.where(ok, new.astype(prev.dtype), prev)
+
+    left = keep_finite(u, old.left) if old.left is not None else None
+    right = keep_finite(vh, old.right) if old.right is not None else None
+    return Basis(left, right, layout)
+
+
+def project_gradients(
+    rank: int,
+    update_proj_gap: int,
+    proj_type: str = "std",
+    mask: masks.Mask = None,
+    *,
+    axes: Any = None,
+    canonical_signs: bool = False,
+    basis_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Projects each selected gradient onto its top-``rank`` singular subspace.
+
+    At steps ``t = 0, T, 2T, ...`` (``T = update_proj_gap``) the SVD of each
+    selected gradient ``G`` (m × n, computed in float32) gives the basis ``P``:
+
+    * right side: ``P = Vh[:r]`` (r × n) and the low-rank gradient is ``G P^T``;
+    * left side: ``P = U[:, :r]`` (m × r) and the low-rank gradient is ``P^T G``;
+    * full (two-sided, GaLore only): ``U[:, :r]^T G Vh[:r]^T``.
+
+    ``proj_type`` chooses the side: ``"std"`` is right if m ≥ n else left (the
+    smaller state), ``"reverse_std"`` the opposite, ``"right"``, ``"left"`` and
+    ``"full"`` are fixed. The effective rank is ``min(rank, m, n)``. Between
+    refreshes the basis is kept. The refresh is one ``lax.cond`` on the step
+    count for the whole tree, so one compiled update serves every step.
+
+    Each selected leaf of the output is a :class:`LowRank` node; follow this
+    transformation with :func:`fira_jax.in_subspace` (the optimizer in the
+    subspace) and end with :func:`fira_jax.project_back`. Unselected leaves
+    pass through unchanged.
+
+    Args:
+      rank: the subspace's dimension ``r`` (an int ≥ 1).
+      update_proj_gap: ``T``, steps between refreshes of the basis (≥ 1).
+      proj_type: ``"std"``, ``"reverse_std"``, ``"right"``, ``"left"`` or
+        ``"full"``.
+      mask: which leaves to project: a pytree of bools or a callable from the
+        params to one (as in :func:`optax.masked`); default every leaf with at
+        least 2 dimensions. See :func:`fira_jax.mask_by_path`.
+      axes: which axes form each leaf's matrix: a :class:`MatrixAxes`, a pytree
+        of them (None for the default), or a callable from the params to one.
+        Default: the last two axes; leading axes index independent matrices.
+      canonical_signs: fix each singular vector's sign so that its largest
+        entry is positive. SVD signs are implementation-defined (LAPACK,
+        cuSOLVER and TPU differ), and because the moments carry over across
+        refreshes the signs shape the trajectory; this makes runs agree across
+        backends. Off by default to follow the reference implementation.
+      basis_dtype: dtype of the stored basis; default the leaf's dtype, as in
+        the reference (which casts the float32 SVD to the gradient's dtype).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`ProjectionState`.
+
+    Raises:
+      ValueError or TypeError at construction for an invalid ``rank``,
+      ``update_proj_gap`` or ``proj_type``; at init for a selected leaf that
+      has fewer than 2 dimensions or is not floating point (naming its path).
+
+    References:
+      Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+      Projection <https://arxiv.org/abs/2403.03507>`_, 2024.
+      Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+      Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024.
+    """
+    check_int("rank", rank, 1, static=True)
+    check_int("update_proj_gap", update_proj_gap, 1)
+    check_choice("proj_type", proj_type, PROJ_TYPES)
+
+    def tree_layouts(tree: Any) -> list[Layout | None]:
+        return layouts(tree, rank, proj_type, mask, axes)
+
+    def init_fn(params: Any) -> ProjectionState:
+        leaves, treedef = jax.tree.flatten(params)
+        bases = [
+            optax.MaskedNode() if lay is None else _default_basis(lay, basis_dtype or leaf.dtype)
+            for leaf, lay in zip(leaves, tree_layouts(params), strict=True)
+        ]
+        return ProjectionState(count=jnp.zeros([], jnp.int32), bases=treedef.unflatten(bases))
+
+    def update_fn(
+        updates: Any, state: ProjectionState, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, ProjectionState]:
+        del params, extra_args
+        leaves, treedef = jax.tree.flatten(updates)
+        lays = tree_layouts(updates)
+        old_bases = treedef.flatten_up_to(state.bases)
+        picked = [i for i, lay in enumerate(lays) if lay is not None]
+        grads = [lays[i].canonical(leaves[i]) for i in picked]
+        old = [old_bases[i] for i in picked]
+
+        def refresh() -> list[Basis]:
+            return [_svd_basis(g, b, canonical_signs) for g, b in zip(grads, old, strict=True)]
+
+        new = jax.lax.cond(state.count % update_proj_gap == 0, refresh, lambda: old) if picked else []
+        out, bases = list(leaves), list(old_bases)
+        for i, g, basis in zip(picked, grads, new, strict=True):
+            low = basis.project(g)
+            out[i] = LowRank(coeffs=low, low=low, grad=g, basis=basis)
+            bases[i] = basis
+        new_state = ProjectionState(count=optax.safe_int32_increment(state.count), bases=treedef.unflatten(bases))
+        return treedef.unflatten(out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def project_back(scale: float = 1.0) -> optax.GradientTransformation:
+    r"""Turns each :class:`LowRank` node back into a dense update.
+
+    .. math::
+      U = \text{scale} \cdot \text{back}(N) + S
+
+    where ``back(X)`` is ``X P`` (right side) or ``P X`` (left side), ``N`` is
+    the node's ``coeffs`` (the subspace optimizer's output) and ``S`` its
+    ``residual`` when :func:`fira_jax.scale_residual_by_norm_ratio` set one
+    (Fira), else nothing (GaLore). The update is returned in the leaf's
+    original layout and dtype. Other leaves pass through.
+
+    Args:
+      scale: GaLore/Fira's ``scale`` (``alpha`` in the Fira code); 0.25 in the
+        papers' pre-training runs.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+    """
+
+    def back(u: Any) -> Any:
+        if not is_low_rank(u):
+            return u
+        dense = scale * u.basis.back(u.coeffs)
+        if u.residual is not None:
+            dense = dense + u.residual
+        return u.layout.restore(dense.astype(u.grad.dtype))
+
+    def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        del params
+        return jax.tree.map(back, updates, is_leaf=is_low_rank), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def projection_layouts(projection: optax.GradientTransformation, params: Any) -> list[Layout | None]:
+    """The layouts ``projection`` (from :func:`project_gradients`) gives ``params``' leaves.
+
+    Used by the pieces that keep per-matrix state (:func:`fira_jax.in_subspace`,
+    :func:`fira_jax.clip_by_norm_growth`) to shape it at init. Nothing is
+    allocated: the projection's init is only traced.
+    """
+    state = jax.eval_shape(projection.init, params)
+    if not isinstance(state, ProjectionState):
+        raise TypeError(
+            "`projection` must be the transformation returned by fira_jax.project_gradients "
+            f"(its init returns ProjectionState); its init returned {type(state).__name__}."
+        )
+    leaves, treedef = jax.tree.flatten(params)
+    del leaves
+    bases = treedef.flatten_up_to(state.bases)
+    return [b.layout if is_basis(b) else None for b in bases]

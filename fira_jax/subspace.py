@@ -1,0 +1,172 @@
+"""The optimizer inside the subspace: low-rank Adam (step 2 of Fira and GaLore).
+
+:func:`in_subspace` runs any optax transformation on the low-rank coefficients
+of the selected leaves (and on unselected leaves as they are), so its state is
+low-rank. :func:`scale_by_adam` is Adam with the convention of the reference
+implementations (``transformers.AdamW`` as copied into ``fira`` and
+``galore-torch``): ``eps`` is added to the uncorrected ``sqrt(v)`` and the bias
+correction multiplies the whole step.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fira_jax import projection as proj
+from fira_jax._validation import check_float
+
+
+def in_subspace(
+    inner: optax.GradientTransformation, projection: optax.GradientTransformation
+) -> optax.GradientTransformationExtraArgs:
+    """Applies ``inner`` to the low-rank coefficients of every :class:`LowRank` node.
+
+    Between :func:`fira_jax.project_gradients` and
+    :func:`fira_jax.project_back`, selected leaves are :class:`LowRank` nodes;
+    this runs ``inner`` on their ``coeffs`` (shape ``batch + (m, r)`` or
+    ``batch + (r, n)``) and on the unselected leaves as they are, so
+    ``inner``'s state is as small as the subspace. ``inner`` is any optax
+    transformation that does not need the parameters' values: Adam (the
+    default in :func:`fira_jax.fira`), :func:`optax.scale_by_lion`,
+    :func:`optax.scale_by_factored_rms` (Adafactor), :func:`optax.scale_by_rms`,
+    and so on. It receives ``params=None``.
+
+    Args:
+      inner: the optimizer to run in the subspace.
+      projection: the :func:`fira_jax.project_gradients` transformation that
+        precedes this one in the chain; it tells the subspace's shapes at init.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
+      state over the low-rank shapes. Extra args are passed on to ``inner``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, fira_jax
+      >>> project = fira_jax.project_gradients(rank=2, update_proj_gap=10)
+      >>> tx = optax.chain(project, fira_jax.in_subspace(optax.scale_by_lion(), project),
+      ...                  fira_jax.project_back(scale=1.0))
+      >>> state = tx.init({"w": jnp.ones((4, 3))})
+      >>> state[1].mu["w"].shape  # Lion's momentum lives in the 4 x 2 subspace
+      (4, 2)
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: Any) -> Any:
+        leaves, treedef = jax.tree.flatten(params)
+        lays = proj.projection_layouts(projection, params)
+        proxies = [
+            leaf if lay is None else jnp.zeros(lay.low_shape, leaf.dtype)
+            for leaf, lay in zip(leaves, lays, strict=True)
+        ]
+        return inner.init(treedef.unflatten(proxies))
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+        del params
+        coeffs = jax.tree.map(lambda u: u.coeffs if proj.is_low_rank(u) else u, updates, is_leaf=proj.is_low_rank)
+        new_coeffs, state = inner.update(coeffs, state, None, **extra_args)
+        updates = jax.tree.map(
+            lambda u, c: u.replace(coeffs=c) if proj.is_low_rank(u) else c,
+            updates,
+            new_coeffs,
+            is_leaf=proj.is_low_rank,
+        )
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam`: step count and the two moments."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def adam_bias_correction(b1: float, b2: float) -> optax.Schedule:
+    r"""The reference's bias correction as a schedule of the step count.
+
+    .. math::
+      c_t = \frac{\sqrt{1 - b_2^{t+1}}}{1 - b_1^{t+1}}, \quad t = 0, 1, \dots
+
+    The reference multiplies the whole update by ``c_t`` (its ``step_size``);
+    in :func:`fira_jax.fira` this is ``optax.scale_by_schedule`` of this
+    schedule, placed after :func:`fira_jax.project_back` so that the Fira
+    limiter measures uncorrected norms, as in the reference.
+
+    Args:
+      b1: Adam's first-moment decay.
+      b2: Adam's second-moment decay.
+
+    Returns:
+      A schedule ``count -> c_count``.
+    """
+
+    def schedule(count: jax.Array) -> jax.Array:
+        t = jnp.asarray(count, jnp.float32) + 1.0
+        return jnp.sqrt(1.0 - jnp.asarray(b2, jnp.float32) ** t) / (1.0 - jnp.asarray(b1, jnp.float32) ** t)
+
+    return schedule
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    *,
+    bias_correction: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Adam with the reference implementations' epsilon convention.
+
+    .. math::
+      m_t = b_1 m_{t-1} + (1 - b_1) g_t, \qquad
+      v_t = b_2 v_{t-1} + (1 - b_2) g_t^2, \qquad
+      N_t = \frac{m_t}{\sqrt{v_t} + \epsilon}
+
+    and, with ``bias_correction=True``, ``N_t`` is multiplied by
+    :func:`adam_bias_correction` ``c_t``. ``eps`` is added to the uncorrected
+    ``sqrt(v_t)``, as in PyTorch's and ``transformers``' AdamW; this differs
+    from :func:`optax.scale_by_adam` (which adds ``eps`` to the corrected
+    ``sqrt(v_hat)``), noticeably so for small gradients.
+
+    Without bias correction (the default) this is the low-rank Adam of Fira's
+    Algorithm 1, whose output ``N`` feeds the norm-based scaling; the
+    correction is then applied to the whole update, as
+    :func:`fira_jax.fira` does.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to ``sqrt(v)``, ≥ 0.
+      bias_correction: multiply the output by ``c_t``.
+      mu_dtype: dtype of the first moment; default the gradient's.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ScaleByAdamState`.
+
+    References:
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2014.
+    """
+    check_float("b1", b1, low=0.0, high=1.0)
+    check_float("b2", b2, low=0.0, high=1.0)
+    check_float("eps", eps, low=0.0, high=float("inf"), high_open=False)
+    correction = adam_bias_correction(b1, b2)
+
+    def init_fn(params: Any) -> ScaleByAdamState:
+        mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
+        nu = jax.tree.map(jnp.zeros_like, params)
+        return ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+    def update_fn(updates: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, ScaleByAdamState]:
+        del params
+        mu = jax.tree.map(lambda m, g: (b1 * m + (1 - b1) * g).astype(m.dtype), state.mu, updates)
+        nu = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * g * g).astype(v.dtype), state.nu, updates)
+        c = correction(state.count) if bias_correction else 1.0
+        out = jax.tree.map(lambda m, v, g: (c * m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu, nu, updates)
+        return out, ScaleByAdamState(count=optax.safe_int32_increment(state.count), mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
