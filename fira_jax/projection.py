@@ -162,22 +162,25 @@ def is_low_rank(x: Any) -> bool:
     return isinstance(x, LowRank)
 
 
-def is_basis(x: Any) -> bool:
-    """True for a :class:`Basis` node (use as ``is_leaf`` in tree maps)."""
-    return isinstance(x, Basis)
-
-
 class ProjectionState(NamedTuple):
     """State of :func:`project_gradients`.
 
     Attributes:
       count: number of updates so far (int32); a refresh happens when
         ``count % update_proj_gap == 0``.
-      bases: a :class:`Basis` per selected leaf, ``optax.MaskedNode()`` elsewhere.
+      left: ``U[:, :r]`` (``batch + (m, r)``) for each selected leaf projected
+        on the left or on both sides, ``optax.MaskedNode()`` elsewhere.
+      right: ``Vh[:r]`` (``batch + (r, n)``) for each selected leaf projected
+        on the right or on both sides, ``optax.MaskedNode()`` elsewhere.
+
+    Only arrays sit at the parameters' leaf positions, so the state survives
+    containers that wrap leaves (``nnx.Optimizer`` stores it in Variables);
+    the static layout is recomputed from the gradients' shapes at each update.
     """
 
     count: jax.Array
-    bases: Any
+    left: Any
+    right: Any
 
 
 def _side(proj_type: str, m: int, n: int) -> str:
@@ -374,13 +377,22 @@ def project_gradients(
     def tree_layouts(tree: Any) -> list[Layout | None]:
         return layouts(tree, rank, proj_type, mask, axes)
 
+    def split(treedef: Any, bases: list[Basis | None]) -> tuple[Any, Any]:
+        def side(b: Basis | None, attr: str) -> Any:
+            value = None if b is None else getattr(b, attr)
+            return optax.MaskedNode() if value is None else value
+
+        left = treedef.unflatten([side(b, "left") for b in bases])
+        right = treedef.unflatten([side(b, "right") for b in bases])
+        return left, right
+
     def init_fn(params: Any) -> ProjectionState:
         leaves, treedef = jax.tree.flatten(params)
         bases = [
-            optax.MaskedNode() if lay is None else _default_basis(lay, basis_dtype or leaf.dtype)
+            None if lay is None else _default_basis(lay, basis_dtype or leaf.dtype)
             for leaf, lay in zip(leaves, tree_layouts(params), strict=True)
         ]
-        return ProjectionState(count=jnp.zeros([], jnp.int32), bases=treedef.unflatten(bases))
+        return ProjectionState(jnp.zeros([], jnp.int32), *split(treedef, bases))
 
     def update_fn(
         updates: Any, state: ProjectionState, params: Any = None, **extra_args: Any
@@ -388,21 +400,30 @@ def project_gradients(
         del params, extra_args
         leaves, treedef = jax.tree.flatten(updates)
         lays = tree_layouts(updates)
-        old_bases = treedef.flatten_up_to(state.bases)
+        old_left = treedef.flatten_up_to(state.left)
+        old_right = treedef.flatten_up_to(state.right)
         picked = [i for i, lay in enumerate(lays) if lay is not None]
         grads = [lays[i].canonical(leaves[i]) for i in picked]
-        old = [old_bases[i] for i in picked]
+        old = [
+            Basis(
+                old_left[i] if lays[i].side in ("left", "full") else None,
+                old_right[i] if lays[i].side in ("right", "full") else None,
+                lays[i],
+            )
+            for i in picked
+        ]
 
         def refresh() -> list[Basis]:
             return [_svd_basis(g, b, canonical_signs) for g, b in zip(grads, old, strict=True)]
 
         new = jax.lax.cond(state.count % update_proj_gap == 0, refresh, lambda: old) if picked else []
-        out, bases = list(leaves), list(old_bases)
+        out: list[Any] = list(leaves)
+        bases: list[Basis | None] = [None] * len(leaves)
         for i, g, basis in zip(picked, grads, new, strict=True):
             low = basis.project(g)
             out[i] = LowRank(coeffs=low, low=low, grad=g, basis=basis)
             bases[i] = basis
-        new_state = ProjectionState(count=optax.safe_int32_increment(state.count), bases=treedef.unflatten(bases))
+        new_state = ProjectionState(optax.safe_int32_increment(state.count), *split(treedef, bases))
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -448,7 +469,7 @@ def projection_layouts(projection: optax.GradientTransformation, params: Any) ->
 
     Used by the pieces that keep per-matrix state (:func:`fira_jax.in_subspace`,
     :func:`fira_jax.clip_by_norm_growth`) to shape it at init. Nothing is
-    allocated: the projection's init is only traced.
+    computed: the projection's init and update are only traced.
     """
     state = jax.eval_shape(projection.init, params)
     if not isinstance(state, ProjectionState):
@@ -456,7 +477,6 @@ def projection_layouts(projection: optax.GradientTransformation, params: Any) ->
             "`projection` must be the transformation returned by fira_jax.project_gradients "
             f"(its init returns ProjectionState); its init returned {type(state).__name__}."
         )
-    leaves, treedef = jax.tree.flatten(params)
-    del leaves
-    bases = treedef.flatten_up_to(state.bases)
-    return [b.layout if is_basis(b) else None for b in bases]
+    projected = jax.eval_shape(lambda p: projection.update(p, projection.init(p))[0], params)
+    nodes = jax.tree.structure(params).flatten_up_to(projected)
+    return [node.layout if is_low_rank(node) else None for node in nodes]
