@@ -287,8 +287,8 @@ def _canonical_signs(u: jax.Array, vh: jax.Array, side: str) -> tuple[jax.Array,
 def _svd_basis(g: jax.Array, old: Basis, canonical_signs: bool) -> Basis:
     """Top-r singular vectors of the canonical gradient ``g``, in float32.
 
-    Matrices whose new basis is not finite (a NaN/Inf gradient, or an SVD that
-    failed) keep their previous basis.
+    Matrices whose gradient or new basis is not finite (a NaN/Inf gradient, or
+    an SVD that failed) keep their previous basis.
     """
     layout = old.layout
     r = layout.rank
@@ -297,8 +297,10 @@ def _svd_basis(g: jax.Array, old: Basis, canonical_signs: bool) -> Basis:
     if canonical_signs:
         u, vh = _canonical_signs(u, vh, layout.side)
 
+    finite_g = jnp.all(jnp.isfinite(g), axis=(-2, -1), keepdims=True)
+
     def keep_finite(new: jax.Array, prev: jax.Array) -> jax.Array:
-        ok = jnp.all(jnp.isfinite(new), axis=(-2, -1), keepdims=True)
+        ok = finite_g & jnp.all(jnp.isfinite(new), axis=(-2, -1), keepdims=True)
         return jnp.where(ok, new.astype(prev.dtype), prev)
 
     left = keep_finite(u, old.left) if old.left is not None else None

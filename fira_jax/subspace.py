@@ -8,6 +8,7 @@ implementations (``transformers.AdamW`` as copied into ``fira`` and
 correction multiplies the whole step.
 """
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax import projection as proj
-from fira_jax._validation import check_float
+from fira_jax._validation import check_float, is_traced
 
 
 def in_subspace(
@@ -104,9 +105,18 @@ def adam_bias_correction(b1: float, b2: float) -> optax.Schedule:
       A schedule ``count -> c_count``.
     """
 
+    def log(b: Any) -> Any:
+        # 1 - b**t is computed as -expm1(t log b), with log b in double precision
+        # when b is a Python number: float32 1 - 0.999 is off by 1.3e-5.
+        if is_traced(b) or isinstance(b, jax.Array):
+            return jnp.log(b)
+        return math.log(b) if b > 0 else -math.inf
+
+    log_b1, log_b2 = log(b1), log(b2)
+
     def schedule(count: jax.Array) -> jax.Array:
         t = jnp.asarray(count, jnp.float32) + 1.0
-        return jnp.sqrt(1.0 - jnp.asarray(b2, jnp.float32) ** t) / (1.0 - jnp.asarray(b1, jnp.float32) ** t)
+        return jnp.sqrt(-jnp.expm1(t * log_b2)) / -jnp.expm1(t * log_b1)
 
     return schedule
 

@@ -1,0 +1,44 @@
+"""mask_by_path and key-path names."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import fira_jax
+from fira_jax.masks import path_str
+
+
+def test_mask_by_path_on_dicts():
+    params = {
+        "layers": [{"attn": {"q": jnp.zeros((4, 4))}, "mlp": {"up": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}}],
+        "embed": jnp.zeros((10, 4)),
+    }
+    mask = fira_jax.mask_by_path("attn", "mlp")(params)
+    assert mask == {"layers": [{"attn": {"q": True}, "mlp": {"up": True, "bias": False}}], "embed": False}
+
+
+def test_mask_by_path_on_nnx_state():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.attn = nnx.Linear(4, 4, rngs=rngs)
+            self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    state = nnx.state(Block(nnx.Rngs(0)), nnx.Param)
+    mask = fira_jax.mask_by_path("attn")(state)
+    flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat == {"attn/bias/value": False, "attn/kernel/value": True, "head/bias/value": False,
+                    "head/kernel/value": False}  # fmt: skip
+
+
+def test_path_str():
+    tree = {"a": [jnp.zeros(1), {"b": jnp.zeros(1)}]}
+    names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    assert names == ["a/0", "a/1/b"]
+
+
+def test_mask_by_path_needs_patterns():
+    with pytest.raises(ValueError, match="pattern"):
+        fira_jax.mask_by_path()
+    with pytest.raises(TypeError, match="pattern"):
+        fira_jax.mask_by_path("attn", 3)

@@ -1,0 +1,102 @@
+"""in_subspace and scale_by_adam (the reference's Adam convention)."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fira_jax
+
+
+def np_adam(grads, b1, b2, eps, bias_correction):
+    m = v = 0.0
+    out = []
+    for t, g in enumerate(grads):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        n = m / (np.sqrt(v) + eps)
+        if bias_correction:
+            n = n * math.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))
+        out.append(n)
+    return out
+
+
+class ScaleByAdamTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_numpy(self):
+        rng = np.random.default_rng(0)
+        grads = [1e-3 * rng.standard_normal((4, 3)) for _ in range(5)]
+        for bias_correction in (False, True):
+            tx = fira_jax.scale_by_adam(0.8, 0.99, 1e-6, bias_correction=bias_correction)
+            state = tx.init(jnp.zeros((4, 3)))
+            update = self.variant(tx.update)
+            expected = np_adam(grads, 0.8, 0.99, 1e-6, bias_correction)
+            for g, e in zip(grads, expected, strict=True):
+                out, state = update(jnp.asarray(g, jnp.float32), state)
+                chex.assert_trees_all_close(out, jnp.asarray(e, jnp.float32), rtol=1e-5)
+
+    def test_differs_from_optax_for_small_gradients(self):
+        """eps outside the bias correction: optax.scale_by_adam puts it inside."""
+        g = jnp.full((3,), 1e-6)
+        ours, _ = fira_jax.scale_by_adam(bias_correction=True).update(g, fira_jax.scale_by_adam().init(g))
+        theirs, _ = optax.scale_by_adam(eps=1e-6).update(g, optax.scale_by_adam().init(g))
+        expected = (0.1 * 1e-6 / (math.sqrt(1e-3) * 1e-6 + 1e-6)) * math.sqrt(1e-3) / 0.1
+        assert float(ours[0]) == pytest.approx(expected, rel=1e-4)  # 0.0306
+        assert float(theirs[0]) == pytest.approx(0.5, rel=1e-4)
+        assert abs(float(ours[0]) - float(theirs[0])) > 0.1
+
+    def test_mu_dtype(self):
+        tx = fira_jax.scale_by_adam(mu_dtype=jnp.bfloat16)
+        state = tx.init(jnp.zeros(3))
+        assert state.mu.dtype == jnp.bfloat16 and state.nu.dtype == jnp.float32
+        out, state = tx.update(jnp.ones(3), state)
+        assert out.dtype == jnp.float32 and state.mu.dtype == jnp.bfloat16
+
+
+class InSubspaceTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_inner_sees_coefficients_and_unselected_leaves(self):
+        params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
+        project = fira_jax.project_gradients(2, 5)
+        inner = optax.scale_by_rms(decay=0.5)
+        tx = optax.chain(project, fira_jax.in_subspace(inner, project))
+        state = tx.init(params)
+        chex.assert_trees_all_equal_shapes(state[1].nu, {"w": jnp.zeros((6, 2)), "b": jnp.zeros(4)})
+        rng = np.random.default_rng(1)
+        g = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32), "b": jnp.ones(4)}
+        out, _ = self.variant(tx.update)(g, state)
+        node = out["w"]
+        expected, _ = inner.update({"w": node.low, "b": g["b"]}, inner.init({"w": node.low, "b": g["b"]}))
+        chex.assert_trees_all_close(node.coeffs, expected["w"], rtol=1e-6)
+        chex.assert_trees_all_close(out["b"], expected["b"], rtol=1e-6)
+
+    def test_projection_argument_is_checked(self):
+        tx = fira_jax.in_subspace(fira_jax.scale_by_adam(), optax.identity())
+        with pytest.raises(TypeError, match="project_gradients"):
+            tx.init({"w": jnp.zeros((3, 3))})
+
+    def test_inner_needing_params_fails_clearly(self):
+        project = fira_jax.project_gradients(2, 5)
+        tx = optax.chain(project, fira_jax.in_subspace(optax.add_decayed_weights(0.1), project))
+        params = {"w": jnp.zeros((4, 3))}
+        with pytest.raises(ValueError, match="params"):
+            tx.update(params, tx.init(params), params)
+
+
+def test_adam_bias_correction_schedule():
+    c = fira_jax.adam_bias_correction(0.9, 0.999)
+    for t in (0, 1, 99):
+        assert float(c(jnp.asarray(t))) == pytest.approx(
+            math.sqrt(1 - 0.999 ** (t + 1)) / (1 - 0.9 ** (t + 1)), rel=1e-6
+        )
+    assert float(jax.jit(c)(jnp.asarray(5))) == pytest.approx(float(c(5)))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"b1": -0.1}, "b1"), ({"b2": 1.0}, "b2"), ({"eps": -1.0}, "eps")])
+def test_scale_by_adam_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fira_jax.scale_by_adam(**kwargs)
