@@ -96,7 +96,8 @@ def fira(
         Adam (e.g. :func:`optax.scale_by_lion`). No Adam bias correction is
         then applied; ``b1``, ``b2`` and ``eps`` are unused.
       axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`).
-      granularity: ``"column"`` or ``"matrix"`` scaling factors.
+      granularity: ``"column"`` (Fira), ``"matrix"`` (one factor per matrix)
+        or ``"none"`` (no scaling: phi = 1) — the paper's Table 5 ablations.
       residual_scale: the multiple of ``P P^T G`` removed from G in step 3;
         default ``scale`` as in the reference; 1.0 gives the paper's
         orthogonal residual.

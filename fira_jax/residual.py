@@ -15,7 +15,7 @@ import optax
 from fira_jax import projection as proj
 from fira_jax._validation import check_choice
 
-GRANULARITIES = ("column", "matrix")
+GRANULARITIES = ("column", "matrix", "none")
 NORM_EPS = 1e-8  # the reference's constant in the scaling factor's denominator
 
 
@@ -43,8 +43,11 @@ def scaling_factor(node: proj.LowRank, granularity: str = "column") -> jax.Array
     its raw low-rank gradient ``low``. With ``granularity="column"`` the norms
     run over the rank axis, giving one factor per column (left side) or row
     (right side) of G; with ``"matrix"`` they are Frobenius norms, one factor
-    per matrix. The result broadcasts against the canonical gradient.
+    per matrix; ``"none"`` gives ``phi = 1`` (the paper's "w/o scaling"
+    ablation). The result broadcasts against the canonical gradient.
     """
+    if granularity == "none":
+        return jnp.ones((1, 1), jnp.float32)
     n = node.coeffs.astype(jnp.float32)
     r = node.low.astype(jnp.float32)
     axes = (-2, -1) if granularity == "matrix" else (_phi_axis(node),)
@@ -72,8 +75,9 @@ def scale_residual_by_norm_ratio(scale: float = 1.0, granularity: str = "column"
 
     Args:
       scale: the multiple of the in-subspace gradient removed from G.
-      granularity: ``"column"`` (Fira) or ``"matrix"`` (the paper's
-        matrix-level ablation).
+      granularity: ``"column"`` (Fira), ``"matrix"`` (the paper's
+        matrix-level ablation) or ``"none"`` (``phi = 1``: the residual is
+        added unscaled, the paper's "w/o scaling" ablation).
 
     Returns:
       A stateless ``optax.GradientTransformation``.

@@ -13,7 +13,9 @@ import fira_jax
 def np_residual(g, p, n_upd, side, scale, granularity):
     low = g @ p.T if side == "right" else p.T @ g
     back = low @ p if side == "right" else p @ low
-    if granularity == "matrix":
+    if granularity == "none":
+        phi = 1.0
+    elif granularity == "matrix":
         phi = np.linalg.norm(n_upd) / (np.linalg.norm(low) + 1e-8)
     else:
         axis = 0 if low.shape[0] < low.shape[1] else 1
@@ -38,7 +40,7 @@ class ResidualTest(chex.TestCase, parameterized.TestCase):
     @parameterized.product(
         shape_side=[((10, 6), "std"), ((6, 10), "std"), ((10, 6), "left"), ((6, 10), "right"), ((7, 7), "left")],
         scale=[0.25, 1.0],
-        granularity=["column", "matrix"],
+        granularity=["column", "matrix", "none"],
     )
     def test_matches_numpy(self, shape_side, scale, granularity):
         shape, proj_type = shape_side

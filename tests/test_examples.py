@@ -1,0 +1,55 @@
+"""Smoke tests of the Flax LM example: one step of train_lm on a micro model, the data formats."""
+
+import gzip
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+pytest.importorskip("tqdm", reason="examples extra not installed")
+import train_lm  # noqa: E402
+from lm import data as data_lib  # noqa: E402
+
+
+@pytest.mark.parametrize("optimizer", ["fira", "galore", "adamw"])
+def test_train_lm_micro_one_step(tmp_path, optimizer):
+    out = tmp_path / optimizer
+    result = train_lm.main(
+        ["--preset", "micro", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+         "--optimizer", optimizer, "--rank", "4", "--no-progress", "--out", str(out)]
+    )  # fmt: skip
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and "train_loss" in records[0] and "val_loss" in records[-1]
+    assert np.isfinite(result["final_val_loss"])
+    assert (out / "loss.png").stat().st_size > 0
+    if optimizer != "adamw":
+        assert result["optimizer_state_mib"] < result["adamw_state_mib"]
+
+
+def test_data_formats(tmp_path):
+    docs = [f"document {i} " * 50 for i in range(60)]
+    (tmp_path / "a.txt").write_text("".join(docs[:30]))
+    with open(tmp_path / "b.jsonl", "w") as f:
+        for d in docs[30:45]:
+            f.write(json.dumps({"text": d}) + "\n")
+    with gzip.open(tmp_path / "c.json.gz", "wt") as f:
+        for d in docs[45:]:
+            f.write(json.dumps({"text": d, "url": "x"}) + "\n")
+    train, val, description = data_lib.load_corpus(str(tmp_path), val_fraction=0.3)
+    assert "3 files" in description
+    total = sum(len(d) for d in docs)
+    assert len(train) + len(val) >= total  # plus separators
+    assert set(np.unique(np.concatenate([train, val]))) <= set(b"document 0123456789\x00")
+    batches = data_lib.Batches(train, 4, 32, seed=1)
+    np.testing.assert_array_equal(batches(3), batches(3))
+    assert batches(3).shape == (4, 33)
+    with pytest.raises(ValueError, match="text"):
+        (tmp_path / "bad.jsonl").write_text('{"content": "no text field"}\n')
+        data_lib.load_corpus(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(FileNotFoundError):
+        data_lib.load_corpus(str(tmp_path / "missing"))
