@@ -154,6 +154,9 @@ def scale_by_adam(
       bias_correction: multiply the output by ``c_t``.
       mu_dtype: dtype of the first moment; default the gradient's.
 
+    Integer and boolean leaves are not trained: they keep no moments and get a
+    zero update.
+
     Returns:
       An ``optax.GradientTransformation`` with :class:`ScaleByAdamState`.
 
@@ -166,17 +169,35 @@ def scale_by_adam(
     check_float("eps", eps, low=0.0, high=float("inf"), high_open=False)
     correction = adam_bias_correction(b1, b2)
 
+    def is_float(x: Any) -> bool:
+        return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
     def init_fn(params: Any) -> ScaleByAdamState:
-        mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
-        nu = jax.tree.map(jnp.zeros_like, params)
+        # Integer and boolean leaves are not trained: no moments, and a zero update.
+        mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype) if is_float(p) else optax.MaskedNode(), params)
+        nu = jax.tree.map(lambda p: jnp.zeros_like(p) if is_float(p) else optax.MaskedNode(), params)
         return ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
     def update_fn(updates: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, ScaleByAdamState]:
         del params
-        mu = jax.tree.map(lambda m, g: (b1 * m + (1 - b1) * g).astype(m.dtype), state.mu, updates)
-        nu = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * g * g).astype(v.dtype), state.nu, updates)
         c = correction(state.count) if bias_correction else 1.0
-        out = jax.tree.map(lambda m, v, g: (c * m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu, nu, updates)
-        return out, ScaleByAdamState(count=optax.safe_int32_increment(state.count), mu=mu, nu=nu)
+        leaves, treedef = jax.tree.flatten(updates)
+        mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+        out, new_mu, new_nu = [], [], []
+        for g, m, v in zip(leaves, mus, nus, strict=True):
+            if not is_float(g) or not hasattr(m, "dtype"):
+                out.append(jnp.zeros_like(g))
+                new_mu.append(m)
+                new_nu.append(v)
+                continue
+            m = (b1 * m + (1 - b1) * g).astype(m.dtype)
+            v = (b2 * v + (1 - b2) * g * g).astype(v.dtype)
+            out.append((c * m / (jnp.sqrt(v) + eps)).astype(g.dtype))
+            new_mu.append(m)
+            new_nu.append(v)
+        new_state = ScaleByAdamState(
+            count=optax.safe_int32_increment(state.count), mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu)
+        )
+        return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

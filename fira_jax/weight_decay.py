@@ -9,6 +9,10 @@ import optax
 from fira_jax import masks
 
 
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
 class AddDecayedWeightsAfterStepState(NamedTuple):
     """State of :func:`add_decayed_weights_after_step`: the step count for schedules."""
 
@@ -39,7 +43,8 @@ def add_decayed_weights_after_step(
       weight_decay: the decay rate ``wd``.
       learning_rate: the learning rate (a float or a schedule of the step count),
         the same one that scaled ``u``.
-      mask: which leaves to decay, as in :func:`optax.masked`; default all.
+      mask: which leaves to decay, as in :func:`optax.masked`; default all
+        floating-point leaves (integer and boolean leaves are never decayed).
 
     Returns:
       An ``optax.GradientTransformation`` that needs ``params`` in ``update``.
@@ -59,7 +64,7 @@ def add_decayed_weights_after_step(
         selected = masks.resolve_per_leaf(updates, mask, lambda x: True, "mask")
         param_leaves = treedef.flatten_up_to(params)
         out = [
-            (u - lr * weight_decay * (p + u)).astype(u.dtype) if sel else u
+            (u - lr * weight_decay * (p + u)).astype(u.dtype) if sel and _is_float(p) else u
             for u, p, sel in zip(leaves, param_leaves, selected, strict=True)
         ]
         return treedef.unflatten(out), AddDecayedWeightsAfterStepState(optax.safe_int32_increment(state.count))
