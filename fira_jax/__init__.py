@@ -12,7 +12,7 @@ from fira_jax.projection import (
     project_back,
     project_gradients,
 )
-from fira_jax.residual import scale_residual_by_norm_ratio, scaling_factor
+from fira_jax.residual import Residual, scale_residual_by_norm_ratio, scaling_factor
 from fira_jax.subspace import ScaleByAdamState, adam_bias_correction, in_subspace, scale_by_adam
 from fira_jax.weight_decay import AddDecayedWeightsAfterStepState, add_decayed_weights_after_step
 
@@ -26,6 +26,7 @@ __all__ = [
     "LowRank",
     "MatrixAxes",
     "ProjectionState",
+    "Residual",
     "ScaleByAdamState",
     "adam_bias_correction",
     "add_decayed_weights_after_step",

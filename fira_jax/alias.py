@@ -58,6 +58,8 @@ def fira(
     canonical_signs: bool = False,
     mu_dtype: Any = None,
     basis_dtype: Any = None,
+    svd: str = "exact",
+    stagger: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Fira: full-rank training under a low-rank optimizer state.
 
@@ -105,6 +107,8 @@ def fira(
         :func:`fira_jax.project_gradients`).
       mu_dtype: dtype of Adam's first moment.
       basis_dtype: dtype of the stored bases.
+      svd: ``"exact"`` or ``"randomized"`` (see :func:`fira_jax.project_gradients`).
+      stagger: spread the leaves' refreshes over the gap.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``: the ``optax.chain`` of the
@@ -132,7 +136,15 @@ def fira(
     check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
     check_choice("granularity", granularity, GRANULARITIES)
     project = project_gradients(
-        rank, update_proj_gap, proj_type, mask, axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype
+        rank,
+        update_proj_gap,
+        proj_type,
+        mask,
+        axes=axes,
+        canonical_signs=canonical_signs,
+        basis_dtype=basis_dtype,
+        svd=svd,
+        stagger=stagger,
     )
     inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
     return optax.chain(
@@ -162,6 +174,8 @@ def galore(
     canonical_signs: bool = False,
     mu_dtype: Any = None,
     basis_dtype: Any = None,
+    svd: str = "exact",
+    stagger: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GaLore with AdamW, as the authors' ``GaLoreAdamW`` (``galore-torch`` 1.0).
 
@@ -185,6 +199,8 @@ def galore(
       canonical_signs: fix the singular vectors' signs.
       mu_dtype: dtype of Adam's first moment.
       basis_dtype: dtype of the stored bases.
+      svd: ``"exact"`` or ``"randomized"`` (see :func:`fira_jax.project_gradients`).
+      stagger: spread the leaves' refreshes over the gap.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -195,7 +211,15 @@ def galore(
     """
     _check_common(b1, b2, eps, weight_decay, proj_type)
     project = project_gradients(
-        rank, update_proj_gap, proj_type, mask, axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype
+        rank,
+        update_proj_gap,
+        proj_type,
+        mask,
+        axes=axes,
+        canonical_signs=canonical_signs,
+        basis_dtype=basis_dtype,
+        svd=svd,
+        stagger=stagger,
     )
     inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
     return optax.chain(

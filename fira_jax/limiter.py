@@ -85,11 +85,10 @@ def clip_by_norm_growth(
                     f"Leaf '{u.layout.path}' has no residual to limit: put "
                     "fira_jax.scale_residual_by_norm_ratio before clip_by_norm_growth."
                 )
-            s = u.residual.astype(jnp.float32)
-            norm = jnp.linalg.norm(s, axis=(-2, -1))
+            norm = u.residual.norm(u)
             ell = jnp.maximum(norm / (prev + NORM_EPS) / gamma, 1.0)
             ell = jnp.where(first, 1.0, ell)
-            limited = (s / ell[..., None, None]).astype(u.residual.dtype)
+            limited = u.residual.replace(phi=u.residual.phi / ell[..., None, None])
             return u.replace(residual=limited), norm / ell
 
         leaves, treedef = jax.tree.flatten(updates, is_leaf=proj.is_low_rank)

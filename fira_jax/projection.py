@@ -131,15 +131,16 @@ class LowRank:
       low: the raw low-rank gradient ``P^T G`` or ``G P^T``.
       grad: the full gradient G, in canonical ``batch + (m, n)`` form.
       basis: the :class:`Basis` used at this step.
-      residual: the (scaled, limited) residual ``S`` once
-        :func:`fira_jax.scale_residual_by_norm_ratio` has set it, else None.
+      residual: the (scaled, limited) residual once
+        :func:`fira_jax.scale_residual_by_norm_ratio` has set it (a
+        :class:`fira_jax.Residual`, kept factored), else None.
     """
 
     coeffs: jax.Array
     low: jax.Array
     grad: jax.Array
     basis: Basis
-    residual: jax.Array | None = None
+    residual: Any = None
 
     def tree_flatten(self) -> tuple[tuple[Any, ...], None]:
         return (self.coeffs, self.low, self.grad, self.basis, self.residual), None
@@ -284,7 +285,33 @@ def _canonical_signs(u: jax.Array, vh: jax.Array, side: str) -> tuple[jax.Array,
     return u * sign[..., None, :], vh * sign[..., :, None]
 
 
-def _svd_basis(g: jax.Array, old: Basis, canonical_signs: bool) -> Basis:
+def _randomized_svd(
+    g: jax.Array, rank: int, side: str, key: jax.Array, oversample: int, power_iters: int
+) -> tuple[jax.Array, jax.Array]:
+    """Top-``rank`` singular vectors by a randomized range finder (Halko et al., 2011).
+
+    Finds an orthonormal basis Q of the range of ``A G``-products with ``rank + oversample``
+    Gaussian probes and ``power_iters`` QR-stabilized power iterations, then takes the SVD of
+    the small ``Q^T A``. The side that forms the basis comes out orthonormal (a product of
+    orthonormal factors). Returns ``(u, vh)`` shaped like ``svd(g)[0][..., :rank]`` and
+    ``svd(g)[2][..., :rank, :]``.
+    """
+    a = jnp.swapaxes(g, -1, -2) if side == "right" else g  # range finder on the basis side
+    p, q = a.shape[-2:]
+    k = min(rank + oversample, p, q)
+    omega = jax.random.normal(key, (*a.shape[:-2], q, k), a.dtype)
+    basis, _ = jnp.linalg.qr(a @ omega)
+    for _ in range(power_iters):
+        z, _ = jnp.linalg.qr(jnp.swapaxes(a, -1, -2) @ basis)
+        basis, _ = jnp.linalg.qr(a @ z)
+    ub, _, vhb = jnp.linalg.svd(jnp.swapaxes(basis, -1, -2) @ a, full_matrices=False)
+    u_a, vh_a = basis @ ub[..., :, :rank], vhb[..., :rank, :]
+    if side == "right":
+        return jnp.swapaxes(vh_a, -1, -2), jnp.swapaxes(u_a, -1, -2)
+    return u_a, vh_a
+
+
+def _svd_basis(g: jax.Array, old: Basis, canonical_signs: bool, svd: str, key: jax.Array, svd_options: dict) -> Basis:
     """Top-r singular vectors of the canonical gradient ``g``, in float32.
 
     Matrices whose gradient or new basis is not finite (a NaN/Inf gradient, or
@@ -292,8 +319,12 @@ def _svd_basis(g: jax.Array, old: Basis, canonical_signs: bool) -> Basis:
     """
     layout = old.layout
     r = layout.rank
-    u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
-    u, vh = u[..., :, :r], vh[..., :r, :]
+    g32 = g.astype(jnp.float32)
+    if svd == "randomized":
+        u, vh = _randomized_svd(g32, r, layout.side, key, **svd_options)
+    else:
+        u, _, vh = jnp.linalg.svd(g32, full_matrices=False)
+        u, vh = u[..., :, :r], vh[..., :r, :]
     if canonical_signs:
         u, vh = _canonical_signs(u, vh, layout.side)
 
@@ -317,6 +348,11 @@ def project_gradients(
     axes: Any = None,
     canonical_signs: bool = False,
     basis_dtype: Any = None,
+    svd: str = "exact",
+    oversample: int = 8,
+    power_iters: int = 2,
+    stagger: bool = False,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projects each selected gradient onto its top-``rank`` singular subspace.
 
@@ -356,6 +392,20 @@ def project_gradients(
         backends. Off by default to follow the reference implementation.
       basis_dtype: dtype of the stored basis; default the leaf's dtype, as in
         the reference (which casts the float32 SVD to the gradient's dtype).
+      svd: ``"exact"`` (a full SVD, as the reference) or ``"randomized"``: a
+        range finder with ``rank + oversample`` Gaussian probes,
+        ``power_iters`` power iterations and QR re-orthonormalization, then
+        the SVD of a small matrix. Much cheaper for large matrices; the basis
+        is orthonormal, and it captures nearly the exact basis's energy when
+        the spectrum decays (see README's Performance section).
+      oversample: extra probes of the randomized SVD.
+      power_iters: power iterations of the randomized SVD.
+      stagger: spread the leaves' refreshes over the gap (leaf ``i`` of
+        ``k`` refreshes when ``(t + i T // k) % T == 0``, and every leaf at
+        ``t = 0``), so that no later step computes every SVD. One
+        ``lax.cond`` per group of leaves sharing an offset. Off by default,
+        as in the reference.
+      seed: seed of the randomized SVD's probes (folded with the step and leaf).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -375,6 +425,10 @@ def project_gradients(
     check_int("rank", rank, 1, static=True)
     check_int("update_proj_gap", update_proj_gap, 1)
     check_choice("proj_type", proj_type, PROJ_TYPES)
+    check_choice("svd", svd, ("exact", "randomized"))
+    check_int("oversample", oversample, 0)
+    check_int("power_iters", power_iters, 0)
+    svd_options = {"oversample": oversample, "power_iters": power_iters}
 
     def tree_layouts(tree: Any) -> list[Layout | None]:
         return layouts(tree, rank, proj_type, mask, axes)
@@ -415,10 +469,28 @@ def project_gradients(
             for i in picked
         ]
 
-        def refresh() -> list[Basis]:
-            return [_svd_basis(g, b, canonical_signs) for g, b in zip(grads, old, strict=True)]
+        key = jax.random.fold_in(jax.random.key(seed), state.count)
 
-        new = jax.lax.cond(state.count % update_proj_gap == 0, refresh, lambda: old) if picked else []
+        def new_basis(j: int) -> Basis:
+            return _svd_basis(grads[j], old[j], canonical_signs, svd, jax.random.fold_in(key, j), svd_options)
+
+        # One cond per group of leaves that refresh together: the whole tree, or with
+        # `stagger`, each offset. A cond is never vmapped (that would run every SVD).
+        groups: dict[int, list[int]] = {}
+        for j in range(len(picked)):
+            groups.setdefault((j * update_proj_gap) // len(picked) if stagger else 0, []).append(j)
+        new = list(old)
+        for offset, members in groups.items():
+            due = (state.count + offset) % update_proj_gap == 0
+            if offset:
+                due = due | (state.count == 0)
+            refreshed = jax.lax.cond(
+                due,
+                lambda members=members: [new_basis(j) for j in members],
+                lambda members=members: [old[j] for j in members],
+            )
+            for j, basis in zip(members, refreshed, strict=True):
+                new[j] = basis
         out: list[Any] = list(leaves)
         bases: list[Basis | None] = [None] * len(leaves)
         for i, g, basis in zip(picked, grads, new, strict=True):
@@ -454,9 +526,7 @@ def project_back(scale: float = 1.0) -> optax.GradientTransformation:
     def back(u: Any) -> Any:
         if not is_low_rank(u):
             return u
-        dense = scale * u.basis.back(u.coeffs)
-        if u.residual is not None:
-            dense = dense + u.residual
+        dense = scale * u.basis.back(u.coeffs) if u.residual is None else u.residual.add_to_update(u, scale)
         return u.layout.restore(dense.astype(u.grad.dtype))
 
     def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:

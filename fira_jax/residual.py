@@ -6,6 +6,7 @@ low-rank projection. So the part of the gradient outside the subspace, which
 Adam never sees, is scaled by the ratio measured inside it.
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -17,6 +18,73 @@ from fira_jax._validation import check_choice
 
 GRANULARITIES = ("column", "matrix", "none")
 NORM_EPS = 1e-8  # the reference's constant in the scaling factor's denominator
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Residual:
+    r"""Fira's residual :math:`S = \phi \odot (G - s \cdot \text{back}(R))`, kept factored.
+
+    ``phi`` broadcasts against the canonical gradient: ``batch + (m, 1)`` (one
+    factor per row, right side), ``batch + (1, n)`` (per column, left side) or
+    ``batch + (1, 1)`` (per matrix); :func:`fira_jax.clip_by_norm_growth`
+    folds its limiter into it. ``scale`` is ``s``.
+
+    When ``phi`` runs along the axis that the basis does not touch (always,
+    except for the reference's per-row factor of a square left-side
+    projection), ``phi ⊙ back(X) = back(phi ⊙ X)``, so the update
+    ``c · back(N) + S = phi ⊙ G + back(c · N - s · phi ⊙ R)`` needs a single
+    product with the basis, and, P being orthonormal,
+    ``||S||² = ||phi ⊙ G||² - (2s - s²) ||phi ⊙ R||²`` needs none: S is never
+    formed. Otherwise (or with a basis stored below float32, which is not
+    orthonormal enough for the identity) S is formed explicitly.
+    """
+
+    phi: jax.Array
+    scale: jax.Array
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], None]:
+        return (self.phi, self.scale), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: tuple[Any, ...]) -> "Residual":
+        del aux
+        return cls(*children)
+
+    def replace(self, **changes: Any) -> "Residual":
+        return dataclasses.replace(self, **changes)
+
+    def factored(self, node: proj.LowRank) -> bool:
+        """Whether phi commutes with the basis (see the class docstring)."""
+        side = node.layout.side
+        return (side == "right" and self.phi.shape[-1] == 1) or (side == "left" and self.phi.shape[-2] == 1)
+
+    def materialize(self, node: proj.LowRank) -> jax.Array:
+        """S itself, in canonical ``batch + (m, n)`` form and the gradient's dtype."""
+        g = node.grad
+        s = self.scale.astype(g.dtype)
+        return self.phi.astype(g.dtype) * (g - s * node.basis.back(node.low))
+
+    def norm(self, node: proj.LowRank) -> jax.Array:
+        """``||S||_F`` per matrix (shape ``batch``), in float32."""
+        bases = [b for b in (node.basis.left, node.basis.right) if b is not None]
+        precise = all(jnp.finfo(b.dtype).bits >= 32 for b in bases)
+        if not (self.factored(node) and precise):
+            return jnp.linalg.norm(self.materialize(node).astype(jnp.float32), axis=(-2, -1))
+        phi2 = jnp.square(self.phi.astype(jnp.float32))
+        s = self.scale.astype(jnp.float32)
+        g2 = jnp.sum(phi2 * jnp.square(node.grad.astype(jnp.float32)), axis=(-2, -1))
+        r2 = jnp.sum(phi2 * jnp.square(node.low.astype(jnp.float32)), axis=(-2, -1))
+        return jnp.sqrt(jnp.maximum(g2 - (2 * s - s * s) * r2, 0.0))
+
+    def add_to_update(self, node: proj.LowRank, update_scale: Any) -> jax.Array:
+        """``update_scale · back(N) + S`` in canonical form."""
+        g = node.grad
+        if not self.factored(node):
+            return update_scale * node.basis.back(node.coeffs) + self.materialize(node)
+        phi = self.phi.astype(g.dtype)
+        inner = update_scale * node.coeffs - self.scale.astype(g.dtype) * phi * node.low
+        return phi * g + node.basis.back(inner.astype(g.dtype))
 
 
 def _phi_axis(node: proj.LowRank) -> int:
@@ -70,8 +138,10 @@ def scale_residual_by_norm_ratio(scale: float = 1.0, granularity: str = "column"
     residual keeps 75% of the in-subspace gradient; :func:`fira_jax.fira`
     does the same by default.
 
-    Must follow :func:`fira_jax.in_subspace` in the chain. Unselected leaves
-    pass through.
+    Must follow :func:`fira_jax.in_subspace` in the chain. The residual is
+    stored factored (:class:`Residual`): :func:`fira_jax.project_back` forms
+    the update with one product with the basis instead of two. Unselected
+    leaves pass through.
 
     Args:
       scale: the multiple of the in-subspace gradient removed from G.
@@ -96,9 +166,7 @@ def scale_residual_by_norm_ratio(scale: float = 1.0, granularity: str = "column"
                 f"Leaf '{u.layout.path}' uses proj_type 'full' (two-sided); Fira's residual "
                 "scaling is only defined for one-sided projections."
             )
-        phi = scaling_factor(u, granularity)
-        s = phi * (u.grad - scale * u.basis.back(u.low)).astype(jnp.float32)
-        return u.replace(residual=s.astype(u.grad.dtype))
+        return u.replace(residual=Residual(scaling_factor(u, granularity), jnp.asarray(scale, jnp.float32)))
 
     def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
         del params

@@ -184,3 +184,52 @@ def test_bad_leaves_raise_at_init(params, mask, axes, match):
     tx = fira_jax.project_gradients(2, 5, mask=mask, axes=axes)
     with pytest.raises((ValueError, TypeError), match=match):
         tx.init(params)
+
+
+def decaying(shape, seed, power=1.5):
+    """A matrix with singular values k^-power, like LM gradients (fast spectral decay)."""
+    rng = np.random.default_rng(seed)
+    k = min(shape)
+    u = np.linalg.qr(rng.standard_normal((shape[0], k)))[0]
+    v = np.linalg.qr(rng.standard_normal((shape[1], k)))[0]
+    return ((u * (1.0 / np.arange(1, k + 1) ** power)) @ v.T).astype(np.float32)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+@pytest.mark.parametrize("shape", [(48, 30), (30, 48), (2, 30, 20)])
+def test_randomized_svd_is_orthonormal_and_captures_energy(proj_type, shape):
+    g = np.stack([decaying(shape[-2:], i) for i in range(shape[0])]) if len(shape) == 3 else decaying(shape, 0)
+    energies = {}
+    for svd in ("exact", "randomized"):
+        tx = fira_jax.project_gradients(6, 5, proj_type=proj_type, svd=svd)
+        out, state = jax.jit(tx.update)({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros(shape)}))
+        for p in (state.left["w"], state.right["w"]):
+            if isinstance(p, jax.Array):
+                gram = (
+                    jnp.einsum("...ij,...kj->...ik", p, p)
+                    if p.shape[-2] < p.shape[-1]
+                    else jnp.einsum("...ji,...jk->...ik", p, p)
+                )
+                np.testing.assert_allclose(np.asarray(gram), np.broadcast_to(np.eye(6), gram.shape), atol=1e-5)
+        energies[svd] = float(jnp.sum(out["w"].low ** 2) / np.sum(g**2))
+    assert energies["randomized"] >= 0.99 * energies["exact"]
+
+
+def test_stagger_spreads_refreshes():
+    shapes = {f"w{i}": (6, 4) for i in range(4)}
+    params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    tx = fira_jax.project_gradients(2, update_proj_gap=4, stagger=True)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    refreshed = []
+    prev = state.right
+    for _ in range(9):
+        g = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+        _, state = update(g, state)
+        refreshed.append(sorted(k for k in shapes if not np.array_equal(state.right[k], prev[k])))
+        prev = state.right
+    # Offsets 0, 1, 2, 3: everything at t = 0, then one leaf per step.
+    assert refreshed == [["w0", "w1", "w2", "w3"], ["w3"], ["w2"], ["w1"], ["w0"], ["w3"], ["w2"], ["w1"], ["w0"]]
+    jaxpr = str(jax.make_jaxpr(tx.update)(params, state))
+    assert jaxpr.count("= cond[") == 4

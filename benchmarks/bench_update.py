@@ -1,0 +1,161 @@
+"""Times the optimizer update alone, side by side in one process.
+
+For the attention and MLP shapes of LLaMA 60M / 130M / 350M (q, k, v, o: h x h; gate, up: h x i;
+down: i x h; the paper's ranks 128 / 256 / 256), it times a jitted ``update`` (blocked until
+ready; median of ``--repeats``), separately for a step that refreshes the projection (SVD) and
+one that does not, for:
+
+  fira_jax.fira, fira_jax.galore, optax.contrib.galore, optax.adamw,
+  and the authors' torch FiraAdamW when torch and fira are installed.
+
+It prints times, ratios to optax.contrib.galore and to torch FiraAdamW, the optimizer state in
+MiB, and the temporary bytes XLA reports for the compiled update (``memory_analysis``).
+
+  python benchmarks/bench_update.py                       # 60m, one layer's matrices
+  python benchmarks/bench_update.py --preset 130m 350m --layers 1
+"""
+
+import argparse
+import importlib
+import importlib.util
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import optax
+from optax import contrib
+
+import fira_jax
+
+PRESETS = {"60m": (512, 1376, 128), "130m": (768, 2048, 256), "350m": (1024, 2736, 256)}
+LR, GAP = 1e-2, 200
+
+
+def shapes(preset: str, layers: int) -> dict[str, tuple[int, int]]:
+    h, i, _ = PRESETS[preset]
+    per_layer = {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
+    return {f"layer{n}/{k}": s for n in range(layers) for k, s in per_layer.items()}
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm up (compile)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_jax(tx: optax.GradientTransformation, params: dict, grads: dict, repeats: int) -> dict:
+    update = jax.jit(tx.update)
+    state0 = tx.init(params)
+    _, state1 = update(grads, state0, params)  # count 1: not a refresh step (gap 200)
+    compiled = update.lower(grads, state0, params).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes if compiled.memory_analysis() else float("nan")
+    return {
+        "step_s": median_time(lambda: update(grads, state1, params), repeats),
+        "refresh_s": median_time(lambda: update(grads, state0, params), max(3, repeats // 4)),
+        "state_mib": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state1)) / 2**20,
+        "temp_mib": temp / 2**20,
+    }
+
+
+def load_torch_fira() -> tuple[types.ModuleType, type] | None:
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("fira") is None:
+        return None
+    import torch
+
+    try:
+        importlib.import_module("transformers.utils.versions")
+    except ImportError:  # the reference imports transformers only for a version check
+        stub = types.ModuleType("transformers.utils.versions")
+        stub.require_version = lambda *a, **k: None
+        sys.modules.setdefault("transformers", types.ModuleType("transformers"))
+        sys.modules.setdefault("transformers.utils", types.ModuleType("transformers.utils"))
+        sys.modules["transformers.utils.versions"] = stub
+    spec = importlib.util.find_spec("fira")
+    pkg = types.ModuleType("fira")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("fira", pkg)
+    return torch, importlib.import_module("fira.fira_adamw").AdamW
+
+
+def bench_torch(torch_mod: types.ModuleType, cls: type, params: dict, grads: dict, rank: int, repeats: int) -> dict:
+    torch_mod.set_num_threads(max(1, torch_mod.get_num_threads()))
+
+    def make(gap: int) -> tuple[object, list]:
+        tensors = [torch_mod.nn.Parameter(torch_mod.tensor(np.asarray(p))) for p in params.values()]
+        for t, g in zip(tensors, grads.values(), strict=True):
+            t.grad = torch_mod.tensor(np.asarray(g))
+        group = {"params": tensors, "rank": rank, "update_proj_gap": gap, "alpha": 0.25, "proj_type": "std"}
+        return cls([group], lr=LR, no_deprecation_warning=True), tensors
+
+    opt, _ = make(10**9)
+    opt.step()  # the first step refreshes; later ones do not
+    step_s = median_time(opt.step, repeats)
+    opt_r, _ = make(1)
+    refresh_s = median_time(opt_r.step, max(3, repeats // 4))
+    state = sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in [s["exp_avg"], s["exp_avg_sq"], s["projector"].ortho_matrix]
+    )
+    return {"step_s": step_s, "refresh_s": refresh_s, "state_mib": state / 2**20, "temp_mib": float("nan")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="+", default=["60m"], choices=sorted(PRESETS))
+    p.add_argument("--layers", type=int, default=1, help="layers of matrices in the tree")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--only", nargs="+", default=None, help="subset of optimizers to run")
+    args = p.parse_args()
+    torch_fira = None if args.no_torch else load_torch_fira()
+    print(
+        f"JAX {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s)); "
+        f"optax {optax.__version__}"
+    )
+    for preset in args.preset:
+        rank = PRESETS[preset][2]
+        key = jax.random.key(0)
+        params, grads = {}, {}
+        for name, s in shapes(preset, args.layers).items():
+            key, k1, k2 = jax.random.split(key, 3)
+            params[name] = 0.02 * jax.random.normal(k1, s)
+            grads[name] = jax.random.normal(k2, s)
+        optimizers = {
+            "fira_jax.fira": fira_jax.fira(LR, rank=rank, update_proj_gap=GAP),
+            "fira_jax.galore": fira_jax.galore(LR, rank=rank, update_proj_gap=GAP),
+            "optax.contrib.galore": contrib.galore(LR, rank=rank, update_proj_gap=GAP),
+            "optax.adamw": optax.adamw(LR),
+        }
+        results = {}
+        for name, tx in optimizers.items():
+            if args.only and name not in args.only:
+                continue
+            results[name] = bench_jax(tx, params, grads, args.repeats)
+        if torch_fira is not None and (not args.only or "torch FiraAdamW" in args.only):
+            results["torch FiraAdamW"] = bench_torch(*torch_fira, params, grads, rank, args.repeats)
+        n = sum(np.prod(s) for s in shapes(preset, args.layers).values())
+        print(f"\n{preset}: {args.layers} layer(s) of q,k,v,o,gate,up,down ({n / 1e6:.1f}M weights), rank {rank}")
+        base = results.get("optax.contrib.galore", {}).get("step_s")
+        ref = results.get("torch FiraAdamW", {}).get("step_s")
+        header = f"{'optimizer':<22}{'step ms':>9}{'refresh ms':>11}{'/ optax galore':>15}{'/ torch Fira':>13}"
+        print(header + f"{'state MiB':>10}{'temp MiB':>10}")
+        for name, r in results.items():
+            ratio = f"{r['step_s'] / base:.2f}x" if base else "-"
+            vs_ref = f"{r['step_s'] / ref:.2f}x" if ref else "-"
+            print(
+                f"{name:<22}{1e3 * r['step_s']:9.2f}{1e3 * r['refresh_s']:11.1f}{ratio:>15}{vs_ref:>13}"
+                f"{r['state_mib']:10.2f}{r['temp_mib']:10.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
