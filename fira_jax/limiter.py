@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax import projection as proj
+from fira_jax import sharding
 from fira_jax._validation import check_float
 
 NORM_EPS = 1e-8  # the reference's constant in the limiter's denominator
@@ -65,11 +66,11 @@ def clip_by_norm_growth(
     check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
 
     def init_fn(params: Any) -> ClipByNormGrowthState:
-        leaves, treedef = jax.tree.flatten(params)
+        slots, treedef = sharding.flatten(params)
         lays = proj.projection_layouts(projection, params)
         norms = [
-            optax.MaskedNode() if lay is None else jnp.zeros(lay.batch, jnp.float32)
-            for leaf, lay in zip(leaves, lays, strict=True)
+            optax.MaskedNode() if lay is None else sharding.place(jnp.zeros(lay.batch, jnp.float32), slot, lay, "norms")
+            for slot, lay in zip(slots, lays, strict=True)
         ]
         return ClipByNormGrowthState(count=jnp.zeros([], jnp.int32), norms=treedef.unflatten(norms))
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fira_jax import masks
+from fira_jax import masks, sharding
 from fira_jax._validation import check_choice, check_int
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
@@ -55,7 +55,8 @@ class Layout(NamedTuple):
 
     path: str
     shape: tuple[int, ...]
-    perm: tuple[int, ...]
+    perm: tuple[int, ...]  # batch axes, then row axes, then column axes
+    n_rows: int  # how many of perm's non-batch axes are row axes
     batch: tuple[int, ...]
     m: int
     n: int
@@ -104,18 +105,25 @@ class Basis:
         """Low-rank coordinates: ``G P^T`` (right), ``P^T G`` (left), ``U^T G V`` (full)."""
         out = g
         if self.left is not None:
-            out = jnp.einsum("...mr,...mn->...rn", self.left.astype(g.dtype), out)
+            spec = sharding.out_spec(g, self.layout, "cols" if self.right is not None else "moments")
+            out = jnp.einsum("...mr,...mn->...rn", self.left.astype(g.dtype), out, out_sharding=spec)
         if self.right is not None:
-            out = jnp.einsum("...mn,...rn->...mr", out, self.right.astype(g.dtype))
+            spec = sharding.out_spec(g, self.layout, "moments")
+            out = jnp.einsum("...mn,...rn->...mr", out, self.right.astype(g.dtype), out_sharding=spec)
         return out
 
-    def back(self, x: jax.Array) -> jax.Array:
-        """Back to the full space: ``X P`` (right), ``P X`` (left), ``U X V^T`` (full)."""
+    def back(self, x: jax.Array, like: jax.Array | None = None) -> jax.Array:
+        """Back to the full space: ``X P`` (right), ``P X`` (left), ``U X V^T`` (full).
+
+        ``like`` is the canonical gradient, whose sharding the result takes (explicit meshes).
+        """
+        spec = None if like is None else sharding.out_spec(like, self.layout, "dense")
         out = x
         if self.left is not None:
-            out = jnp.einsum("...mr,...rn->...mn", self.left.astype(x.dtype), out)
+            mid = None if like is None or self.right is None else sharding.out_spec(like, self.layout, "rows")
+            out = jnp.einsum("...mr,...rn->...mn", self.left.astype(x.dtype), out, out_sharding=mid or spec)
         if self.right is not None:
-            out = jnp.einsum("...mr,...rn->...mn", out, self.right.astype(x.dtype))
+            out = jnp.einsum("...mr,...rn->...mn", out, self.right.astype(x.dtype), out_sharding=spec)
         return out
 
 
@@ -229,6 +237,7 @@ def _layout(path: str, leaf: Any, axes: MatrixAxes | None, rank: int, proj_type:
         path=path,
         shape=shape,
         perm=batch_axes + rows + cols,
+        n_rows=len(rows),
         batch=tuple(shape[a] for a in batch_axes),
         m=m,
         n=n,
@@ -319,7 +328,7 @@ def _svd_basis(g: jax.Array, old: Basis, canonical_signs: bool, svd: str, key: j
     """
     layout = old.layout
     r = layout.rank
-    g32 = g.astype(jnp.float32)
+    g32 = sharding.gather_matrix(g.astype(jnp.float32))
     if svd == "randomized":
         u, vh = _randomized_svd(g32, r, layout.side, key, **svd_options)
     else:
@@ -443,11 +452,15 @@ def project_gradients(
         return left, right
 
     def init_fn(params: Any) -> ProjectionState:
-        leaves, treedef = jax.tree.flatten(params)
-        bases = [
-            None if lay is None else _default_basis(lay, basis_dtype or leaf.dtype)
-            for leaf, lay in zip(leaves, tree_layouts(params), strict=True)
-        ]
+        slots, treedef = sharding.flatten(params)
+        bases = []
+        for slot, lay in zip(slots, tree_layouts(params), strict=True):
+            if lay is None:
+                bases.append(None)
+                continue
+            b = _default_basis(lay, basis_dtype or sharding.value(slot).dtype)
+            place = lambda x, kind, slot=slot, lay=lay: None if x is None else sharding.place(x, slot, lay, kind)  # noqa: E731
+            bases.append(Basis(place(b.left, "left"), place(b.right, "right"), lay))
         return ProjectionState(jnp.zeros([], jnp.int32), *split(treedef, bases))
 
     def update_fn(
@@ -526,7 +539,9 @@ def project_back(scale: float = 1.0) -> optax.GradientTransformation:
     def back(u: Any) -> Any:
         if not is_low_rank(u):
             return u
-        dense = scale * u.basis.back(u.coeffs) if u.residual is None else u.residual.add_to_update(u, scale)
+        dense = (
+            scale * u.basis.back(u.coeffs, like=u.grad) if u.residual is None else u.residual.add_to_update(u, scale)
+        )
         return u.layout.restore(dense.astype(u.grad.dtype))
 
     def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
@@ -549,6 +564,7 @@ def projection_layouts(projection: optax.GradientTransformation, params: Any) ->
             "`projection` must be the transformation returned by fira_jax.project_gradients "
             f"(its init returns ProjectionState); its init returned {type(state).__name__}."
         )
+    params = sharding.pure(params)
     projected = jax.eval_shape(lambda p: projection.update(p, projection.init(p))[0], params)
     nodes = jax.tree.structure(params).flatten_up_to(projected)
     return [node.layout if is_low_rank(node) else None for node in nodes]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax import projection as proj
+from fira_jax import sharding
 from fira_jax._validation import check_choice
 
 GRANULARITIES = ("column", "matrix", "none")
@@ -63,7 +64,7 @@ class Residual:
         """S itself, in canonical ``batch + (m, n)`` form and the gradient's dtype."""
         g = node.grad
         s = self.scale.astype(g.dtype)
-        return self.phi.astype(g.dtype) * (g - s * node.basis.back(node.low))
+        return self._phi_like_grad(node).astype(g.dtype) * (g - s * node.basis.back(node.low, like=g))
 
     def norm(self, node: proj.LowRank) -> jax.Array:
         """``||S||_F`` per matrix (shape ``batch``), in float32."""
@@ -71,20 +72,29 @@ class Residual:
         precise = all(jnp.finfo(b.dtype).bits >= 32 for b in bases)
         if not (self.factored(node) and precise):
             return jnp.linalg.norm(self.materialize(node).astype(jnp.float32), axis=(-2, -1))
-        phi2 = jnp.square(self.phi.astype(jnp.float32))
         s = self.scale.astype(jnp.float32)
-        g2 = jnp.sum(phi2 * jnp.square(node.grad.astype(jnp.float32)), axis=(-2, -1))
-        r2 = jnp.sum(phi2 * jnp.square(node.low.astype(jnp.float32)), axis=(-2, -1))
+        phi_g2 = jnp.square(self._phi_like_grad(node).astype(jnp.float32))
+        g2 = jnp.sum(phi_g2 * jnp.square(node.grad.astype(jnp.float32)), axis=(-2, -1))
+        r2 = jnp.sum(jnp.square(self.phi.astype(jnp.float32)) * jnp.square(node.low.astype(jnp.float32)), axis=(-2, -1))
         return jnp.sqrt(jnp.maximum(g2 - (2 * s - s * s) * r2, 0.0))
 
     def add_to_update(self, node: proj.LowRank, update_scale: Any) -> jax.Array:
         """``update_scale · back(N) + S`` in canonical form."""
         g = node.grad
         if not self.factored(node):
-            return update_scale * node.basis.back(node.coeffs) + self.materialize(node)
-        phi = self.phi.astype(g.dtype)
-        inner = update_scale * node.coeffs - self.scale.astype(g.dtype) * phi * node.low
-        return phi * g + node.basis.back(inner.astype(g.dtype))
+            return update_scale * node.basis.back(node.coeffs, like=g) + self.materialize(node)
+        inner = update_scale * node.coeffs - self.scale.astype(g.dtype) * self.phi.astype(g.dtype) * node.low
+        return self._phi_like_grad(node).astype(g.dtype) * g + node.basis.back(inner.astype(g.dtype), like=g)
+
+    def _phi_like_grad(self, node: proj.LowRank) -> jax.Array:
+        """phi sharded to broadcast against G (explicit meshes; phi itself follows the low-rank arrays)."""
+        kind = "rows" if self.phi.shape[-1] == 1 and self.phi.shape[-2] != 1 else "cols"
+        if self.phi.shape[-2:] == (1, 1):
+            kind = "norms"
+        spec = sharding.out_spec(node.grad, node.layout, kind)
+        if spec is not None and kind == "norms":
+            spec = jax.sharding.PartitionSpec(*spec, None, None)
+        return sharding.match(self.phi, spec)
 
 
 def _phi_axis(node: proj.LowRank) -> int:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax import projection as proj
+from fira_jax import sharding
 from fira_jax._validation import check_float, is_traced
 
 
@@ -55,11 +56,13 @@ def in_subspace(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> Any:
-        leaves, treedef = jax.tree.flatten(params)
+        slots, treedef = sharding.flatten(params)
         lays = proj.projection_layouts(projection, params)
         proxies = [
-            leaf if lay is None else jnp.zeros(lay.low_shape, leaf.dtype)
-            for leaf, lay in zip(leaves, lays, strict=True)
+            slot
+            if lay is None
+            else sharding.place(jnp.zeros(lay.low_shape, sharding.value(slot).dtype), slot, lay, "moments")
+            for slot, lay in zip(slots, lays, strict=True)
         ]
         return inner.init(treedef.unflatten(proxies))
 

@@ -1,0 +1,129 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices (XLA_FLAGS set there).
+
+Checks, for FSDP (1-D) and FSDP x tensor (2-D) meshes, automatic and explicit sharding, jax.jit
+and nnx.Optimizer, ranks that do and do not divide the mesh axes: the updates equal the
+single-device ones, and the state is sharded sensibly (no m x n buffer, moments not replicated).
+Prints one line per case and exits non-zero on the first failure.
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import fira_jax
+
+assert jax.device_count() == 8, jax.devices()
+SHAPES = {"w": (64, 48), "v": (48, 64), "stack": (4, 16, 24), "b": (48,)}
+STEPS = 4  # refreshes at t = 0 and 2
+
+
+def specs(layout):
+    if layout == "fsdp":
+        return {"w": P("fsdp"), "v": P(None, "fsdp"), "stack": P(None, "fsdp"), "b": P()}
+    return {"w": P("fsdp", "tensor"), "v": P("tensor", "fsdp"), "stack": P("fsdp", None, "tensor"), "b": P()}
+
+
+def problem():
+    rng = np.random.default_rng(0)
+    params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
+    grads = [{k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()} for _ in range(STEPS)]
+    return params, grads
+
+
+def run(tx, params, grads):
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    outs = []
+    for g in grads:
+        u, state = update(g, state, params)
+        params = optax.apply_updates(params, u)
+        outs.append(u)
+    return outs, state
+
+
+def rel_err(a, b):
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y)) for x, y in pairs)
+
+
+def check_state(state, layout):
+    """No m x n array, and each selected leaf's moments carry a mesh axis."""
+    adam = state[1]
+    for k in ("w", "v", "stack"):
+        mu = adam.mu[k]
+        assert mu.shape != SHAPES[k], (k, mu.shape)
+        assert any(a is not None for a in mu.sharding.spec), (k, mu.sharding.spec, "moments fully replicated")
+    for leaf in jax.tree.leaves(state):
+        assert leaf.size < 48 * 64 or leaf.ndim == 1, leaf.shape
+
+
+def main():
+    params, grads = problem()
+    failures = 0
+    for kind in ("fira", "galore"):
+        for rank in (6, 8):
+            factory = fira_jax.fira if kind == "fira" else fira_jax.galore
+            tx = factory(1e-2, rank=rank, update_proj_gap=2, weight_decay=0.1)
+            reference, _ = run(tx, params, grads)
+            for layout, shape in (("fsdp", (8,)), ("2d", (4, 2))):
+                names = ("fsdp",) if layout == "fsdp" else ("fsdp", "tensor")
+                for mode in ("auto", "explicit"):
+                    axis_type = jax.sharding.AxisType.Explicit if mode == "explicit" else jax.sharding.AxisType.Auto
+                    mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+                    shard = {k: NamedSharding(mesh, s) for k, s in specs(layout).items()}
+                    with jax.set_mesh(mesh):
+                        outs, state = run(tx, jax.device_put(params, shard), [jax.device_put(g, shard) for g in grads])
+                        err = max(rel_err(o, r) for o, r in zip(outs, reference, strict=True))
+                        try:
+                            assert err <= 1e-5, f"relative error {err:.2e}"
+                            check_state(state, layout)
+                            status = "ok"
+                        except AssertionError as e:
+                            status, failures = f"FAILED: {e}", failures + 1
+                    print(f"{kind} rank {rank} {layout} {mode}: max rel err {err:.1e} {status}", flush=True)
+    failures += check_nnx(params, grads)
+    return failures
+
+
+def check_nnx(params, grads):
+    """nnx.Optimizer over a model whose kernels are sharded on an explicit 2-D mesh."""
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.attn = nnx.Param(params["w"], sharding=("fsdp", "tensor"))
+            self.mlp = nnx.Param(params["v"], sharding=("tensor", "fsdp"))
+
+    tx = fira_jax.fira(1e-2, rank=6, update_proj_gap=2, mask=fira_jax.mask_by_path("attn", "mlp"))
+    plain = {"attn": params["w"], "mlp": params["v"]}
+    reference, _ = run(tx, plain, [{"attn": g["w"], "mlp": g["v"]} for g in grads])
+    with jax.set_mesh(mesh):
+        model = Model()
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, opt, g):
+            return opt.update(model, g)
+
+        errs = []
+        for g, ref in zip(grads, reference, strict=True):
+            state = nnx.state(model, nnx.Param)
+            gs = jax.tree.map(lambda x, y: jax.device_put(y, x.sharding), nnx.to_pure_dict(state),
+                              {"attn": g["w"], "mlp": g["v"]})  # fmt: skip
+            nnx.replace_by_pure_dict(state, gs)
+            u = step(model, opt, state)
+            errs.append(rel_err(nnx.to_pure_dict(u) if not isinstance(u, dict) else u, ref))
+    err = max(errs)
+    ok = err <= 1e-5
+    print(f"nnx.Optimizer explicit 2d: max rel err {err:.1e} {'ok' if ok else 'FAILED'}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main() else 0)
