@@ -1,0 +1,139 @@
+"""The cost of a projection refresh: exact vs randomized SVD, and staggered refreshes.
+
+Part 1 (``--part svd``): for 512x1376 (LLaMA 60M's MLP), 2048x5461 (1B) and 4096x11008 (7B),
+times the exact SVD and ``svd="randomized"`` (jitted, median of ``--repeats``) and reports the
+captured energy ||P^T G||^2 / ||G||^2 of both bases on two kinds of matrices:
+
+* gradients from the example LM: a one-layer model of ``examples/lm/model.py`` with that
+  hidden/intermediate size, a few Adam steps on the built-in corpus, then the gradient of its
+  MLP down-projection (shape intermediate x hidden, transposed to hidden x intermediate);
+* Gaussian random matrices (a flat spectrum: the worst case for a range finder).
+
+Part 2 (``--part stagger``): max / median step time of ``fira`` on the LLaMA-60M tree (8 layers),
+with and without ``stagger=True``, over ``2 * gap`` steps after the first.
+
+  python benchmarks/bench_refresh.py --part svd stagger
+"""
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fira_jax
+from fira_jax.projection import _randomized_svd
+
+SHAPES = {"512x1376": (512, 1376, 128), "2048x5461": (2048, 5461, 256), "4096x11008": (4096, 11008, 512)}
+
+
+def timed(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def lm_gradient(hidden: int, inter: int, steps: int = 2) -> np.ndarray:
+    """Gradient of the MLP down-projection of a one-layer example LM after a few Adam steps."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+    from flax import nnx
+    from lm import data as data_lib
+    from lm import model as model_lib
+
+    cfg = model_lib.ModelConfig(hidden=hidden, intermediate=inter, heads=max(1, hidden // 128), layers=1)
+    model = model_lib.LLaMA(cfg, rngs=nnx.Rngs(0))
+    tokens, _, _ = data_lib.load_corpus(max_bytes=2_000_000)
+    batches = data_lib.Batches(tokens, 8, 128, seed=0)  # 1,024 tokens: gradients of rank up to 1,024
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, batch):
+        loss, grads = nnx.value_and_grad(model_lib.loss_fn)(model, batch)
+        opt.update(model, grads)
+        return grads
+
+    for t in range(steps):
+        grads = step(model, opt, jnp.asarray(batches(t)))
+    g = np.asarray(grads["layers"][0]["mlp"]["down"]["kernel"][...])  # (inter, hidden)
+    return g.T  # hidden x inter, as the row-major "m x n" of the table
+
+
+def energy(g: jax.Array, u: jax.Array) -> float:
+    return float(jnp.sum((u.T @ g) ** 2) / jnp.sum(g**2))
+
+
+def part_svd(args: argparse.Namespace) -> None:
+    exact = jax.jit(lambda g: jnp.linalg.svd(g, full_matrices=False)[0])
+    print(f"{'shape':>11} {'rank':>5} {'exact s':>9} {'random s':>9} {'speedup':>8} "
+          f"{'matrix':>9} {'E exact':>8} {'E random':>9} {'ratio':>7}")  # fmt: skip
+    for name in args.shapes:
+        m, n, r = SHAPES[name]
+        rand = jax.jit(lambda g, key, r=r: _randomized_svd(g, r, "left", key, args.oversample, args.power_iters)[0])
+        key = jax.random.key(0)
+        gauss = jax.random.normal(jax.random.key(1), (m, n))
+        t_exact = timed(exact, gauss, repeats=args.repeats)
+        t_rand = timed(rand, gauss, key, repeats=args.repeats)
+        mats = {"gaussian": gauss}
+        if not args.no_lm:
+            mats["LM grad"] = jnp.asarray(lm_gradient(m, n))
+        for label, g in mats.items():
+            e_exact = energy(g, exact(g)[:, :r])
+            e_rand = energy(g, rand(g, key))
+            print(f"{name:>11} {r:5d} {t_exact:9.3f} {t_rand:9.3f} {t_exact / t_rand:7.1f}x "
+                  f"{label:>9} {e_exact:8.4f} {e_rand:9.4f} {e_rand / e_exact:7.4f}", flush=True)  # fmt: skip
+
+
+def part_stagger(args: argparse.Namespace) -> None:
+    h, i, r = 512, 1376, 128
+    per_layer = {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
+    key = jax.random.key(0)
+    params = {}
+    for layer in range(8):
+        for k, s in per_layer.items():
+            key, sub = jax.random.split(key)
+            params[f"{layer}/{k}"] = 0.02 * jax.random.normal(sub, s)
+    grads = jax.tree.map(lambda p: p * 3.0 + 1e-3, params)
+    print(f"LLaMA-60M tree: {len(params)} matrices, rank {r}, update_proj_gap {args.gap}")
+    print(f"{'stagger':>8} {'median ms':>10} {'max ms':>9} {'max/median':>11}")
+    for stagger in (False, True):
+        tx = fira_jax.fira(1e-2, rank=r, update_proj_gap=args.gap, stagger=stagger)
+        update = jax.jit(tx.update)
+        state = tx.init(params)
+        _, state = jax.block_until_ready(update(grads, state, params))  # t = 0: compile + every SVD
+        times = []
+        for _ in range(2 * args.gap):
+            t0 = time.perf_counter()
+            _, state = jax.block_until_ready(update(grads, state, params))
+            times.append(time.perf_counter() - t0)
+        med, mx = statistics.median(times), max(times)
+        print(f"{stagger!s:>8} {1e3 * med:10.1f} {1e3 * mx:9.1f} {mx / med:10.1f}x", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", nargs="+", default=["svd", "stagger"], choices=["svd", "stagger"])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--oversample", type=int, default=8)
+    p.add_argument("--power-iters", type=int, default=2)
+    p.add_argument("--gap", type=int, default=20)
+    p.add_argument("--no-lm", action="store_true", help="skip the LM gradients (Gaussian only)")
+    args = p.parse_args()
+    print(f"JAX {jax.__version__} on {jax.devices()[0].platform}")
+    if "svd" in args.part:
+        part_svd(args)
+    if "stagger" in args.part:
+        part_stagger(args)
+
+
+if __name__ == "__main__":
+    main()
