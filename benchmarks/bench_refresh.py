@@ -57,7 +57,7 @@ def lm_gradient(hidden: int, inter: int, steps: int = 2) -> np.ndarray:
 
     @nnx.jit
     def step(model, opt, batch):
-        loss, grads = nnx.value_and_grad(model_lib.loss_fn)(model, batch)
+        grads = nnx.grad(model_lib.loss_fn)(model, batch)
         opt.update(model, grads)
         return grads
 
