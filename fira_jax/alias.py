@@ -13,21 +13,27 @@ from fira_jax.subspace import adam_bias_correction, in_subspace, scale_by_adam
 from fira_jax.weight_decay import add_decayed_weights_after_step
 
 
-def _tail(
+def _low_rank_adamw(
+    project: optax.GradientTransformation,
+    residual: list[optax.GradientTransformation],
     learning_rate: optax.ScalarOrSchedule,
+    scale: float,
     b1: float,
     b2: float,
+    eps: float,
     weight_decay: float,
     base_optimizer: optax.GradientTransformation | None,
-) -> list[optax.GradientTransformation]:
-    """Bias correction (Adam only), learning rate and post-step weight decay."""
+    mu_dtype: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """project → optimizer in the subspace → (Fira's residual pieces) → back → c_t, lr, decay."""
+    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
     tail = []
-    if base_optimizer is None:
+    if base_optimizer is None:  # the reference's bias correction, on the whole update
         tail.append(optax.scale_by_schedule(adam_bias_correction(b1, b2)))
     tail.append(optax.scale_by_learning_rate(learning_rate))
     if is_traced(weight_decay) or callable(weight_decay) or weight_decay != 0:
         tail.append(add_decayed_weights_after_step(weight_decay, learning_rate))
-    return tail
+    return optax.chain(project, in_subspace(inner, project), *residual, project_back(scale), *tail)
 
 
 def _check_common(b1: float, b2: float, eps: float, weight_decay: float, proj_type: str) -> None:
@@ -136,25 +142,14 @@ def fira(
     check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
     check_choice("granularity", granularity, GRANULARITIES)
     project = project_gradients(
-        rank,
-        update_proj_gap,
-        proj_type,
-        mask,
-        axes=axes,
-        canonical_signs=canonical_signs,
-        basis_dtype=basis_dtype,
-        svd=svd,
-        stagger=stagger,
-    )
-    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
-    return optax.chain(
-        project,
-        in_subspace(inner, project),
+        rank, update_proj_gap, proj_type, mask,
+        axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, stagger=stagger,
+    )  # fmt: skip
+    residual = [
         scale_residual_by_norm_ratio(scale if residual_scale is None else residual_scale, granularity),
         clip_by_norm_growth(gamma, projection=project),
-        project_back(scale),
-        *_tail(learning_rate, b1, b2, weight_decay, base_optimizer),
-    )
+    ]
+    return _low_rank_adamw(project, residual, learning_rate, scale, b1, b2, eps, weight_decay, base_optimizer, mu_dtype)
 
 
 def galore(
@@ -211,20 +206,7 @@ def galore(
     """
     _check_common(b1, b2, eps, weight_decay, proj_type)
     project = project_gradients(
-        rank,
-        update_proj_gap,
-        proj_type,
-        mask,
-        axes=axes,
-        canonical_signs=canonical_signs,
-        basis_dtype=basis_dtype,
-        svd=svd,
-        stagger=stagger,
-    )
-    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
-    return optax.chain(
-        project,
-        in_subspace(inner, project),
-        project_back(scale),
-        *_tail(learning_rate, b1, b2, weight_decay, base_optimizer),
-    )
+        rank, update_proj_gap, proj_type, mask,
+        axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, stagger=stagger,
+    )  # fmt: skip
+    return _low_rank_adamw(project, [], learning_rate, scale, b1, b2, eps, weight_decay, base_optimizer, mu_dtype)
