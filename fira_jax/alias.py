@@ -5,7 +5,7 @@ from typing import Any
 import optax
 
 from fira_jax import masks
-from fira_jax._validation import check_choice, check_float, is_traced
+from fira_jax._validation import check_choice, check_float
 from fira_jax.limiter import clip_by_norm_growth
 from fira_jax.projection import PROJ_TYPES, project_back, project_gradients
 from fira_jax.residual import GRANULARITIES, scale_residual_by_norm_ratio
@@ -31,7 +31,9 @@ def _low_rank_adamw(
     if base_optimizer is None:  # the reference's bias correction, on the whole update
         tail.append(optax.scale_by_schedule(adam_bias_correction(b1, b2)))
     tail.append(optax.scale_by_learning_rate(learning_rate))
-    if is_traced(weight_decay) or callable(weight_decay) or weight_decay != 0:
+    # Leave the decay out only for a plain 0 (with inject_hyperparams it is an array at init
+    # and a tracer at update: it must be in the chain both times).
+    if not (isinstance(weight_decay, int | float) and weight_decay == 0):
         tail.append(add_decayed_weights_after_step(weight_decay, learning_rate))
     return optax.chain(project, in_subspace(inner, project), *residual, project_back(scale), *tail)
 

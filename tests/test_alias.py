@@ -245,6 +245,17 @@ def test_inject_hyperparams_schedule():
     assert float(state.hyperparams["learning_rate"]) == pytest.approx(float(sched(5)))
 
 
+def test_inject_hyperparams_with_defaults():
+    """Default hyperparameters become injected arrays; the chain must be the same at init and update."""
+    params, grad_fn = make_problem(4)
+    for factory in (fira_jax.fira, fira_jax.galore):
+        tx = optax.inject_hyperparams(factory, static_args=("rank",))(learning_rate=1e-2, rank=3)
+        ours, state = run_ours(tx, params, grad_fn, 3)
+        plain, _ = run_ours(factory(1e-2, rank=3), params, grad_fn, 3)
+        chex.assert_trees_all_close(ours[-1], plain[-1], rtol=1e-5, atol=1e-6)
+        assert float(state.hyperparams["weight_decay"]) == 0.0
+
+
 def test_inject_hyperparams_without_static_rank_names_rank():
     tx = optax.inject_hyperparams(fira_jax.fira)(learning_rate=1e-2)
     with pytest.raises(TypeError, match="rank"):
