@@ -75,3 +75,32 @@ def test_resume_continues_identically(tmp_path):
         return [(r["step"], r["train_loss"], r.get("val_loss")) for r in map(json.loads, lines)]
 
     assert losses(resumed) == losses(full)  # the refresh at t = 3 happens after the resume
+
+
+def test_rank_correlations_match_definitions():
+    import itertools
+
+    import similarity
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(40)
+    b = a + 0.5 * rng.standard_normal(40)
+    b[:5] = b[5]  # ties
+
+    # Spearman: Pearson correlation of average ranks.
+    def avg_ranks(x):
+        return np.array([np.sum(x < v) + (np.sum(x == v) + 1) / 2 for v in x])
+
+    expected = np.corrcoef(avg_ranks(a), avg_ranks(b))[0, 1]
+    assert similarity.spearman(a, b) == pytest.approx(expected, rel=1e-12)
+    # Kendall tau-b from its definition over all pairs.
+    conc = disc = ties_a = ties_b = 0
+    for i, j in itertools.combinations(range(40), 2):
+        s = np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])
+        conc += s > 0
+        disc += s < 0
+        ties_a += a[i] == a[j]
+        ties_b += b[i] == b[j]
+    n0 = 40 * 39 / 2
+    tau_b = (conc - disc) / np.sqrt((n0 - ties_a) * (n0 - ties_b))
+    assert similarity.kendall_tau_b(a, b) == pytest.approx(tau_b, rel=1e-12)
