@@ -1,7 +1,8 @@
 """AdamW vs GaLore vs Fira on the same tokens, seed and budget, each at its best learning rate.
 
 Every optimizer trains once per learning rate of the same grid; the best final validation loss
-of each is reported. Optionally (``--ablations``) Fira's Table-5 ablations run at Fira's best
+of each is reported (a run whose result.json holds the same configuration is reused, not
+rerun). Optionally (``--ablations``) Fira's Table-5 ablations run at Fira's best
 learning rate. Writes results/compare.md and results/compare.png.
 
   python examples/compare.py                       # tiny preset, built-in corpus
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     p.add_argument("--optimizers", nargs="+", default=list(optim.OPTIMIZERS), choices=optim.OPTIMIZERS)
     p.add_argument("--rank", type=int, default=None, help="default hidden/4")
     p.add_argument("--update-proj-gap", type=int, default=200)
@@ -50,9 +51,16 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclasses.replace(base, **changes)
         tag = f"{cfg.optimizer}" + (f"-{cfg.ablation}" if cfg.ablation != "none" else "") + f"-lr{cfg.lr:g}"
         cfg = dataclasses.replace(cfg, out=str(out / "runs" / tag))
-        print(f"== {tag}", flush=True)
-        result = train(cfg, log=lambda msg: print("   ", msg, flush=True))
-        result["tag"], result["ablation"] = tag, cfg.ablation
+        saved = pathlib.Path(cfg.out) / "result.json"
+        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
+        if saved.exists() and json.loads(saved.read_text())["config"] == config:
+            print(f"== {tag}: reusing {saved}", flush=True)  # same config: the run is deterministic
+            result = json.loads(saved.read_text())["result"]
+        else:
+            print(f"== {tag}", flush=True)
+            result = train(cfg, log=lambda msg: print("   ", msg, flush=True))
+            result["tag"], result["ablation"] = tag, cfg.ablation
+            saved.write_text(json.dumps({"config": config, "result": result}))
         runs.append(result)
         (out / "compare.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "records"} for r in runs]))
         return result
