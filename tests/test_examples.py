@@ -104,3 +104,18 @@ def test_rank_correlations_match_definitions():
     n0 = 40 * 39 / 2
     tau_b = (conc - disc) / np.sqrt((n0 - ties_a) * (n0 - ties_b))
     assert similarity.kendall_tau_b(a, b) == pytest.approx(tau_b, rel=1e-12)
+
+
+def test_train_lm_fsdp_on_8_simulated_devices(tmp_path):
+    """The example shards batch and parameters over 8 devices (a subprocess: the device count is set at start)."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(EXAMPLES / "train_lm.py"), "--preset", "micro", "--steps", "2", "--batch-size", "8",
+           "--seq-len", "16", "--eval-batches", "1", "--rank", "4", "--mesh", "fsdp", "--no-progress",
+           "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 cpu device(s)" in proc.stdout
+    assert np.isfinite(json.loads((tmp_path / "summary.json").read_text())["final_val_loss"])
