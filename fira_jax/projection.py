@@ -320,7 +320,9 @@ def _randomized_svd(
     return u_a, vh_a
 
 
-def _svd_basis(g: jax.Array, old: Basis, canonical_signs: bool, svd: str, key: jax.Array, svd_options: dict) -> Basis:
+def _svd_basis(
+    g: jax.Array, old: Basis, canonical_signs: bool, svd: str, key: jax.Array | None, svd_options: dict
+) -> Basis:
     """Top-r singular vectors of the canonical gradient ``g``, in float32.
 
     Matrices whose gradient or new basis is not finite (a NaN/Inf gradient, or
@@ -459,8 +461,9 @@ def project_gradients(
                 bases.append(None)
                 continue
             b = _default_basis(lay, basis_dtype or sharding.value(slot).dtype)
-            place = lambda x, kind, slot=slot, lay=lay: None if x is None else sharding.place(x, slot, lay, kind)  # noqa: E731
-            bases.append(Basis(place(b.left, "left"), place(b.right, "right"), lay))
+            left = None if b.left is None else sharding.place(b.left, slot, lay, "left")
+            right = None if b.right is None else sharding.place(b.right, slot, lay, "right")
+            bases.append(Basis(left, right, lay))
         return ProjectionState(jnp.zeros([], jnp.int32), *split(treedef, bases))
 
     def update_fn(
@@ -482,10 +485,11 @@ def project_gradients(
             for i in picked
         ]
 
-        key = jax.random.fold_in(jax.random.key(seed), state.count)
+        key = jax.random.fold_in(jax.random.key(seed), state.count) if svd == "randomized" else None
 
         def new_basis(j: int) -> Basis:
-            return _svd_basis(grads[j], old[j], canonical_signs, svd, jax.random.fold_in(key, j), svd_options)
+            leaf_key = None if key is None else jax.random.fold_in(key, j)
+            return _svd_basis(grads[j], old[j], canonical_signs, svd, leaf_key, svd_options)
 
         # One cond per group of leaves that refresh together: the whole tree, or with
         # `stagger`, each offset. A cond is never vmapped (that would run every SVD).
