@@ -10,20 +10,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from numpy_side import np_side
 
 import fira_jax
 
 # ---------------------------------------------------------------------------
 # An independent NumPy transcription of the update rule (issue #2, steps 1-6).
 # ---------------------------------------------------------------------------
-
-
-def np_side(proj_type, m, n):
-    if proj_type == "std":
-        return "right" if m >= n else "left"
-    if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    return proj_type
 
 
 def np_basis(g, rank, side, canonical):

@@ -7,16 +7,9 @@ import numpy as np
 import optax
 import pytest
 from absl.testing import parameterized
+from numpy_side import np_side
 
 import fira_jax
-
-
-def np_side(proj_type, m, n):
-    if proj_type == "std":
-        return "right" if m >= n else "left"
-    if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    return proj_type
 
 
 def assert_same_subspace(p, q, side):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from numpy_side import np_side
 
 import fira_jax
 
@@ -69,7 +70,7 @@ def _canonical_svd(a, full_matrices=True):
     both U and Vh, as ``fira_jax.project_gradients(canonical_signs=True)`` does.
     """
     u, s, vh = _torch_svd(a, full_matrices=full_matrices)
-    if _side(_PROJ_TYPE["value"], *a.shape[-2:]) == "right":
+    if np_side(_PROJ_TYPE["value"], *a.shape[-2:]) == "right":
         idx = vh.abs().argmax(dim=-1, keepdim=True)
         sign = torch.gather(vh, -1, idx)[..., 0]
     else:
@@ -80,14 +81,6 @@ def _canonical_svd(a, full_matrices=True):
 
 
 _PROJ_TYPE = {"value": "std"}
-
-
-def _side(proj_type: str, m: int, n: int) -> str:
-    if proj_type == "std":
-        return "right" if m >= n else "left"
-    if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    return proj_type
 
 
 SHAPES = {"tall": (24, 16), "wide": (16, 24)}
