@@ -5,10 +5,10 @@ from typing import Any
 import optax
 
 from fira_jax import masks
-from fira_jax._validation import check_choice, check_float
+from fira_jax._validation import check_float
 from fira_jax.limiter import clip_by_norm_growth
-from fira_jax.projection import PROJ_TYPES, project_back, project_gradients
-from fira_jax.residual import GRANULARITIES, scale_residual_by_norm_ratio
+from fira_jax.projection import project_back, project_gradients
+from fira_jax.residual import scale_residual_by_norm_ratio
 from fira_jax.subspace import adam_bias_correction, in_subspace, scale_by_adam
 from fira_jax.weight_decay import add_decayed_weights_after_step
 
@@ -38,12 +38,12 @@ def _low_rank_adamw(
     return optax.chain(project, in_subspace(inner, project), *residual, project_back(scale), *tail)
 
 
-def _check_common(b1: float, b2: float, eps: float, weight_decay: float, proj_type: str) -> None:
+def _check_common(b1: float, b2: float, eps: float, weight_decay: float) -> None:
+    """Checks the arguments no piece checks (Adam's are unused by a custom base_optimizer)."""
     check_float("b1", b1, low=0.0, high=1.0)
     check_float("b2", b2, low=0.0, high=1.0)
     check_float("eps", eps, low=0.0, high=float("inf"), high_open=False)
     check_float("weight_decay", weight_decay, low=0.0, high=float("inf"), high_open=False)
-    check_choice("proj_type", proj_type, PROJ_TYPES)
 
 
 def fira(
@@ -135,14 +135,12 @@ def fira(
       Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
       Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024.
     """
-    _check_common(b1, b2, eps, weight_decay, proj_type)
+    _check_common(b1, b2, eps, weight_decay)
     if proj_type == "full":
         raise ValueError(
             "`proj_type` 'full' (two-sided projection) is GaLore-only: Fira's column-wise "
             "scaling of the residual is undefined there. Use fira_jax.galore, or a one-sided proj_type."
         )
-    check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
-    check_choice("granularity", granularity, GRANULARITIES)
     project = project_gradients(
         rank, update_proj_gap, proj_type, mask,
         axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, stagger=stagger,
@@ -206,7 +204,7 @@ def galore(
       Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
       Projection <https://arxiv.org/abs/2403.03507>`_, 2024.
     """
-    _check_common(b1, b2, eps, weight_decay, proj_type)
+    _check_common(b1, b2, eps, weight_decay)
     project = project_gradients(
         rank, update_proj_gap, proj_type, mask,
         axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, stagger=stagger,
