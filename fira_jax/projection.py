@@ -105,10 +105,10 @@ class Basis:
         """Low-rank coordinates: ``G P^T`` (right), ``P^T G`` (left), ``U^T G V`` (full)."""
         out = g
         if self.left is not None:
-            spec = sharding.out_spec(g, self.layout, "cols" if self.right is not None else "moments")
+            spec = sharding.out_sharding(g, self.layout, "cols" if self.right is not None else "moments")
             out = jnp.einsum("...mr,...mn->...rn", self.left.astype(g.dtype), out, out_sharding=spec)
         if self.right is not None:
-            spec = sharding.out_spec(g, self.layout, "moments")
+            spec = sharding.out_sharding(g, self.layout, "moments")
             out = jnp.einsum("...mn,...rn->...mr", out, self.right.astype(g.dtype), out_sharding=spec)
         return out
 
@@ -117,10 +117,10 @@ class Basis:
 
         ``like`` is the canonical gradient, whose sharding the result takes (explicit meshes).
         """
-        spec = None if like is None else sharding.out_spec(like, self.layout, "dense")
+        spec = None if like is None else sharding.out_sharding(like, self.layout, "dense")
         out = x
         if self.left is not None:
-            mid = None if like is None or self.right is None else sharding.out_spec(like, self.layout, "rows")
+            mid = None if like is None or self.right is None else sharding.out_sharding(like, self.layout, "rows")
             out = jnp.einsum("...mr,...rn->...mn", self.left.astype(x.dtype), out, out_sharding=mid or spec)
         if self.right is not None:
             out = jnp.einsum("...mr,...rn->...mn", out, self.right.astype(x.dtype), out_sharding=spec)

@@ -91,10 +91,7 @@ class Residual:
         kind = "rows" if self.phi.shape[-1] == 1 and self.phi.shape[-2] != 1 else "cols"
         if self.phi.shape[-2:] == (1, 1):
             kind = "norms"
-        spec = sharding.out_spec(node.grad, node.layout, kind)
-        if spec is not None and kind == "norms":
-            spec = jax.sharding.PartitionSpec(*spec, None, None)
-        return sharding.match(self.phi, spec)
+        return sharding.match(self.phi, sharding.out_sharding(node.grad, node.layout, kind, 2 if kind == "norms" else 0))
 
 
 def _phi_axis(node: proj.LowRank) -> int:

@@ -111,11 +111,13 @@ def _canonical_explicit(g: jax.Array) -> tuple[tuple[Any, ...], Any] | None:
     return spec, jax.typeof(g).sharding.mesh
 
 
-def out_spec(g: jax.Array, layout: Any, kind: str) -> P | None:
-    """Under explicit sharding, the spec of a low-rank result computed from canonical ``g``.
+def out_sharding(g: jax.Array, layout: Any, kind: str, trailing: int = 0) -> NamedSharding | None:
+    """Under explicit sharding, the sharding of a result computed from canonical ``g``.
 
     ``kind`` as in :func:`state_spec`, or ``"dense"`` (g's own spec), ``"rows"`` (batch +
-    (m, ·) with the last axis unsharded) or ``"cols"`` (batch + (·, n)). None otherwise.
+    (m, ·) with the last axis unsharded) or ``"cols"`` (batch + (·, n)); ``trailing`` unsharded
+    axes are appended. The result is a ``NamedSharding`` on ``g``'s own mesh, so no mesh context
+    is needed. None when ``g`` is not sharded over explicit axes.
     """
     found = _canonical_explicit(g)
     if found is None:
@@ -123,17 +125,19 @@ def out_spec(g: jax.Array, layout: Any, kind: str) -> P | None:
     spec, mesh = found
     batch, rows, cols = spec[:-2], spec[-2], spec[-1]
     if kind == "dense":
-        return P(*spec)
-    if kind == "rows":
-        return P(*batch, rows, None)
-    if kind == "cols":
-        return P(*batch, None, cols)
-    return spec_from_canonical(batch, rows, cols, layout, kind, mesh)
+        out = P(*spec)
+    elif kind == "rows":
+        out = P(*batch, rows, None)
+    elif kind == "cols":
+        out = P(*batch, None, cols)
+    else:
+        out = spec_from_canonical(batch, rows, cols, layout, kind, mesh)
+    return NamedSharding(mesh, P(*out, *(None,) * trailing))
 
 
-def match(x: jax.Array, spec: P | None) -> jax.Array:
-    """Reshards ``x`` to ``spec`` (explicit sharding only; a no-op when ``spec`` is None)."""
-    return x if spec is None else jax.sharding.reshard(x, spec)
+def match(x: jax.Array, target: NamedSharding | None) -> jax.Array:
+    """Reshards ``x`` to ``target`` (explicit sharding only; a no-op when ``target`` is None)."""
+    return x if target is None else jax.sharding.reshard(x, target)
 
 
 def place(x: jax.Array, param: Any, layout: Any, kind: str) -> jax.Array:
@@ -148,7 +152,7 @@ def place(x: jax.Array, param: Any, layout: Any, kind: str) -> jax.Array:
         if spec is None:
             return x
         mesh = jax.typeof(p).sharding.mesh
-        return jax.sharding.reshard(x, state_spec(spec, layout, kind, mesh))
+        return jax.sharding.reshard(x, NamedSharding(mesh, state_spec(spec, layout, kind, mesh)))
     sharding = getattr(p, "sharding", None)
     if not isinstance(sharding, NamedSharding):
         return x
@@ -172,4 +176,4 @@ def gather_matrix(x: jax.Array) -> jax.Array:
     if spec is None:
         return x
     spec = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
-    return jax.sharding.reshard(x, P(*spec[:-2], None, None))
+    return jax.sharding.reshard(x, NamedSharding(jax.typeof(x).sharding.mesh, P(*spec[:-2], None, None)))

@@ -88,6 +88,40 @@ def main():
                             status, failures = f"FAILED: {e}", failures + 1
                     print(f"{kind} rank {rank} {layout} {mode}: max rel err {err:.1e} {status}", flush=True)
     failures += check_nnx(params, grads)
+    failures += check_no_mesh_context()
+    return failures
+
+
+def check_no_mesh_context():
+    """No `jax.set_mesh`: the default `jax.make_mesh` (Explicit axes in JAX 0.10) and Auto axes.
+
+    init + 6 jitted updates crossing 2 refreshes after the first (gap 2), equal to single-device.
+    """
+    rng = np.random.default_rng(1)
+    shapes = {"w": (64, 48), "v": (48, 64), "b": (48,)}
+    params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+    grads = [{k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()} for _ in range(6)]
+    failures = 0
+    for kind, factory in (("fira", fira_jax.fira), ("galore", fira_jax.galore)):
+        tx = factory(1e-2, rank=6, update_proj_gap=2, weight_decay=0.1)
+        reference, _ = run(tx, params, grads)
+        for mode in ("default", "auto"):
+            if mode == "default":
+                mesh = jax.make_mesh((8,), ("fsdp",))
+            else:
+                mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+            shard = {"w": NamedSharding(mesh, P("fsdp")), "v": NamedSharding(mesh, P(None, "fsdp")),
+                     "b": NamedSharding(mesh, P())}  # fmt: skip
+            try:
+                outs, _ = run(tx, jax.device_put(params, shard), [jax.device_put(g, shard) for g in grads])
+                err = max(rel_err(o, r) for o, r in zip(outs, reference, strict=True))
+                ok = err <= 1e-5
+                status = "ok" if ok else f"FAILED: relative error {err:.2e}"
+            except Exception as e:  # report the failure as a line, like the other cases
+                ok, err, status = False, float("nan"), f"FAILED: {type(e).__name__}: {e}"
+            failures += 0 if ok else 1
+            axis_types = tuple(str(t) for t in mesh.axis_types)
+            print(f"{kind} no mesh context, make_mesh {mode} {axis_types}: max rel err {err:.1e} {status}", flush=True)
     return failures
 
 
