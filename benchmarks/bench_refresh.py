@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 import fira_jax
-from fira_jax.projection import _randomized_svd
+from fira_jax.basis import randomized_svd as _randomized_svd
 
 SHAPES = {"512x1376": (512, 1376, 128), "2048x5461": (2048, 5461, 256), "4096x11008": (4096, 11008, 512)}
 

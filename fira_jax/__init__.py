@@ -1,17 +1,11 @@
 """fira_jax: Fira and GaLore, memory-efficient full-rank training, as Optax transforms."""
 
 from fira_jax.alias import fira, galore
+from fira_jax.basis import Basis
+from fira_jax.layout import Layout, MatrixAxes
 from fira_jax.limiter import ClipByNormGrowthState, clip_by_norm_growth
 from fira_jax.masks import mask_by_path
-from fira_jax.projection import (
-    Basis,
-    Layout,
-    LowRank,
-    MatrixAxes,
-    ProjectionState,
-    project_back,
-    project_gradients,
-)
+from fira_jax.projection import LowRank, Projection, ProjectionState, project_back, project_gradients
 from fira_jax.residual import Residual, scale_residual_by_norm_ratio, scaling_factor
 from fira_jax.subspace import ScaleByAdamState, adam_bias_correction, in_subspace, scale_by_adam
 from fira_jax.weight_decay import AddDecayedWeightsAfterStepState, add_decayed_weights_after_step
@@ -25,6 +19,7 @@ __all__ = [
     "Layout",
     "LowRank",
     "MatrixAxes",
+    "Projection",
     "ProjectionState",
     "Residual",
     "ScaleByAdamState",

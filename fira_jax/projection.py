@@ -1,169 +1,83 @@
-"""Projecting gradients onto, and back from, a low-rank subspace.
+"""Projecting gradients onto, and back from, a low-rank subspace (step 1 and 5 of Fira).
 
-This is step 1 of GaLore (Zhao et al., 2024) and Fira (Chen et al., 2024):
-every ``update_proj_gap`` steps the top-``rank`` singular vectors P of each
-selected gradient G are computed; the optimizer then works on the low-rank
-gradient ``P^T G`` (left side) or ``G P^T`` (right side).
+This is step 1 of GaLore (Zhao et al., 2024) and Fira (Chen et al., 2024): every
+``update_proj_gap`` steps the top-``rank`` singular vectors P of each selected gradient G are
+computed (:mod:`fira_jax.basis`); the optimizer then works on the low-rank gradient ``P^T G``
+(left side) or ``G P^T`` (right side).
 
-:func:`project_gradients` replaces each selected gradient by a :class:`LowRank`
-node that carries everything the later pieces of the chain need; the pieces in
-between (:func:`fira_jax.in_subspace`,
-:func:`fira_jax.scale_residual_by_norm_ratio`,
-:func:`fira_jax.clip_by_norm_growth`) read and replace its fields, and
-:func:`project_back` turns it back into a dense update.
+:func:`project_gradients` replaces each selected gradient by a :class:`LowRank` node whose only
+pytree leaf is the low-rank update ``coeffs``; everything else the later Fira pieces need (the
+raw low-rank gradient, G, the basis, the residual) rides along as static data that ordinary optax
+transforms never see. :func:`project_back` turns the node back into a dense update.
 """
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fira_jax import masks, sharding
-from fira_jax._validation import check_choice, check_int
+from fira_jax._validation import check_choice, check_int, is_traced
+from fira_jax.basis import Basis, default_basis, top_singular_basis
+from fira_jax.layout import PROJ_TYPES, Layout, layouts
 
-PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
-
-
-class MatrixAxes(NamedTuple):
-    """Which axes of a leaf form the matrix that is projected.
-
-    The leaf is viewed as a stack of (rows × cols) matrices: ``rows`` and
-    ``cols`` name one axis or a tuple of axes each (flattened, in that order);
-    every other axis indexes independent matrices, each with its own basis,
-    moments, scaling factors and limiter norm. The default for a selected leaf
-    is ``MatrixAxes(rows=-2, cols=-1)``, which treats layers stacked by
-    ``nnx.scan`` as separate matrices.
-
-    Example: a ``DenseGeneral`` kernel of shape (embed, heads, head_dim) is one
-    embed × (heads·head_dim) matrix with ``MatrixAxes(rows=0, cols=(1, 2))``.
-    """
-
-    rows: int | tuple[int, ...] = -2
-    cols: int | tuple[int, ...] = -1
+COMPOSITION_HINT = (
+    "Between fira_jax.project_gradients and fira_jax.project_back, ordinary optax transformations act "
+    "on the low-rank update only and cannot keep state shaped like the parameters: wrap a stateful "
+    "one in fira_jax.in_subspace(inner, project)."
+)
 
 
-class Layout(NamedTuple):
-    """Static description of one selected leaf (hashable; pytree aux data).
-
-    The *canonical* form of the leaf is ``batch + (m, n)``: batch axes first,
-    then the flattened row axes and column axes.
-    """
-
-    path: str
-    shape: tuple[int, ...]
-    perm: tuple[int, ...]  # batch axes, then row axes, then column axes
-    n_rows: int  # how many of perm's non-batch axes are row axes
-    batch: tuple[int, ...]
-    m: int
-    n: int
-    rank: int
-    side: str  # "left", "right" or "full"
-
-    def canonical(self, x: jax.Array) -> jax.Array:
-        """The leaf as a stack of ``batch + (m, n)`` matrices."""
-        return jnp.transpose(x, self.perm).reshape((*self.batch, self.m, self.n))
-
-    def restore(self, x: jax.Array) -> jax.Array:
-        """Inverse of :meth:`canonical`."""
-        permuted = tuple(self.shape[a] for a in self.perm)
-        inverse = tuple(sorted(range(len(self.perm)), key=lambda a: self.perm[a]))
-        return jnp.transpose(x.reshape(permuted), inverse)
-
-    @property
-    def low_shape(self) -> tuple[int, ...]:
-        """Shape of the low-rank gradient (and of the subspace optimizer's state)."""
-        r = self.rank
-        return self.batch + {"right": (self.m, r), "left": (r, self.n), "full": (r, r)}[self.side]
-
-
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
-class Basis:
-    """Orthonormal basis of one selected leaf's subspace.
-
-    ``left`` is U[:, :r] (batch + (m, r)), used on the left and two-sided
-    ("full") side; ``right`` is Vh[:r] (batch + (r, n)), used on the right and
-    full side; the unused one is ``None``.
-    """
-
-    left: jax.Array | None
-    right: jax.Array | None
-    layout: Layout
-
-    def tree_flatten(self) -> tuple[tuple[Any, ...], Layout]:
-        return (self.left, self.right), self.layout
-
-    @classmethod
-    def tree_unflatten(cls, layout: Layout, children: tuple[Any, ...]) -> "Basis":
-        return cls(*children, layout)
-
-    def project(self, g: jax.Array) -> jax.Array:
-        """Low-rank coordinates: ``G P^T`` (right), ``P^T G`` (left), ``U^T G V`` (full)."""
-        out = g
-        if self.left is not None:
-            spec = sharding.out_sharding(g, self.layout, "cols" if self.right is not None else "moments")
-            out = jnp.einsum("...mr,...mn->...rn", self.left.astype(g.dtype), out, out_sharding=spec)
-        if self.right is not None:
-            spec = sharding.out_sharding(g, self.layout, "moments")
-            out = jnp.einsum("...mn,...rn->...mr", out, self.right.astype(g.dtype), out_sharding=spec)
-        return out
-
-    def back(self, x: jax.Array, like: jax.Array | None = None) -> jax.Array:
-        """Back to the full space: ``X P`` (right), ``P X`` (left), ``U X V^T`` (full).
-
-        ``like`` is the canonical gradient, whose sharding the result takes (explicit meshes).
-        """
-        spec = None if like is None else sharding.out_sharding(like, self.layout, "dense")
-        out = x
-        if self.left is not None:
-            mid = None if like is None or self.right is None else sharding.out_sharding(like, self.layout, "rows")
-            out = jnp.einsum("...mr,...rn->...mn", self.left.astype(x.dtype), out, out_sharding=mid or spec)
-        if self.right is not None:
-            out = jnp.einsum("...mr,...rn->...mn", out, self.right.astype(x.dtype), out_sharding=spec)
-        return out
-
-
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
-class LowRank:
-    """A selected gradient on its way through the chain.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Carried:
+    """What a :class:`LowRank` node carries besides its update (static data, compared by identity).
 
     Attributes:
-      coeffs: the low-rank update being transformed; starts as ``low``, and
-        :func:`fira_jax.in_subspace` replaces it by the subspace optimizer's
-        output (``N`` in the Fira paper).
-      low: the raw low-rank gradient ``P^T G`` or ``G P^T``.
+      low: the raw low-rank gradient ``R = P^T G`` or ``G P^T``.
       grad: the full gradient G, in canonical ``batch + (m, n)`` form.
-      basis: the :class:`Basis` used at this step.
-      residual: the (scaled, limited) residual once
-        :func:`fira_jax.scale_residual_by_norm_ratio` has set it (a
-        :class:`fira_jax.Residual`, kept factored), else None.
+      basis: the :class:`fira_jax.Basis` used at this step.
+      residual: Fira's residual (a :class:`fira_jax.Residual`, kept factored) once
+        :func:`fira_jax.scale_residual_by_norm_ratio` has set it, else None.
+      in_subspace: whether :func:`fira_jax.in_subspace` has run on ``coeffs``.
     """
 
-    coeffs: jax.Array
     low: jax.Array
     grad: jax.Array
     basis: Basis
     residual: Any = None
+    in_subspace: bool = False
 
-    def tree_flatten(self) -> tuple[tuple[Any, ...], None]:
-        return (self.coeffs, self.low, self.grad, self.basis, self.residual), None
 
-    @classmethod
-    def tree_unflatten(cls, aux: None, children: tuple[Any, ...]) -> "LowRank":
-        del aux
-        return cls(*children)
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """A selected gradient on its way through the chain.
 
-    @property
-    def layout(self) -> Layout:
-        return self.basis.layout
+    ``coeffs`` is the node's only pytree leaf: the low-rank update being transformed. It starts
+    as the low-rank gradient R, and :func:`fira_jax.in_subspace` replaces it by the subspace
+    optimizer's output (``N`` in the Fira paper). An ordinary optax transformation placed
+    between :func:`project_gradients` and :func:`project_back` therefore acts on ``coeffs``
+    alone (``optax.scale(0.5)`` halves the low-rank update, ``optax.clip_by_global_norm`` clips
+    it), while R, G and the basis, in ``carried``, are untouched.
+    """
 
-    def replace(self, **changes: Any) -> "LowRank":
-        return dataclasses.replace(self, **changes)
+    coeffs: jax.Array
+    carried: Carried
+
+    low = property(lambda self: self.carried.low)
+    grad = property(lambda self: self.carried.grad)
+    basis = property(lambda self: self.carried.basis)
+    residual = property(lambda self: self.carried.residual)
+    layout = property(lambda self: self.carried.basis.layout)
+
+    def replace(self, coeffs: jax.Array | None = None, **carried: Any) -> "LowRank":
+        """A copy with a new ``coeffs`` and/or new fields of ``carried``."""
+        new_carried = dataclasses.replace(self.carried, **carried) if carried else self.carried
+        return LowRank(self.coeffs if coeffs is None else coeffs, new_carried)
+
+
+jax.tree_util.register_dataclass(LowRank, data_fields=["coeffs"], meta_fields=["carried"])
 
 
 def is_low_rank(x: Any) -> bool:
@@ -192,162 +106,49 @@ class ProjectionState(NamedTuple):
     right: Any
 
 
-def _side(proj_type: str, m: int, n: int) -> str:
-    if proj_type == "std":
-        return "right" if m >= n else "left"
-    if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    return proj_type
+class Projection(optax.GradientTransformationExtraArgs):
+    """The transformation :func:`project_gradients` returns: ``init``, ``update`` and ``layouts``.
+
+    ``layouts(tree)`` gives each leaf's static :class:`fira_jax.Layout` (None for unselected
+    leaves); :func:`fira_jax.in_subspace` and :func:`fira_jax.clip_by_norm_growth` use it to
+    shape their per-matrix state. It is an ordinary 2-tuple ``(init, update)`` for optax.
+    """
+
+    def layouts(self, tree: Any) -> list[Layout | None]:
+        return self._layouts(sharding.pure(tree))
 
 
-def _normalize_axes(axes: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
-    axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    if not axes or any(not isinstance(a, int) or not -ndim <= a < ndim for a in axes):
-        raise ValueError
-    return tuple(a % ndim for a in axes)
-
-
-def _layout(path: str, leaf: Any, axes: MatrixAxes | None, rank: int, proj_type: str) -> Layout:
-    shape = tuple(leaf.shape)
-    if len(shape) < 2:
-        raise ValueError(
-            f"Leaf '{path}' with shape {shape} is selected for low-rank projection, "
-            "but only leaves with at least 2 dimensions can be projected. "
-            "Leave it out of `mask`."
-        )
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+def projection_layouts(projection: Any, params: Any) -> list[Layout | None]:
+    """The layouts ``projection`` (from :func:`project_gradients`) gives ``params``' leaves."""
+    if not isinstance(projection, Projection):
         raise TypeError(
-            f"Leaf '{path}' has dtype {leaf.dtype}; low-rank projection needs a "
-            "floating-point leaf. Leave it out of `mask`."
+            "`projection` must be the transformation returned by fira_jax.project_gradients, "
+            f"got {type(projection).__name__}."
         )
-    axes = MatrixAxes() if axes is None else axes
-    if not isinstance(axes, MatrixAxes):
-        raise TypeError(f"`axes` for leaf '{path}' must be a fira_jax.MatrixAxes or None, got {axes!r}.")
-    try:
-        rows = _normalize_axes(axes.rows, len(shape))
-        cols = _normalize_axes(axes.cols, len(shape))
-    except ValueError:
-        raise ValueError(f"`axes` {axes} is not valid for leaf '{path}' with shape {shape}.") from None
-    if len(set(rows + cols)) != len(rows + cols):
-        raise ValueError(f"`axes` {axes} repeats an axis for leaf '{path}' with shape {shape}.")
-    batch_axes = tuple(a for a in range(len(shape)) if a not in rows + cols)
-    m = math.prod(shape[a] for a in rows)
-    n = math.prod(shape[a] for a in cols)
-    return Layout(
-        path=path,
-        shape=shape,
-        perm=batch_axes + rows + cols,
-        n_rows=len(rows),
-        batch=tuple(shape[a] for a in batch_axes),
-        m=m,
-        n=n,
-        rank=min(rank, m, n),
-        side=_side(proj_type, m, n),
-    )
+    return projection.layouts(params)
 
 
-def layouts(tree: Any, rank: int, proj_type: str, mask: masks.Mask = None, axes: Any = None) -> list[Layout | None]:
-    """The :class:`Layout` of every leaf of ``tree`` (None for unselected leaves).
+def refresh_groups(n_leaves: int, update_proj_gap: Any, stagger: bool) -> list[tuple[Any, list[int]]]:
+    """Which selected leaves refresh together, and at which offset in the gap.
 
-    Raises a ValueError or TypeError naming the leaf's path when a selected
-    leaf cannot be projected.
+    Without ``stagger``, one group at offset 0: every leaf refreshes when
+    ``t % T == 0``. With it, leaf ``j`` of ``k`` has offset ``j T // k`` and refreshes when
+    ``(t + offset) % T == 0`` (and at ``t = 0``); leaves sharing an offset form one group. A
+    traced ``T`` (``optax.inject_hyperparams``) gives one group per leaf with traced offsets.
     """
-    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
-    selected = masks.resolve_per_leaf(tree, mask, lambda x: getattr(x, "ndim", 0) >= 2, "mask")
-    if isinstance(axes, MatrixAxes):
-        leaf_axes = [axes] * len(with_path)
-    else:
-        leaf_axes = masks.resolve_per_leaf(tree, axes, lambda x: None, "axes")
-    out = []
-    for (path, leaf), sel, ax in zip(with_path, selected, leaf_axes, strict=True):
-        if not isinstance(sel, bool | np.bool_):
-            raise TypeError(f"`mask` must hold bools; got {sel!r} for leaf '{masks.path_str(path)}'.")
-        out.append(_layout(masks.path_str(path), leaf, ax, rank, proj_type) if sel else None)
-    return out
+    if not stagger or n_leaves == 0:
+        return [(0, list(range(n_leaves)))]
+    if is_traced(update_proj_gap):
+        return [((j * update_proj_gap) // n_leaves, [j]) for j in range(n_leaves)]
+    groups: dict[int, list[int]] = {}
+    for j in range(n_leaves):
+        groups.setdefault((j * update_proj_gap) // n_leaves, []).append(j)
+    return list(groups.items())
 
 
-def _default_basis(layout: Layout, dtype: Any) -> Basis:
-    """A valid orthonormal basis (the first r coordinate vectors), used before the first refresh."""
-    r = layout.rank
-    left = right = None
-    if layout.side in ("left", "full"):
-        left = jnp.broadcast_to(jnp.eye(layout.m, r, dtype=dtype), (*layout.batch, layout.m, r))
-    if layout.side in ("right", "full"):
-        right = jnp.broadcast_to(jnp.eye(r, layout.n, dtype=dtype), (*layout.batch, r, layout.n))
-    return Basis(left, right, layout)
-
-
-def _canonical_signs(u: jax.Array, vh: jax.Array, side: str) -> tuple[jax.Array, jax.Array]:
-    """Makes the largest-magnitude entry of each basis vector positive.
-
-    The sign is read from the vectors that form the basis (Vh's rows on the
-    right side, U's columns otherwise) and applied to both U and Vh, so
-    ``U diag(s) Vh`` is unchanged.
-    """
-    if side == "right":
-        idx = jnp.argmax(jnp.abs(vh), axis=-1, keepdims=True)
-        sign = jnp.take_along_axis(vh, idx, axis=-1)[..., 0]
-    else:
-        idx = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)
-        sign = jnp.take_along_axis(u, idx, axis=-2)[..., 0, :]
-    sign = jnp.where(sign < 0, -1.0, 1.0).astype(u.dtype)
-    return u * sign[..., None, :], vh * sign[..., :, None]
-
-
-def _randomized_svd(
-    g: jax.Array, rank: int, side: str, key: jax.Array, oversample: int, power_iters: int
-) -> tuple[jax.Array, jax.Array]:
-    """Top-``rank`` singular vectors by a randomized range finder (Halko et al., 2011).
-
-    Finds an orthonormal basis Q of the range of ``A G``-products with ``rank + oversample``
-    Gaussian probes and ``power_iters`` QR-stabilized power iterations, then takes the SVD of
-    the small ``Q^T A``. The side that forms the basis comes out orthonormal (a product of
-    orthonormal factors). Returns ``(u, vh)`` shaped like ``svd(g)[0][..., :rank]`` and
-    ``svd(g)[2][..., :rank, :]``.
-    """
-    a = jnp.swapaxes(g, -1, -2) if side == "right" else g  # range finder on the basis side
-    p, q = a.shape[-2:]
-    k = min(rank + oversample, p, q)
-    omega = jax.random.normal(key, (*a.shape[:-2], q, k), a.dtype)
-    basis, _ = jnp.linalg.qr(a @ omega)
-    for _ in range(power_iters):
-        z, _ = jnp.linalg.qr(jnp.swapaxes(a, -1, -2) @ basis)
-        basis, _ = jnp.linalg.qr(a @ z)
-    ub, _, vhb = jnp.linalg.svd(jnp.swapaxes(basis, -1, -2) @ a, full_matrices=False)
-    u_a, vh_a = basis @ ub[..., :, :rank], vhb[..., :rank, :]
-    if side == "right":
-        return jnp.swapaxes(vh_a, -1, -2), jnp.swapaxes(u_a, -1, -2)
-    return u_a, vh_a
-
-
-def _svd_basis(
-    g: jax.Array, old: Basis, canonical_signs: bool, svd: str, key: jax.Array | None, svd_options: dict
-) -> Basis:
-    """Top-r singular vectors of the canonical gradient ``g``, in float32.
-
-    Matrices whose gradient or new basis is not finite (a NaN/Inf gradient, or
-    an SVD that failed) keep their previous basis.
-    """
-    layout = old.layout
-    r = layout.rank
-    g32 = sharding.gather_matrix(g.astype(jnp.float32))
-    if svd == "randomized":
-        u, vh = _randomized_svd(g32, r, layout.side, key, **svd_options)
-    else:
-        u, _, vh = jnp.linalg.svd(g32, full_matrices=False)
-        u, vh = u[..., :, :r], vh[..., :r, :]
-    if canonical_signs:
-        u, vh = _canonical_signs(u, vh, layout.side)
-
-    finite_g = jnp.all(jnp.isfinite(g), axis=(-2, -1), keepdims=True)
-
-    def keep_finite(new: jax.Array, prev: jax.Array) -> jax.Array:
-        ok = finite_g & jnp.all(jnp.isfinite(new), axis=(-2, -1), keepdims=True)
-        return jnp.where(ok, new.astype(prev.dtype), prev)
-
-    left = keep_finite(u, old.left) if old.left is not None else None
-    right = keep_finite(vh, old.right) if old.right is not None else None
-    return Basis(left, right, layout)
+def refresh_due(count: jax.Array, offset: Any, update_proj_gap: Any) -> jax.Array:
+    """Whether a group at ``offset`` refreshes at step ``count`` (always at step 0)."""
+    return ((count + offset) % update_proj_gap == 0) | (count == 0)
 
 
 def project_gradients(
@@ -364,7 +165,7 @@ def project_gradients(
     power_iters: int = 2,
     stagger: bool = False,
     seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
+) -> Projection:
     r"""Projects each selected gradient onto its top-``rank`` singular subspace.
 
     At steps ``t = 0, T, 2T, ...`` (``T = update_proj_gap``) the SVD of each
@@ -411,21 +212,26 @@ def project_gradients(
         the spectrum decays (see README's Performance section).
       oversample: extra probes of the randomized SVD.
       power_iters: power iterations of the randomized SVD.
-      stagger: spread the leaves' refreshes over the gap (leaf ``i`` of
-        ``k`` refreshes when ``(t + i T // k) % T == 0``, and every leaf at
-        ``t = 0``), so that no later step computes every SVD. One
-        ``lax.cond`` per group of leaves sharing an offset. Off by default,
-        as in the reference.
+      stagger: spread the leaves' refreshes over the gap (see
+        :func:`refresh_groups`), so that no later step computes every SVD.
+        Off by default, as in the reference.
       seed: seed of the randomized SVD's probes (folded with the step and leaf).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`ProjectionState`.
+      A :class:`Projection` (an ``optax.GradientTransformationExtraArgs``) whose
+      state is a :class:`ProjectionState`.
 
     Raises:
       ValueError or TypeError at construction for an invalid ``rank``,
       ``update_proj_gap`` or ``proj_type``; at init for a selected leaf that
       has fewer than 2 dimensions or is not floating point (naming its path).
+
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> project = fira_jax.project_gradients(rank=2, update_proj_gap=10)
+      >>> state = project.init({"w": jnp.ones((6, 4))})
+      >>> state.right["w"].shape  # a 6 x 4 matrix is projected on the right: P is 2 x 4
+      (2, 4)
 
     References:
       Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
@@ -439,7 +245,6 @@ def project_gradients(
     check_choice("svd", svd, ("exact", "randomized"))
     check_int("oversample", oversample, 0)
     check_int("power_iters", power_iters, 0)
-    svd_options = {"oversample": oversample, "power_iters": power_iters}
 
     def tree_layouts(tree: Any) -> list[Layout | None]:
         return layouts(tree, rank, proj_type, mask, axes)
@@ -449,18 +254,16 @@ def project_gradients(
             value = None if b is None else getattr(b, attr)
             return optax.MaskedNode() if value is None else value
 
-        left = treedef.unflatten([side(b, "left") for b in bases])
-        right = treedef.unflatten([side(b, "right") for b in bases])
-        return left, right
+        return treedef.unflatten([side(b, "left") for b in bases]), treedef.unflatten([side(b, "right") for b in bases])
 
     def init_fn(params: Any) -> ProjectionState:
         slots, treedef = sharding.flatten(params)
         bases = []
-        for slot, lay in zip(slots, tree_layouts(params), strict=True):
+        for slot, lay in zip(slots, tree_layouts(sharding.pure(params)), strict=True):
             if lay is None:
                 bases.append(None)
                 continue
-            b = _default_basis(lay, basis_dtype or sharding.value(slot).dtype)
+            b = default_basis(lay, basis_dtype or sharding.value(slot).dtype)
             left = None if b.left is None else sharding.place(b.left, slot, lay, "left")
             right = None if b.right is None else sharding.place(b.right, slot, lay, "right")
             bases.append(Basis(left, right, lay))
@@ -484,25 +287,20 @@ def project_gradients(
             )
             for i in picked
         ]
-
         key = jax.random.fold_in(jax.random.key(seed), state.count) if svd == "randomized" else None
 
         def new_basis(j: int) -> Basis:
-            leaf_key = None if key is None else jax.random.fold_in(key, j)
-            return _svd_basis(grads[j], old[j], canonical_signs, svd, leaf_key, svd_options)
+            return top_singular_basis(
+                grads[j], old[j], signs=canonical_signs, svd=svd, key=None if key is None else jax.random.fold_in(key, j),
+                oversample=oversample, power_iters=power_iters,
+            )  # fmt: skip
 
-        # One cond per group of leaves that refresh together: the whole tree, or with
-        # `stagger`, each offset. A cond is never vmapped (that would run every SVD).
-        groups: dict[int, list[int]] = {}
-        for j in range(len(picked)):
-            groups.setdefault((j * update_proj_gap) // len(picked) if stagger else 0, []).append(j)
+        # One cond per group of leaves that refresh together. A cond is never vmapped (that
+        # would run every SVD).
         new = list(old)
-        for offset, members in groups.items():
-            due = (state.count + offset) % update_proj_gap == 0
-            if offset:
-                due = due | (state.count == 0)
+        for offset, members in refresh_groups(len(picked), update_proj_gap, stagger):
             refreshed = jax.lax.cond(
-                due,
+                refresh_due(state.count, offset, update_proj_gap),
                 lambda members=members: [new_basis(j) for j in members],
                 lambda members=members: [old[j] for j in members],
             )
@@ -512,12 +310,14 @@ def project_gradients(
         bases: list[Basis | None] = [None] * len(leaves)
         for i, g, basis in zip(picked, grads, new, strict=True):
             low = basis.project(g)
-            out[i] = LowRank(coeffs=low, low=low, grad=g, basis=basis)
+            out[i] = LowRank(coeffs=low, carried=Carried(low=low, grad=g, basis=basis))
             bases[i] = basis
         new_state = ProjectionState(optax.safe_int32_increment(state.count), *split(treedef, bases))
         return treedef.unflatten(out), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    projection = Projection(init_fn, update_fn)
+    projection._layouts = tree_layouts
+    return projection
 
 
 def project_back(scale: float = 1.0) -> optax.GradientTransformation:
@@ -553,22 +353,3 @@ def project_back(scale: float = 1.0) -> optax.GradientTransformation:
         return jax.tree.map(back, updates, is_leaf=is_low_rank), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def projection_layouts(projection: optax.GradientTransformation, params: Any) -> list[Layout | None]:
-    """The layouts ``projection`` (from :func:`project_gradients`) gives ``params``' leaves.
-
-    Used by the pieces that keep per-matrix state (:func:`fira_jax.in_subspace`,
-    :func:`fira_jax.clip_by_norm_growth`) to shape it at init. Nothing is
-    computed: the projection's init and update are only traced.
-    """
-    state = jax.eval_shape(projection.init, params)
-    if not isinstance(state, ProjectionState):
-        raise TypeError(
-            "`projection` must be the transformation returned by fira_jax.project_gradients "
-            f"(its init returns ProjectionState); its init returned {type(state).__name__}."
-        )
-    params = sharding.pure(params)
-    projected = jax.eval_shape(lambda p: projection.update(p, projection.init(p))[0], params)
-    nodes = jax.tree.structure(params).flatten_up_to(projected)
-    return [node.layout if is_low_rank(node) else None for node in nodes]

@@ -21,7 +21,6 @@ GRANULARITIES = ("column", "matrix", "none")
 NORM_EPS = 1e-8  # the reference's constant in the scaling factor's denominator
 
 
-@jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class Residual:
     r"""Fira's residual :math:`S = \phi \odot (G - s \cdot \text{back}(R))`, kept factored.
@@ -43,14 +42,6 @@ class Residual:
 
     phi: jax.Array
     scale: jax.Array
-
-    def tree_flatten(self) -> tuple[tuple[Any, ...], None]:
-        return (self.phi, self.scale), None
-
-    @classmethod
-    def tree_unflatten(cls, aux: None, children: tuple[Any, ...]) -> "Residual":
-        del aux
-        return cls(*children)
 
     def replace(self, **changes: Any) -> "Residual":
         return dataclasses.replace(self, **changes)
@@ -91,7 +82,12 @@ class Residual:
         kind = "rows" if self.phi.shape[-1] == 1 and self.phi.shape[-2] != 1 else "cols"
         if self.phi.shape[-2:] == (1, 1):
             kind = "norms"
-        return sharding.match(self.phi, sharding.out_sharding(node.grad, node.layout, kind, 2 if kind == "norms" else 0))
+        return sharding.match(
+            self.phi, sharding.out_sharding(node.grad, node.layout, kind, 2 if kind == "norms" else 0)
+        )
+
+
+jax.tree_util.register_dataclass(Residual, data_fields=["phi", "scale"], meta_fields=[])
 
 
 def _phi_axis(node: proj.LowRank) -> int:
@@ -172,6 +168,12 @@ def scale_residual_by_norm_ratio(scale: float = 1.0, granularity: str = "column"
             raise ValueError(
                 f"Leaf '{u.layout.path}' uses proj_type 'full' (two-sided); Fira's residual "
                 "scaling is only defined for one-sided projections."
+            )
+        if not u.carried.in_subspace:
+            raise ValueError(
+                f"Leaf '{u.layout.path}' reached fira_jax.scale_residual_by_norm_ratio before "
+                "fira_jax.in_subspace: the scaling factor ||N|| / ||R|| needs the subspace optimizer's "
+                "output N. Put in_subspace(inner, project) before scale_residual_by_norm_ratio."
             )
         return u.replace(residual=Residual(scaling_factor(u, granularity), jnp.asarray(scale, jnp.float32)))
 

@@ -71,7 +71,7 @@ def in_subspace(
         coeffs = jax.tree.map(lambda u: u.coeffs if proj.is_low_rank(u) else u, updates, is_leaf=proj.is_low_rank)
         new_coeffs, state = inner.update(coeffs, state, None, **extra_args)
         updates = jax.tree.map(
-            lambda u, c: u.replace(coeffs=c) if proj.is_low_rank(u) else c,
+            lambda u, c: u.replace(coeffs=c, in_subspace=True) if proj.is_low_rank(u) else c,
             updates,
             new_coeffs,
             is_leaf=proj.is_low_rank,
