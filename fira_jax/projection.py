@@ -50,8 +50,15 @@ class Carried:
     in_subspace: bool = False
 
 
+class _NodeType(type):
+    """Makes JAX's structure-mismatch errors, which print a node's class, say what to do."""
+
+    def __repr__(cls) -> str:
+        return f"<class 'fira_jax.{cls.__name__}'> ({COMPOSITION_HINT})"
+
+
 @dataclasses.dataclass(frozen=True)
-class LowRank:
+class LowRank(metaclass=_NodeType):
     """A selected gradient on its way through the chain.
 
     ``coeffs`` is the node's only pytree leaf: the low-rank update being transformed. It starts
