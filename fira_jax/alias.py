@@ -7,14 +7,15 @@ import optax
 from fira_jax import masks
 from fira_jax._validation import check_float
 from fira_jax.limiter import clip_by_norm_growth
-from fira_jax.projection import project_back, project_gradients
+from fira_jax.projection import Projection, project_back, project_gradients
 from fira_jax.residual import scale_residual_by_norm_ratio
 from fira_jax.subspace import adam_bias_correction, in_subspace, scale_by_adam
 from fira_jax.weight_decay import add_decayed_weights_after_step
 
 
 def _low_rank_adamw(
-    project: optax.GradientTransformation,
+    *,
+    project: Projection,
     residual: list[optax.GradientTransformation],
     learning_rate: optax.ScalarOrSchedule,
     scale: float,
@@ -22,6 +23,7 @@ def _low_rank_adamw(
     b2: float,
     eps: float,
     weight_decay: float,
+    weight_decay_mask: masks.Mask,
     base_optimizer: optax.GradientTransformation | None,
     mu_dtype: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -34,7 +36,7 @@ def _low_rank_adamw(
     # Leave the decay out only for a plain 0 (with inject_hyperparams it is an array at init
     # and a tracer at update: it must be in the chain both times).
     if not (isinstance(weight_decay, int | float) and weight_decay == 0):
-        tail.append(add_decayed_weights_after_step(weight_decay, learning_rate))
+        tail.append(add_decayed_weights_after_step(weight_decay, learning_rate, mask=weight_decay_mask))
     return optax.chain(project, in_subspace(inner, project), *residual, project_back(scale), *tail)
 
 
@@ -68,6 +70,7 @@ def fira(
     basis_dtype: Any = None,
     svd: str = "exact",
     stagger: bool = False,
+    weight_decay_mask: masks.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Fira: full-rank training under a low-rank optimizer state.
 
@@ -117,6 +120,11 @@ def fira(
       basis_dtype: dtype of the stored bases.
       svd: ``"exact"`` or ``"randomized"`` (see :func:`fira_jax.project_gradients`).
       stagger: spread the leaves' refreshes over the gap.
+      weight_decay_mask: which leaves are decayed, with :func:`optax.adamw`'s
+        ``mask`` semantics (a pytree of bools or a callable from the params to
+        one); default every floating-point leaf. Independent of ``mask``
+        (which leaves are projected): LLM recipes decay the kernels only, e.g.
+        ``fira_jax.mask_by_path("attn", "mlp", "lm_head")``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``: the ``optax.chain`` of the
@@ -149,7 +157,11 @@ def fira(
         scale_residual_by_norm_ratio(scale if residual_scale is None else residual_scale, granularity),
         clip_by_norm_growth(gamma, projection=project),
     ]
-    return _low_rank_adamw(project, residual, learning_rate, scale, b1, b2, eps, weight_decay, base_optimizer, mu_dtype)
+    return _low_rank_adamw(
+        project=project, residual=residual, learning_rate=learning_rate, scale=scale, b1=b1, b2=b2, eps=eps,
+        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask, base_optimizer=base_optimizer,
+        mu_dtype=mu_dtype,
+    )  # fmt: skip
 
 
 def galore(
@@ -171,6 +183,7 @@ def galore(
     basis_dtype: Any = None,
     svd: str = "exact",
     stagger: bool = False,
+    weight_decay_mask: masks.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GaLore with AdamW, as the authors' ``GaLoreAdamW`` (``galore-torch`` 1.0).
 
@@ -196,6 +209,7 @@ def galore(
       basis_dtype: dtype of the stored bases.
       svd: ``"exact"`` or ``"randomized"`` (see :func:`fira_jax.project_gradients`).
       stagger: spread the leaves' refreshes over the gap.
+      weight_decay_mask: which leaves are decayed (as in :func:`fira_jax.fira`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -209,4 +223,8 @@ def galore(
         rank, update_proj_gap, proj_type, mask,
         axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, stagger=stagger,
     )  # fmt: skip
-    return _low_rank_adamw(project, [], learning_rate, scale, b1, b2, eps, weight_decay, base_optimizer, mu_dtype)
+    return _low_rank_adamw(
+        project=project, residual=[], learning_rate=learning_rate, scale=scale, b1=b1, b2=b2, eps=eps,
+        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask, base_optimizer=base_optimizer,
+        mu_dtype=mu_dtype,
+    )  # fmt: skip

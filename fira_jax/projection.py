@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax import masks, sharding
-from fira_jax._validation import check_choice, check_int, is_traced
+from fira_jax._validation import check_choice, check_int
 from fira_jax.basis import Basis, default_basis, top_singular_basis
 from fira_jax.layout import PROJ_TYPES, Layout, layouts
 
@@ -145,7 +145,7 @@ def refresh_groups(n_leaves: int, update_proj_gap: Any, stagger: bool) -> list[t
     """
     if not stagger or n_leaves == 0:
         return [(0, list(range(n_leaves)))]
-    if is_traced(update_proj_gap):
+    if not isinstance(update_proj_gap, int):  # an array: traced or injected
         return [((j * update_proj_gap) // n_leaves, [j]) for j in range(n_leaves)]
     groups: dict[int, list[int]] = {}
     for j in range(n_leaves):

@@ -249,6 +249,26 @@ def test_inject_hyperparams_with_defaults():
         assert float(state.hyperparams["weight_decay"]) == 0.0
 
 
+@pytest.mark.parametrize("jit", [True, False])
+def test_inject_hyperparams_with_stagger_and_injected_gap(jit):
+    """stagger=True with update_proj_gap injected (an array, traced under jit) equals a static gap."""
+    params = {"a": np.ones((6, 4)), "b": np.ones((5, 7)), "c": np.ones((8, 3))}
+    rng = np.random.default_rng(0)
+    targets = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+
+    def grad_fn(p):
+        return {k: p[k] - targets[k] + 0.1 * np.sin(p[k] * 7) for k in p}
+
+    tx = optax.inject_hyperparams(fira_jax.fira, static_args=("rank",))(
+        learning_rate=1e-2, rank=2, update_proj_gap=4, stagger=True
+    )
+    ours, state = run_ours(tx, params, grad_fn, 9, jit=jit)
+    plain, _ = run_ours(fira_jax.fira(1e-2, rank=2, update_proj_gap=4, stagger=True), params, grad_fn, 9)
+    for x, y in zip(ours, plain, strict=True):
+        chex.assert_trees_all_close(x, y, rtol=1e-5, atol=1e-6)
+    assert int(state.hyperparams["update_proj_gap"]) == 4
+
+
 def test_inject_hyperparams_without_static_rank_names_rank():
     tx = optax.inject_hyperparams(fira_jax.fira)(learning_rate=1e-2)
     with pytest.raises(TypeError, match="rank"):
@@ -450,3 +470,18 @@ def test_galore_full_projection_matches_numpy():
     c = math.sqrt(1 - 0.999**2) / (1 - 0.9**2)
     expected = -c * left @ (m / (np.sqrt(v) + 1e-6)) @ right
     np.testing.assert_allclose(np.asarray(u["w"]), expected, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("factory", [fira_jax.fira, fira_jax.galore])
+@pytest.mark.parametrize("as_callable", [True, False])
+def test_weight_decay_mask_decays_only_selected_leaves(factory, as_callable):
+    params, grad_fn = make_problem(4)
+    decay = {"a": True, "b": False, "bias": False}
+    mask = (lambda p: {k: k == "a" for k in p}) if as_callable else decay
+    masked, _ = run_ours(factory(1e-2, rank=3, weight_decay=0.5, weight_decay_mask=mask), params, grad_fn, 3)
+    decayed, _ = run_ours(factory(1e-2, rank=3, weight_decay=0.5), params, grad_fn, 3)
+    plain, _ = run_ours(factory(1e-2, rank=3), params, grad_fn, 3)
+    for k, sel in decay.items():
+        want = decayed if sel else plain
+        np.testing.assert_allclose(masked[-1][k], want[-1][k], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(decayed[-1]["b"], plain[-1]["b"], rtol=1e-4)  # the decay is visible

@@ -119,3 +119,20 @@ def test_train_lm_fsdp_on_8_simulated_devices(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 cpu device(s)" in proc.stdout
     assert np.isfinite(json.loads((tmp_path / "summary.json").read_text())["final_val_loss"])
+
+
+def test_weight_decay_goes_to_kernels_only():
+    """The example decays attention/MLP/head kernels; norms' scales and the embedding are exempt."""
+    import jax
+    from flax import nnx
+    from lm import model as model_lib
+    from lm import optim
+
+    import fira_jax
+
+    model = model_lib.LLaMA(model_lib.PRESETS["micro"], rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    mask = fira_jax.mask_by_path(*optim.DECAY_MODULES)(params)
+    flat = {fira_jax.masks.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat and all(v == ("kernel" in k) for k, v in flat.items()), flat
+    assert not any(v for k, v in flat.items() if "embed" in k or "norm" in k)

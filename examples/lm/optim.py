@@ -14,6 +14,9 @@ OPTIMIZERS = ("fira", "galore", "adamw")
 # instead of the limiter.
 ABLATIONS = ("none", "no-scaling", "matrix-level", "no-limiter", "grad-clip")
 TARGET_MODULES = ("attn", "mlp")
+# Weight decay, when asked for, goes to the kernels only: norms' scales and the embedding are
+# exempt, as in LLM recipes (the model has no biases).
+DECAY_MODULES = ("attn", "mlp", "lm_head")
 
 
 def schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
@@ -34,12 +37,13 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """Builds one of :data:`OPTIMIZERS`; ``ablation`` applies to Fira only."""
     mask = fira_jax.mask_by_path(*TARGET_MODULES)
+    decay_mask = fira_jax.mask_by_path(*DECAY_MODULES)
     if name == "adamw":
-        return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay)
+        return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=decay_mask)
     if name == "galore":
         return fira_jax.galore(
             learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
-            mask=mask,
+            mask=mask, weight_decay_mask=decay_mask,
         )  # fmt: skip
     if name != "fira":
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
@@ -50,7 +54,7 @@ def make_optimizer(
         gamma = float("inf")
     tx = fira_jax.fira(
         learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
-        gamma=gamma, mask=mask, granularity=granularity,
+        gamma=gamma, mask=mask, granularity=granularity, weight_decay_mask=decay_mask,
     )  # fmt: skip
     if ablation == "grad-clip":
         tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
