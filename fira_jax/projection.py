@@ -297,9 +297,10 @@ def project_gradients(
         key = jax.random.fold_in(jax.random.key(seed), state.count) if svd == "randomized" else None
 
         def new_basis(j: int) -> Basis:
+            leaf_key = None if key is None else jax.random.fold_in(key, j)
             return top_singular_basis(
-                grads[j], old[j], signs=canonical_signs, svd=svd, key=None if key is None else jax.random.fold_in(key, j),
-                oversample=oversample, power_iters=power_iters,
+                grads[j], old[j], signs=canonical_signs, svd=svd, key=leaf_key, oversample=oversample,
+                power_iters=power_iters,
             )  # fmt: skip
 
         # One cond per group of leaves that refresh together. A cond is never vmapped (that

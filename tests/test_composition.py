@@ -113,5 +113,5 @@ class CompositionTest(parameterized.TestCase):
             fira_jax.scale_residual_by_norm_ratio(0.25),
             fira_jax.project_back(0.25),
         )
-        with pytest.raises(ValueError, match="put fira_jax.scale_residual_by_norm_ratio before clip_by_norm_growth"):
+        with pytest.raises(ValueError, match=r"put fira_jax\.scale_residual_by_norm_ratio before clip_by_norm_growth"):
             tx.update(grads[0], tx.init(params))
