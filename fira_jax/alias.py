@@ -214,6 +214,13 @@ def galore(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> tx = fira_jax.galore(learning_rate=1e-2, rank=2)
+      >>> state = tx.init({"w": jnp.ones((8, 4))})
+      >>> state[1].mu["w"].shape  # Adam's moments live in the 8 x 2 subspace
+      (8, 2)
+
     References:
       Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
       Projection <https://arxiv.org/abs/2403.03507>`_, 2024.

@@ -59,6 +59,13 @@ def clip_by_norm_growth(
     Returns:
       An ``optax.GradientTransformation`` with :class:`ClipByNormGrowthState`.
 
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> project = fira_jax.project_gradients(rank=2, update_proj_gap=10)
+      >>> limiter = fira_jax.clip_by_norm_growth(1.01, projection=project)
+      >>> limiter.init({"w": jnp.ones((3, 6, 4))}).norms["w"].shape  # one norm per stacked matrix
+      (3,)
+
     References:
       Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
       Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024, Sec. 4.3.

@@ -346,6 +346,15 @@ def project_back(scale: float = 1.0) -> optax.GradientTransformation:
 
     Returns:
       A stateless ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, fira_jax
+      >>> project = fira_jax.project_gradients(rank=1, update_proj_gap=10)
+      >>> tx = optax.chain(project, fira_jax.project_back(scale=1.0))  # G -> P P^T G
+      >>> g = {"w": jnp.array([[3.0, 0.0], [0.0, 1.0]])}
+      >>> tx.update(g, tx.init(g))[0]["w"]  # the rank-1 part of G
+      Array([[3., 0.],
+             [0., 0.]], dtype=float32)
     """
 
     def back(u: Any) -> Any:

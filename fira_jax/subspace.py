@@ -106,6 +106,12 @@ def adam_bias_correction(b1: float, b2: float) -> optax.Schedule:
 
     Returns:
       A schedule ``count -> c_count``.
+
+    Example:
+      >>> import fira_jax
+      >>> c = fira_jax.adam_bias_correction(0.9, 0.999)
+      >>> round(float(c(0)), 4)  # sqrt(1 - 0.999) / (1 - 0.9)
+      0.3162
     """
 
     def log(b: Any) -> Any:
@@ -162,6 +168,13 @@ def scale_by_adam(
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`ScaleByAdamState`.
+
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> tx = fira_jax.scale_by_adam(eps=0.0)
+      >>> out, _ = tx.update({"w": jnp.array([2.0, -3.0])}, tx.init({"w": jnp.zeros(2)}))
+      >>> out["w"]  # m / sqrt(v) = 0.1 g / sqrt(0.001 g^2)
+      Array([ 3.16..., -3.16...], dtype=float32)
 
     References:
       Kingma and Ba, `Adam: A Method for Stochastic Optimization

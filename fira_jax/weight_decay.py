@@ -48,6 +48,14 @@ def add_decayed_weights_after_step(
 
     Returns:
       An ``optax.GradientTransformation`` that needs ``params`` in ``update``.
+
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> tx = fira_jax.add_decayed_weights_after_step(0.5, learning_rate=0.1)
+      >>> params = {"w": jnp.array([1.0])}
+      >>> out, _ = tx.update({"w": jnp.array([-0.2])}, tx.init(params), params)
+      >>> out["w"]  # -0.2 - 0.1 * 0.5 * (1.0 - 0.2)
+      Array([-0.24...], dtype=float32)
     """
 
     def init_fn(params: Any) -> AddDecayedWeightsAfterStepState:
