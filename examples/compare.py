@@ -17,34 +17,30 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from lm import config as config_lib
+from lm import data as data_lib
 from lm import optim
-from lm.train import TrainConfig, plot, train
+from lm.train import plot, train
+
+SHARED = ["preset", "steps", "batch_size", "seq_len", "rank", "update_proj_gap", "data", "seed", "eval_every"]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
+    config_lib.add_flags(p, SHARED)
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     p.add_argument("--optimizers", nargs="+", default=list(optim.OPTIMIZERS), choices=optim.OPTIMIZERS)
-    p.add_argument("--rank", type=int, default=None, help="default hidden/4")
-    p.add_argument("--update-proj-gap", type=int, default=200)
     p.add_argument("--ablations", action="store_true", help="also run Fira's ablations at its best lr")
-    p.add_argument("--data", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
+    base = config_lib.from_args(args, progress=False)
+    try:
+        config_lib.check(base)
+    except ValueError as e:
+        p.error(str(e))
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = TrainConfig(
-        preset=args.preset, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
-        update_proj_gap=args.update_proj_gap, data=args.data, seed=args.seed, eval_every=args.eval_every,
-        progress=False,
-    )  # fmt: skip
     runs: list[dict] = []
 
     def run(**changes: object) -> dict:
@@ -58,7 +54,10 @@ def main(argv: list[str] | None = None) -> None:
             result = json.loads(saved.read_text())["result"]
         else:
             print(f"== {tag}", flush=True)
-            result = train(cfg, log=lambda msg: print("   ", msg, flush=True))
+            try:
+                result = train(cfg, log=lambda msg: print("   ", msg, flush=True))
+            except data_lib.DataError as e:
+                p.error(str(e))
             result["tag"], result["ablation"] = tag, cfg.ablation
             saved.write_text(json.dumps({"config": config, "result": result}))
         runs.append(result)

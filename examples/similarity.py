@@ -27,6 +27,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from lm import config as config_lib
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import optim
@@ -63,24 +64,26 @@ def kendall_tau_b(a: np.ndarray, b: np.ndarray, max_n: int = 4000, seed: int = 0
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--measure-every", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--rank", type=int, default=None, help="default hidden/4")
-    p.add_argument("--update-proj-gap", type=int, default=200)
-    p.add_argument("--data", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    shared = ["preset", "steps", "batch_size", "seq_len", "lr", "rank", "update_proj_gap", "data", "seed"]
+    config_lib.add_flags(p, shared, steps=600, lr=3e-3)
+    p.add_argument("--measure-every", type=int, default=100, help="measure the factors every this many steps")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
+    try:
+        config_lib.check(config_lib.from_args(args))
+        if args.measure_every < 1:
+            raise ValueError(f"--measure-every must be >= 1, got {args.measure_every}")
+    except ValueError as e:
+        p.error(str(e))
 
     cfg = model_lib.PRESETS[args.preset]
     rank = args.rank or cfg.hidden // 4
     model = model_lib.LLaMA(cfg, rngs=nnx.Rngs(args.seed))
-    train_tokens, _, description = data_lib.load_corpus(args.data)
-    batches = data_lib.Batches(train_tokens, args.batch_size, args.seq_len, args.seed)
+    try:
+        train_tokens, _, description = data_lib.load_corpus(args.data)
+        batches = data_lib.Batches(train_tokens, args.batch_size, args.seq_len, args.seed)
+    except data_lib.DataError as e:
+        p.error(str(e))
 
     params = nnx.state(model, nnx.Param)
     mask = fira_jax.mask_by_path(*optim.TARGET_MODULES)

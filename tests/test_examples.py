@@ -48,11 +48,35 @@ def test_data_formats(tmp_path):
     batches = data_lib.Batches(train, 4, 32, seed=1)
     np.testing.assert_array_equal(batches(3), batches(3))
     assert batches(3).shape == (4, 33)
-    with pytest.raises(ValueError, match="text"):
+    with pytest.raises(data_lib.DataError, match=r"bad.jsonl:1: .*'text'"):
         (tmp_path / "bad.jsonl").write_text('{"content": "no text field"}\n')
         data_lib.load_corpus(str(tmp_path / "bad.jsonl"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(data_lib.DataError, match=r"broken.jsonl:2: not a JSON record"):
+        (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+        data_lib.load_corpus(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(data_lib.DataError, match="no such file"):
         data_lib.load_corpus(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "message"),
+    [
+        ("train_lm", ["--data", "/nonexistent/path"], "--data /nonexistent/path: no such file or folder"),
+        ("train_lm", ["--steps", "0"], "--steps must be >= 1"),
+        ("train_lm", ["--optimizer", "sgd"], "invalid choice"),
+        ("compare", ["--data", "/nonexistent/path"], "no such file or folder"),
+        ("similarity", ["--measure-every", "0"], "--measure-every must be >= 1"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_usage_errors(script, flags, message, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert ": error: " in last and message in last, err
 
 
 def test_resume_continues_identically(tmp_path):

@@ -17,6 +17,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+
+class DataError(ValueError):
+    """A problem with the user's data (missing, empty, malformed), reported as a usage error."""
+
+
 SEPARATOR = 0  # byte 0 between documents (it does not occur in text)
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
 
@@ -29,9 +34,12 @@ def _documents_from_file(path: pathlib.Path) -> Iterator[bytes]:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
-                if "text" not in record:
-                    raise ValueError(f"{path}:{line_no}: JSON record has no 'text' field")
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not a JSON record ({e.msg})") from None
+                if not isinstance(record, dict) or "text" not in record:
+                    raise DataError(f"{path}:{line_no}: JSON record has no 'text' field")
                 yield record["text"].encode("utf-8")
     else:
         yield path.read_bytes()
@@ -64,10 +72,10 @@ def load_corpus(
     else:
         root = pathlib.Path(data).expanduser()
         if not root.exists():
-            raise FileNotFoundError(f"--data {data}: no such file or folder")
+            raise DataError(f"--data {data}: no such file or folder")
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if _is_data_file(p))
         if not files:
-            raise ValueError(f"--data {data}: no text, .jsonl or .json.gz files found")
+            raise DataError(f"--data {data}: no text, .jsonl or .json.gz files found")
         description = f"{data} ({len(files)} file{'s' * (len(files) != 1)})"
     train, val, total = [], [], 0
     for path in files:
@@ -80,7 +88,7 @@ def load_corpus(
         if total >= max_bytes:
             break
     if not train or not val:
-        raise ValueError(f"{description}: too little data to split into train and validation")
+        raise DataError(f"{description}: too little data to split into train and validation")
 
     def pack(docs: list[bytes]) -> np.ndarray:
         sep = bytes([SEPARATOR])
@@ -94,7 +102,7 @@ class Batches:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int) -> None:
         if len(tokens) <= seq_len + 1:
-            raise ValueError(f"corpus of {len(tokens)} tokens is shorter than --seq-len {seq_len} + 1")
+            raise DataError(f"corpus of {len(tokens)} tokens is shorter than --seq-len {seq_len} + 1")
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
 
     def __call__(self, step: int) -> np.ndarray:

@@ -4,7 +4,6 @@
 its command line and ``compare.py`` calls it for each optimizer and learning rate.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -23,40 +22,7 @@ from jax.sharding import PartitionSpec as P
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import optim
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    optimizer: str = "fira"
-    preset: str = "tiny"
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 1e-2
-    warmup: int | None = None  # default 10% of steps
-    rank: int | None = None  # default hidden / 4 (128 for the 60m preset, as in the paper)
-    scale: float = 0.25
-    update_proj_gap: int = 200
-    gamma: float = 1.01
-    weight_decay: float = 0.0
-    ablation: str = "none"
-    dtype: str = "float32"
-    seed: int = 0
-    data: str | None = None
-    out: str = "runs/lm"
-    eval_every: int = 100
-    eval_batches: int = 20
-    log_every: int = 10
-    checkpoint_every: int = 0  # 0: no checkpoints
-    resume: bool = False
-    mesh: str = "data"  # "data": replicate params; "fsdp": also shard params over devices
-    progress: bool = True
-
-    def resolved_rank(self) -> int:
-        return self.rank if self.rank is not None else model_lib.PRESETS[self.preset].hidden // 4
-
-    def resolved_warmup(self) -> int:
-        return self.warmup if self.warmup is not None else max(1, self.steps // 10)
+from lm.config import TrainConfig
 
 
 def maybe_initialize_distributed() -> None:
@@ -249,7 +215,12 @@ def plot(runs: dict[str, list[dict]], path: pathlib.Path, title: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/byte)")
     ax.set_title(title)
-    ax.legend()
+    # One color per run; the line style says which curve is which.
+    style = [
+        plt.Line2D([], [], color="gray", alpha=0.5, lw=1, label="training loss (running mean)"),
+        plt.Line2D([], [], color="gray", marker="o", ms=3, label="validation loss"),
+    ]
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + style)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
