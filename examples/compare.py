@@ -7,6 +7,12 @@ learning rate. Writes results/compare.md and results/compare.png.
 
   python examples/compare.py                       # tiny preset, built-in corpus
   python examples/compare.py --preset 20m --steps 2000 --data c4/
+
+With ``--rank-sweep``, Fira and GaLore run at each of ``--ranks`` (default hidden/32 ... hidden/2)
+and ``--seeds`` against full-rank AdamW (see lm/sweep.py); writes results/rank_sweep.md,
+results/rank_sweep.png and results/rank_sweep.json. ``--workers N`` runs N trainings at once.
+
+  python examples/compare.py --rank-sweep --workers 2
 """
 
 import argparse
@@ -14,33 +20,66 @@ import dataclasses
 import json
 import pathlib
 import sys
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import config as config_lib
 from lm import data as data_lib
-from lm import optim
+from lm import model as model_lib
+from lm import optim, sweep
 from lm.train import plot, train
 
+COMPARE_LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+SWEEP_LRS = [1e-2, 3e-2]  # Fira's and GaLore's best at rank 32 in results/compare.md
+SWEEP_ADAMW_LRS = [1e-3, 3e-3]  # AdamW's best and its neighbour there
 SHARED = ["preset", "steps", "batch_size", "seq_len", "rank", "update_proj_gap", "data", "seed", "eval_every"]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config_lib.add_flags(p, SHARED)
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    lrs_help = f"learning-rate grid (default {COMPARE_LRS}; with --rank-sweep, Fira's and GaLore's: {SWEEP_LRS})"
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help=lrs_help)
     p.add_argument("--optimizers", nargs="+", default=list(optim.OPTIMIZERS), choices=optim.OPTIMIZERS)
     p.add_argument("--ablations", action="store_true", help="also run Fira's ablations at its best lr")
+    p.add_argument("--rank-sweep", action="store_true", help="Fira vs GaLore over --ranks and --seeds, vs AdamW")
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help="default hidden/32, /16, /8, /4, /2")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="with --rank-sweep")
+    p.add_argument("--adamw-lrs", type=float, nargs="+", default=SWEEP_ADAMW_LRS, help="AdamW's grid (--rank-sweep)")
+    p.add_argument("--workers", type=int, default=1, help="trainings run at once, in separate processes")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     base = config_lib.from_args(args, progress=False)
     try:
         config_lib.check(base)
+        hidden = model_lib.PRESETS[base.preset].hidden
+        if args.ranks is not None and min(args.ranks) < 1:
+            raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
+        if args.workers < 1 or len(set(args.seeds)) != len(args.seeds):
+            raise ValueError("--workers must be >= 1 and --seeds distinct")
     except ValueError as e:
         p.error(str(e))
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.rank_sweep:
+        ranks = sorted(args.ranks or [max(1, hidden // d) for d in (32, 16, 8, 4, 2)])
+        lrs = args.lrs or SWEEP_LRS
+        t0 = time.perf_counter()
+        try:
+            cells = sweep.run_sweep(base, out, ranks, lrs, args.adamw_lrs, args.seeds, args.workers)
+        except data_lib.DataError as e:
+            p.error(str(e))
+        page, numbers = sweep.report(cells, base, ranks, lrs, args.adamw_lrs, args.seeds, hidden,
+                                     time.perf_counter() - t0)  # fmt: skip
+        (out / "rank_sweep.md").write_text(page)
+        (out / "rank_sweep.json").write_text(json.dumps(numbers, indent=1, default=str))
+        sweep.plot(cells, ranks, args.seeds, out / "rank_sweep.png",
+                   f"{base.preset}, {base.steps} steps: loss vs rank")  # fmt: skip
+        print(page)
+        return
+    args.lrs = args.lrs or COMPARE_LRS
     runs: list[dict] = []
 
     def run(**changes: object) -> dict:
