@@ -51,7 +51,7 @@ def lm_gradient(hidden: int, inter: int, steps: int = 2) -> np.ndarray:
 
     cfg = model_lib.ModelConfig(hidden=hidden, intermediate=inter, heads=max(1, hidden // 128), layers=1)
     model = model_lib.LLaMA(cfg, rngs=nnx.Rngs(0))
-    tokens, _, _ = data_lib.load_corpus(max_bytes=2_000_000)
+    tokens = np.asarray(data_lib.load(None).train[:2_000_000])
     batches = data_lib.Batches(tokens, 8, 128, seed=0)  # 1,024 tokens: gradients of rank up to 1,024
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
 

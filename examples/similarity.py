@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     rank = args.rank or cfg.hidden // 4
     model = model_lib.LLaMA(cfg, rngs=nnx.Rngs(args.seed))
     try:
-        train_tokens, _, description = data_lib.load_corpus(args.data)
+        corpus = data_lib.load(args.data)
+        train_tokens, description = corpus.train, corpus.description
         batches = data_lib.Batches(train_tokens, args.batch_size, args.seq_len, args.seed)
     except data_lib.DataError as e:
         p.error(str(e))

@@ -6,7 +6,8 @@ several devices (data parallel; ``--mesh fsdp`` also shards the parameters).
 
   python examples/train_lm.py                                   # tiny, Fira, built-in corpus
   python examples/train_lm.py --optimizer adamw --lr 1e-3
-  python examples/train_lm.py --preset 60m --data c4/ --steps 10000 --batch-size 512 --seq-len 256
+  python examples/train_lm.py --data prepared/ --preset 20m      # a folder from prepare_data.py
+  python examples/train_lm.py --recipe paper-60m --data c4-t5/   # the authors' 60M recipe
 
 Writes <out>/metrics.jsonl (one JSON object per logged step) and <out>/loss.png.
 """
@@ -22,15 +23,23 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import config as config_lib
 from lm import data as data_lib
+from lm import tokenizer as tokenizer_lib
 from lm.train import TrainConfig, maybe_initialize_distributed, plot, train
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.ArgumentParser]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config_lib.add_flags(p)
-    cfg = config_lib.from_args(p.parse_args(argv))
+    args = config_lib.parse(p, argv)
+    cfg = config_lib.from_args(args)
     try:
         config_lib.check(cfg)
+        prepared = cfg.data is not None and (pathlib.Path(cfg.data).expanduser() / "meta.json").exists()
+        if args.recipe is not None and cfg.tokenizer is None and not prepared:
+            raise ValueError(
+                f"--recipe {args.recipe} trains with T5's tokenizer: pass --tokenizer path/to/spiece.model "
+                "(or --data a folder prepare_data.py made with it)"
+            )
     except ValueError as e:
         p.error(str(e))
     return cfg, p
@@ -38,19 +47,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Arg
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, parser = parse_args(argv)
-    maybe_initialize_distributed()
-    if cfg.batch_size % jax.device_count():
-        parser.error(f"--batch-size {cfg.batch_size} must be divisible by the {jax.device_count()} devices")
+    maybe_initialize_distributed(cfg)
+    if cfg.batch_size // cfg.grad_accum % jax.device_count():
+        parser.error(
+            f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} must be divisible by the "
+            f"{jax.device_count()} devices"
+        )
     try:
         result = train(cfg)
-    except data_lib.DataError as e:  # the user's data: a one-line usage error, not a traceback
+    except (data_lib.DataError, tokenizer_lib.TokenizerError) as e:  # a one-line usage error, not a traceback
         parser.error(str(e))
+    if jax.process_index() != 0:
+        return result
     out = pathlib.Path(cfg.out)
     plot({cfg.optimizer: result["records"]}, out / "loss.png", f"{cfg.optimizer} on {cfg.preset}")
     summary = {k: v for k, v in result.items() if k != "records"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
-        f"\nfinal validation loss {result['final_val_loss']:.4f}, perplexity {result['final_val_ppl']:.2f}\n"
+        f"\nfinal validation loss {result['final_val_loss']:.4f} nats/token, perplexity {result['final_val_ppl']:.2f}, "
+        f"{result['final_val_bpb']:.3f} bits/byte ({result['tokenizer']})\n"
+        f"throughput {result['tokens_per_s']:,.0f} tokens/s (median step)\n"
         f"optimizer state {result['optimizer_state_mib']:.2f} MiB ({cfg.optimizer}) vs "
         f"{result['adamw_state_mib']:.2f} MiB (AdamW, same model)\n"
         f"wall time {result['wall_s']:.0f} s, median step {1e3 * result['median_step_s']:.0f} ms\n"

@@ -40,22 +40,24 @@ def test_data_formats(tmp_path):
     with gzip.open(tmp_path / "c.json.gz", "wt") as f:
         for d in docs[45:]:
             f.write(json.dumps({"text": d, "url": "x"}) + "\n")
-    train, val, description = data_lib.load_corpus(str(tmp_path), val_fraction=0.3)
-    assert "3 files" in description
+    meta = data_lib.prepare(str(tmp_path), "bytes", tmp_path / "prep", val_fraction=0.3, workers=1, progress=False)
+    corpus = data_lib.open_prepared(tmp_path / "prep")
+    train, val = np.asarray(corpus.train), np.asarray(corpus.val)
+    assert "3 files" in corpus.description and meta["splits"]["val"]["documents"] > 0
     total = sum(len(d) for d in docs)
-    assert len(train) + len(val) >= total  # plus separators
+    assert len(train) + len(val) == total + (1 + 15 + 15) - 2  # a.txt is one document; separators between
     assert set(np.unique(np.concatenate([train, val]))) <= set(b"document 0123456789\x00")
     batches = data_lib.Batches(train, 4, 32, seed=1)
     np.testing.assert_array_equal(batches(3), batches(3))
     assert batches(3).shape == (4, 33)
     with pytest.raises(data_lib.DataError, match=r"bad.jsonl:1: .*'text'"):
         (tmp_path / "bad.jsonl").write_text('{"content": "no text field"}\n')
-        data_lib.load_corpus(str(tmp_path / "bad.jsonl"))
+        data_lib.prepare(str(tmp_path / "bad.jsonl"), "bytes", tmp_path / "p1", workers=1, progress=False)
     with pytest.raises(data_lib.DataError, match=r"broken.jsonl:2: not a JSON record"):
         (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
-        data_lib.load_corpus(str(tmp_path / "broken.jsonl"))
+        data_lib.prepare(str(tmp_path / "broken.jsonl"), "bytes", tmp_path / "p2", workers=1, progress=False)
     with pytest.raises(data_lib.DataError, match="no such file"):
-        data_lib.load_corpus(str(tmp_path / "missing"))
+        data_lib.load(str(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize(

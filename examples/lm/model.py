@@ -34,6 +34,7 @@ PRESETS = {
     "130m": ModelConfig(hidden=768, intermediate=2048, heads=12, layers=12),
     "350m": ModelConfig(hidden=1024, intermediate=2736, heads=16, layers=24),
     "1b": ModelConfig(hidden=2048, intermediate=5461, heads=32, layers=24),
+    "7b": ModelConfig(hidden=4096, intermediate=11008, heads=32, layers=32),
 }
 
 

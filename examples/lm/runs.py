@@ -9,7 +9,6 @@ import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
-import os
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -24,11 +23,14 @@ def _config_key(cfg: TrainConfig) -> dict[str, Any]:
 def load_finished(cfg: TrainConfig) -> dict | None:
     """The saved result of ``cfg`` if ``cfg.out`` holds a finished run of exactly this configuration."""
     saved = pathlib.Path(cfg.out) / "result.json"
-    if saved.exists():
-        record = json.loads(saved.read_text())
-        if record.get("config") == _config_key(cfg):
-            return record["result"]
-    return None
+    if not saved.exists():
+        return None
+    record = json.loads(saved.read_text())
+    ran, now = record.get("config", {}), _config_key(cfg)
+    # A field added to TrainConfig after the run matches if it holds its default (it changes nothing).
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    same = all(ran[k] == v if k in ran else v == defaults[k] for k, v in now.items()) and ran.keys() <= now.keys()
+    return record["result"] if same else None
 
 
 def run_or_reuse(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
@@ -52,18 +54,14 @@ def _worker(cfg: TrainConfig) -> dict:
 def run_all(cfgs: list[TrainConfig], workers: int = 1) -> list[dict]:
     """Runs (or reuses) every configuration, in ``workers`` processes when more than one is needed.
 
-    Each worker process gets one XLA CPU thread, so that ``workers`` runs share the cores
-    instead of fighting over them. Results come back in the order of ``cfgs``.
+    Results come back in the order of ``cfgs``. Parallel workers pay off with more cores than
+    one run uses; on a 2-core CPU one run at a time is fastest (two ``tiny`` runs side by side
+    took 0.45 s per step each, against 0.12 s for one run alone).
     """
     todo = [c for c in cfgs if load_finished(c) is None]
     if workers <= 1 or len(todo) <= 1:
         return [_worker(c) for c in cfgs]
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1".strip()
-    try:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            list(pool.map(_worker, todo))
-    finally:
-        os.environ["XLA_FLAGS"] = flags
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        list(pool.map(_worker, todo))
     return [load_finished(c) for c in cfgs]  # all finished now: the results, in order

@@ -1,7 +1,12 @@
-"""The training loop: jitted steps, periodic validation, metrics, checkpoints, devices.
+"""The training loop: jitted steps, periodic validation, metrics, checkpoints, devices, hosts.
 
 ``train(config)`` runs one optimizer on one model and returns its results; ``train_lm.py`` is
 its command line and ``compare.py`` calls it for each optimizer and learning rate.
+
+Many devices: the batch is sharded over a one-axis ``data`` mesh of every device of every
+process; ``mesh="fsdp"`` also shards each parameter's largest divisible axis. Many processes:
+each process reads only its rows of each global batch (``jax.make_array_from_process_local_data``),
+every process runs the same steps, and only process 0 writes metrics, plots and logs.
 """
 
 import json
@@ -24,15 +29,33 @@ from lm import model as model_lib
 from lm import optim
 from lm.config import TrainConfig
 
+# Dense bf16 peak FLOP/s per device, for model FLOPs utilisation (MFU); others report none.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5p": 459e12, "TPU v6": 918e12}  # fmt: skip
 
-def maybe_initialize_distributed() -> None:
-    """Starts multi-host JAX when a launcher set the usual environment (SLURM, Open MPI, explicit)."""
-    if (
+
+def maybe_initialize_distributed(cfg: TrainConfig | None = None) -> None:
+    """Starts multi-process JAX from the flags, or when a launcher set the usual environment."""
+    explicit = cfg is not None and cfg.coordinator_address is not None
+    launched = (
         os.environ.get("JAX_COORDINATOR_ADDRESS")
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    ):
+    )
+    if not (explicit or launched):
+        return
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    if explicit:
+        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    else:
         jax.distributed.initialize()
+
+
+def _has_accelerator() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
 
 
 def _param_spec(x: jax.Array, n: int) -> P:
@@ -49,41 +72,94 @@ def state_mib(tree: Any) -> float:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
 
 
-def build(cfg: TrainConfig) -> tuple[model_lib.LLaMA, optax.GradientTransformation]:
+def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.ModelConfig:
+    """The preset with the tokenizer's vocabulary (rounded up to a multiple of 128)."""
+    return model_lib.PRESETS[cfg.preset].__class__(
+        **{**model_lib.PRESETS[cfg.preset].__dict__, "vocab_size": vocab_size}
+    )
+
+
+def build(cfg: TrainConfig, vocab_size: int = 256) -> tuple[model_lib.LLaMA, optax.GradientTransformation]:
     """The model (initialized from ``cfg.seed``) and the optimizer with its schedule."""
-    mcfg = model_lib.PRESETS[cfg.preset]
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
-    model = model_lib.LLaMA(mcfg, dtype=dtype, rngs=nnx.Rngs(cfg.seed))
+    model = model_lib.LLaMA(model_config(cfg, vocab_size), dtype=dtype, rngs=nnx.Rngs(cfg.seed))
     sched = optim.schedule(cfg.lr, cfg.steps, cfg.resolved_warmup())
     tx = optim.make_optimizer(
         cfg.optimizer, sched, rank=cfg.resolved_rank(), scale=cfg.scale, update_proj_gap=cfg.update_proj_gap,
         gamma=cfg.gamma, weight_decay=cfg.weight_decay, ablation=cfg.ablation,
     )  # fmt: skip
+    if cfg.grad_clip is not None:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
     return model, tx
 
 
+def flops_per_token(mcfg: model_lib.ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding parameters + head) + attention (PaLM's count)."""
+    h, layers = mcfg.hidden, mcfg.layers
+    per_layer = 4 * h * h + 3 * h * mcfg.intermediate
+    return 6 * (layers * per_layer + h * mcfg.vocab_size) + 12 * layers * h * seq_len
+
+
+def _process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
+    """The rows of a global batch that live on this process's devices (one contiguous range)."""
+    spans = [idx[0] for idx in sharding.addressable_devices_indices_map(shape).values()]
+    start = min(s.start or 0 for s in spans)
+    stop = max(shape[0] if s.stop is None else s.stop for s in spans)
+    return slice(start, stop)
+
+
+def _global_batch(local: np.ndarray, sharding: NamedSharding, shape: tuple[int, ...]) -> jax.Array:
+    return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+    """Puts host-identical values on a (possibly multi-process) mesh."""
+
+    def place(x: Any, sharding: NamedSharding) -> jax.Array:
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(place, tree, shardings)
+
+
 def train(cfg: TrainConfig, log: Any = print) -> dict:
-    """Trains ``cfg.optimizer`` on ``cfg.preset``; writes metrics.jsonl (and a plot) under ``cfg.out``."""
+    """Trains ``cfg.optimizer`` on ``cfg.preset``; writes metrics.jsonl under ``cfg.out`` (process 0)."""
+    lead = jax.process_index() == 0
+    if not lead:
+        log = lambda msg: None  # noqa: E731
     out = pathlib.Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_tokens, val_tokens, description = data_lib.load_corpus(cfg.data)
-    batches = data_lib.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
-    val = data_lib.validation_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+    corpus = data_lib.load(cfg.data, cfg.tokenizer, log=log)
+    vocab = corpus.meta["model_vocab_size"]
+    micro = cfg.batch_size // cfg.grad_accum
+    batches = data_lib.Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+    val = data_lib.validation_batches(corpus.val, micro, cfg.seq_len, cfg.eval_batches)
+    if not val:
+        raise data_lib.DataError(f"{corpus.description}: the validation split is shorter than one batch")
 
     devices = jax.devices()
     n = len(devices)
-    if cfg.batch_size % n:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {n} devices")
-    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    batch_sharding = NamedSharding(mesh, P("data"))
+    if micro % n:
+        raise ValueError(f"--batch-size / --grad-accum = {micro} must be divisible by the {n} devices")
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    batch_sharding = NamedSharding(mesh, P(None, "data"))  # (accumulation step, row, token)
+    val_sharding = NamedSharding(mesh, P("data"))
+    train_shape = (cfg.grad_accum, micro, cfg.seq_len + 1)
+    val_shape = (micro, cfg.seq_len + 1)
+    micro_rows = _process_rows(NamedSharding(mesh, P("data")), (micro, cfg.seq_len + 1))
+    # This process's rows of the global batch: its rows of each accumulation step's micro-batch.
+    train_rows = np.concatenate([np.arange(a * micro + micro_rows.start, a * micro + micro_rows.stop)
+                                 for a in range(cfg.grad_accum)])  # fmt: skip
+    val_rows = _process_rows(val_sharding, val_shape)
 
-    model, tx = build(cfg)
+    model, tx = build(cfg, vocab)
     params = nnx.state(model, nnx.Param)
     if cfg.mesh == "fsdp":
         specs = jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(x, n)), params)
     else:
         specs = jax.tree.map(lambda x: NamedSharding(mesh, P()), params)
-    nnx.update(model, jax.device_put(params, specs))
+    nnx.update(model, _place(params, specs))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     adamw_mib = state_mib(jax.eval_shape(optax.adamw(1e-3).init, nnx.to_pure_dict(params)))
     opt_mib = state_mib(nnx.state(optimizer))
@@ -104,67 +180,100 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
             start_step = manager.latest_step()
             log(f"resumed from step {start_step}")
 
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
     @nnx.jit
     def train_step(model: model_lib.LLaMA, optimizer: nnx.Optimizer, batch: jax.Array) -> jax.Array:
-        loss, grads = nnx.value_and_grad(model_lib.loss_fn)(model, batch)
+        """Mean loss and gradient over the accumulation steps (a scan), then one optimizer update."""
+        params = nnx.state(model, nnx.Param)
+
+        def micro_step(carry: Any, micro_batch: jax.Array) -> tuple[Any, None]:
+            loss_sum, grad_sum = carry
+            loss, grads = jax.value_and_grad(lambda p: model_lib.loss_fn(nnx.merge(graphdef, p, rest), micro_batch))(
+                params
+            )
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), batch)
+        grads = jax.tree.map(lambda g: g / cfg.grad_accum, grad_sum)
         optimizer.update(model, grads)
-        return loss
+        return loss_sum / cfg.grad_accum
 
     @nnx.jit
     def eval_step(model: model_lib.LLaMA, batch: jax.Array) -> jax.Array:
         return model_lib.loss_fn(model, batch)
 
     def evaluate() -> float:
-        losses = [eval_step(model, jax.device_put(b, batch_sharding)) for b in val]
+        losses = [eval_step(model, _global_batch(b[val_rows], val_sharding, val_shape)) for b in val]
         return float(np.mean([float(x) for x in losses]))
 
-    log(f"{description}: {len(train_tokens):,} train / {len(val_tokens):,} validation tokens")
+    mcfg = model_config(cfg, vocab)
+    flops_token = flops_per_token(mcfg, cfg.seq_len)
+    kind = devices[0].device_kind
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None) if devices[0].platform != "cpu" else None
+    bpt = corpus.bytes_per_token
+    log(
+        f"{corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} validation tokens "
+        f"({corpus.meta['tokenizer']}, vocabulary {corpus.meta['vocab_size']:,}, {bpt:.2f} bytes/token)"
+    )
     n_params = sum(x.size for x in jax.tree.leaves(params))
     log(
-        f"{cfg.optimizer} on {cfg.preset} ({n_params / 1e6:.2f}M params), {n} {devices[0].platform} device(s), "
-        f"{cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}"
+        f"{cfg.optimizer} on {cfg.preset} ({n_params / 1e6:.2f}M params), {n} {devices[0].platform} device(s) "
+        f"in {jax.process_count()} process(es), {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
+        + (f" ({cfg.grad_accum} accumulation steps)" if cfg.grad_accum > 1 else "")
+        + f", lr {cfg.lr}"
         + (f", rank {cfg.resolved_rank()}" if cfg.optimizer != "adamw" else "")
     )
 
     def say(msg: str) -> None:
         (bar.write if bar is not None else log)(msg)
 
+    def bits_per_byte(nats_per_token: float) -> float:
+        return nats_per_token / bpt / math.log(2)
+
     metrics_path = out / "metrics.jsonl"
-    mode = "a" if start_step else "w"
     records: list[dict] = []
     step_times: list[float] = []
     tokens_per_step = cfg.batch_size * cfg.seq_len
     t_start = time.perf_counter()
     bar = None
-    if cfg.progress:
+    if cfg.progress and lead:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
-    with open(metrics_path, mode) as metrics_file:
+    metrics_file = open(metrics_path, "a" if start_step else "w") if lead else None  # noqa: SIM115
+    try:
         running = []
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
-            batch = jax.device_put(batches(step), batch_sharding)
-            loss = train_step(model, optimizer, batch)
+            local = batches(step, train_rows).reshape(cfg.grad_accum, -1, cfg.seq_len + 1)
+            loss = train_step(model, optimizer, _global_batch(local, batch_sharding, train_shape))
             running.append(loss)
             last = step + 1 == cfg.steps
             if (step + 1) % cfg.log_every == 0 or last or (step + 1) % cfg.eval_every == 0:
                 train_loss = float(np.mean([float(x) for x in running]))
                 running = []
-                record = {"step": step + 1, "train_loss": train_loss, "time": time.perf_counter() - t_start}
+                median = float(np.median(step_times)) if step_times else float("nan")
+                record = {"step": step + 1, "train_loss": train_loss, "time": time.perf_counter() - t_start,
+                          "tokens_per_s": tokens_per_step / median if step_times else None}  # fmt: skip
+                if peak and step_times:
+                    record["mfu"] = flops_token * tokens_per_step / median / (peak * n)
                 if (step + 1) % cfg.eval_every == 0 or last:
                     val_loss = evaluate()
-                    record |= {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
-                    say(f"step {step + 1}: train {train_loss:.4f}  val {val_loss:.4f}  ppl {math.exp(val_loss):.2f}")
+                    record |= {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": bits_per_byte(val_loss)}
+                    say(
+                        f"step {step + 1}: train {train_loss:.4f}  val {val_loss:.4f} nats/token  "
+                        f"ppl {math.exp(val_loss):.2f}  {bits_per_byte(val_loss):.3f} bits/byte"
+                    )
                 if not math.isfinite(train_loss):
                     say(f"step {step + 1}: non-finite training loss {train_loss}; stopping")
                 records.append(record)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
                 if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / np.median(step_times or [1]):,.0f}"
-                    )
+                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
                 if not math.isfinite(train_loss):
                     break
             else:
@@ -177,28 +286,34 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
 
                 state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
                 manager.save(step + 1, args=ocp.args.StandardSave(state))
-    if bar is not None:
-        bar.close()
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+        if bar is not None:
+            bar.close()
     if manager is not None:
         manager.wait_until_finished()
     wall = time.perf_counter() - t_start
     final = next((r for r in reversed(records) if "val_loss" in r), {"val_loss": float("nan")})
-    result = {
+    median_step = float(np.median(step_times[1:] if len(step_times) > 1 else step_times or [float("nan")]))
+    return {
         "optimizer": cfg.optimizer,
         "preset": cfg.preset,
         "lr": cfg.lr,
+        "tokenizer": corpus.meta["tokenizer"],
         "final_val_loss": final["val_loss"],
         "final_val_ppl": math.exp(final["val_loss"]) if math.isfinite(final["val_loss"]) else float("nan"),
+        "final_val_bpb": bits_per_byte(final["val_loss"]),
         "optimizer_state_mib": opt_mib,
         "adamw_state_mib": adamw_mib,
-        "median_step_s": float(np.median(step_times[1:] if len(step_times) > 1 else step_times or [float("nan")])),
+        "median_step_s": median_step,
+        "tokens_per_s": tokens_per_step / median_step,
         "wall_s": wall,
         "records": records,
     }
-    return result
 
 
-def plot(runs: dict[str, list[dict]], path: pathlib.Path, title: str) -> None:
+def plot(runs: dict[str, list[dict]], path: pathlib.Path, title: str, unit: str = "nats/token") -> None:
     """Training (thin) and validation (markers) loss curves of several runs in one PNG."""
     import matplotlib
 
@@ -213,7 +328,7 @@ def plot(runs: dict[str, list[dict]], path: pathlib.Path, title: str) -> None:
         evals = [r for r in records if "val_loss" in r]
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color=color, label=label, ms=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/byte)")
+    ax.set_ylabel(f"loss ({unit})")
     ax.set_title(title)
     # One color per run; the line style says which curve is which.
     style = [

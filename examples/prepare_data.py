@@ -1,0 +1,49 @@
+"""Tokenize a corpus once into memory-mapped train.bin / val.bin + meta.json, for train_lm.py --data.
+
+  python examples/prepare_data.py --data ~/c4/en/ --tokenizer ~/t5/spiece.model --out ~/c4-t5/
+  python examples/prepare_data.py --data book.txt --tokenizer tokenizer.json --out data/book/
+
+SRC is a text file, a folder of text files, .jsonl / .json.gz files with a "text" field (C4's
+c4-train.*.json.gz and c4-validation.*.json.gz are recognised as the two splits), or a folder of
+those. TOK is "bytes", a Hugging Face tokenizer.json (or its folder), or a SentencePiece .model.
+Tokenization runs in parallel processes; ids are uint16 when the vocabulary fits, else uint32.
+Nothing is downloaded.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from lm import data as data_lib
+from lm import tokenizer as tokenizer_lib
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="source: file or folder (see above)")
+    p.add_argument("--tokenizer", default="bytes", help="bytes, a tokenizer.json (or its folder), or a .model")
+    p.add_argument("--out", required=True, help="folder to write train.bin, val.bin and meta.json into")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share held out when no split is given")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    if not pathlib.Path(args.data).expanduser().exists():
+        p.error(f"--data {args.data}: no such file or folder")
+    try:
+        meta = data_lib.prepare(args.data, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                                workers=args.workers, progress=args.progress)  # fmt: skip
+    except (data_lib.DataError, tokenizer_lib.TokenizerError) as e:
+        p.error(str(e))
+    print(json.dumps({k: meta[k] for k in ("tokenizer", "vocab_size", "dtype", "splits", "split_rule")}, indent=1))
+    print(f"wrote {args.out}/train.bin, val.bin, meta.json; train with: python examples/train_lm.py --data {args.out}")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
