@@ -24,7 +24,7 @@ from lm import tokenizer as tokenizer_lib
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="source: file or folder (see above)")
+    p.add_argument("--data", default=None, help="source: file or folder (see above); default the built-in corpus")
     p.add_argument("--tokenizer", default="bytes", help="bytes, a tokenizer.json (or its folder), or a .model")
     p.add_argument("--out", required=True, help="folder to write train.bin, val.bin and meta.json into")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share held out when no split is given")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
-    if not pathlib.Path(args.data).expanduser().exists():
+    if args.data is not None and not pathlib.Path(args.data).expanduser().exists():
         p.error(f"--data {args.data}: no such file or folder")
     try:
         meta = data_lib.prepare(args.data, args.tokenizer, args.out, val_fraction=args.val_fraction,

@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\nfinal validation loss {result['final_val_loss']:.4f} nats/token, perplexity {result['final_val_ppl']:.2f}, "
         f"{result['final_val_bpb']:.3f} bits/byte ({result['tokenizer']})\n"
-        f"throughput {result['tokens_per_s']:,.0f} tokens/s (median step)\n"
+        f"throughput {result['tokens_per_s']:,.0f} tokens/s (median step)"
+        + (f", MFU {result['mfu']:.1%}" if result["mfu"] is not None else "")
+        + (f", peak device memory {result['peak_bytes_in_use'] / 2**30:.2f} GiB" if result["peak_bytes_in_use"] else "")
+        + "\n"
         f"optimizer state {result['optimizer_state_mib']:.2f} MiB ({cfg.optimizer}) vs "
         f"{result['adamw_state_mib']:.2f} MiB (AdamW, same model)\n"
         f"wall time {result['wall_s']:.0f} s, median step {1e3 * result['median_step_s']:.0f} ms\n"

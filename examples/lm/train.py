@@ -294,6 +294,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     if manager is not None:
         manager.wait_until_finished()
     wall = time.perf_counter() - t_start
+    memory = devices[0].memory_stats() if devices[0].platform != "cpu" else None
     final = next((r for r in reversed(records) if "val_loss" in r), {"val_loss": float("nan")})
     median_step = float(np.median(step_times[1:] if len(step_times) > 1 else step_times or [float("nan")]))
     return {
@@ -308,6 +309,8 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         "adamw_state_mib": adamw_mib,
         "median_step_s": median_step,
         "tokens_per_s": tokens_per_step / median_step,
+        "mfu": flops_token * tokens_per_step / median_step / (peak * n) if peak else None,
+        "peak_bytes_in_use": (memory or {}).get("peak_bytes_in_use"),
         "wall_s": wall,
         "records": records,
     }
