@@ -13,6 +13,7 @@ papers' memory estimates assume.
 """
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -46,7 +47,7 @@ def nbytes(tree: Any) -> int:
 
 def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vocab: int = VOCAB) -> dict:
     """Bytes of parameters, gradients, state, and the compiled step's peak, for one optimizer."""
-    mcfg = model_lib.PRESETS[preset].__class__(**{**model_lib.PRESETS[preset].__dict__, "vocab_size": vocab})
+    mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=vocab)
     abstract = nnx.eval_shape(lambda: model_lib.LLaMA(mcfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nnx.to_pure_dict(params))

@@ -23,6 +23,16 @@ class ModelConfig:
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    kv_heads: int | None = None  # grouped-query attention: key/value heads (default: heads)
+    tie_embeddings: bool = False  # the output head reuses the input embedding
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
 
 
 # Hidden / intermediate / heads / layers as in the papers' LLaMA configs.
@@ -65,17 +75,21 @@ def _linear(d_in: int, d_out: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Line
 
 
 class Attention(nnx.Module):
+    """Causal self-attention with rotary embeddings; grouped-query when ``kv_heads < heads``."""
+
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
-        self.heads, self.theta = cfg.heads, cfg.rope_theta
+        self.heads, self.kv_heads, self.head_dim, self.theta = cfg.heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta
+        kv = cfg.num_kv_heads * cfg.head_dim
         self.q = _linear(cfg.hidden, cfg.hidden, dtype, rngs)
-        self.k = _linear(cfg.hidden, cfg.hidden, dtype, rngs)
-        self.v = _linear(cfg.hidden, cfg.hidden, dtype, rngs)
+        self.k = _linear(cfg.hidden, kv, dtype, rngs)
+        self.v = _linear(cfg.hidden, kv, dtype, rngs)
         self.o = _linear(cfg.hidden, cfg.hidden, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, s, d = x.shape
-        split = lambda t: t.reshape(b, s, self.heads, d // self.heads)  # noqa: E731
-        q, k, v = rotary(split(self.q(x)), self.theta), rotary(split(self.k(x)), self.theta), split(self.v(x))
+        q = rotary(self.q(x).reshape(b, s, self.heads, self.head_dim), self.theta)
+        k = rotary(self.k(x).reshape(b, s, self.kv_heads, self.head_dim), self.theta)
+        v = self.v(x).reshape(b, s, self.kv_heads, self.head_dim)
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return self.o(out.reshape(b, s, d))
 
@@ -103,21 +117,24 @@ class Block(nnx.Module):
 
 
 class LLaMA(nnx.Module):
-    """Decoder-only LM with untied input embedding and output head."""
+    """Decoder-only LM; the output head is its own matrix unless ``cfg.tie_embeddings``."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs) -> None:
+        self.cfg = cfg
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.hidden, embedding_init=nnx.initializers.normal(0.02), dtype=dtype, rngs=rngs
         )
         self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.layers)])
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.lm_head = _linear(cfg.hidden, cfg.vocab_size, dtype, rngs)
+        self.lm_head = None if cfg.tie_embeddings else _linear(cfg.hidden, cfg.vocab_size, dtype, rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x)
-        return self.lm_head(self.norm(x)).astype(jnp.float32)
+        x = self.norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.float32)
 
 
 def loss_fn(model: LLaMA, batch: jax.Array) -> jax.Array:

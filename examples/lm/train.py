@@ -9,6 +9,7 @@ each process reads only its rows of each global batch (``jax.make_array_from_pro
 every process runs the same steps, and only process 0 writes metrics, plots and logs.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -74,9 +75,7 @@ def state_mib(tree: Any) -> float:
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.ModelConfig:
     """The preset with the tokenizer's vocabulary (rounded up to a multiple of 128)."""
-    return model_lib.PRESETS[cfg.preset].__class__(
-        **{**model_lib.PRESETS[cfg.preset].__dict__, "vocab_size": vocab_size}
-    )
+    return dataclasses.replace(model_lib.PRESETS[cfg.preset], vocab_size=vocab_size)
 
 
 def build(cfg: TrainConfig, vocab_size: int = 256) -> tuple[model_lib.LLaMA, optax.GradientTransformation]:

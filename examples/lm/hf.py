@@ -1,0 +1,182 @@
+"""Hugging Face LLaMA checkpoints: load into the example's NNX model, and save back.
+
+``load(path)`` reads a local folder with ``config.json`` and ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``): the same math as ``transformers``' ``LlamaForCausalLM``
+(rotate-half rotary embeddings with ``rope_theta``, ``rms_norm_eps``, grouped-query attention via
+``num_key_value_heads``, tied or untied embeddings). Tensors are read one at a time and put
+straight into their target sharding, so no second full host copy is made. ``save(model, path)``
+writes a folder ``transformers`` loads. Nothing is downloaded.
+
+The name map (Hugging Face ``nn.Linear`` weights are (out, in); NNX kernels are (in, out)):
+
+  model.embed_tokens.weight                   embed.embedding
+  model.layers.{i}.input_layernorm.weight     layers.{i}.attn_norm.weight
+  model.layers.{i}.self_attn.{q,k,v,o}_proj   layers.{i}.attn.{q,k,v,o}.kernel (transposed)
+  model.layers.{i}.post_attention_layernorm   layers.{i}.mlp_norm.weight
+  model.layers.{i}.mlp.{gate,up,down}_proj    layers.{i}.mlp.{gate,up,down}.kernel (transposed)
+  model.norm.weight                           norm.weight
+  lm_head.weight                              lm_head.kernel (transposed; absent when tied)
+"""
+
+import json
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm import model as model_lib
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: a missing file, an unsupported architecture, a bad tensor."""
+
+
+SUPPORTED = ("LlamaForCausalLM",)
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> model_lib.ModelConfig:
+    """The model configuration of a Hugging Face LLaMA ``config.json``; raises on what is not supported."""
+    arch = hf.get("architectures") or [hf.get("model_type", "?")]
+    if arch[0] not in SUPPORTED:
+        raise CheckpointError(f"{where}: architecture {arch[0]!r} is not supported (only {', '.join(SUPPORTED)})")
+    # transformers 5 keeps rotary settings in "rope_parameters"; earlier ones in "rope_theta" / "rope_scaling".
+    rope = hf.get("rope_parameters") or {}
+    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    unsupported = {
+        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        "attention_bias": bool(hf.get("attention_bias", False)),
+        "mlp_bias": bool(hf.get("mlp_bias", False)),
+        "rope_scaling": hf.get("rope_scaling") not in (None, {}),
+        "rope_parameters": rope.get("rope_type", "default") != "default",
+        "head_dim": hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise CheckpointError(f"{where}: {', '.join(f'{k}={hf.get(k)!r}' for k in bad)} is not supported")
+    return model_lib.ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden=hf["hidden_size"],
+        intermediate=hf["intermediate_size"],
+        heads=hf["num_attention_heads"],
+        layers=hf["num_hidden_layers"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=rope_theta,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def config_to_hf(cfg: model_lib.ModelConfig, dtype: Any) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.intermediate,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "num_hidden_layers": cfg.layers,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_theta": cfg.rope_theta,  # read by transformers < 5
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # by transformers >= 5
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[jnp.dtype(dtype).name],
+    }
+
+
+def name_map(cfg: model_lib.ModelConfig) -> Iterator[tuple[str, tuple[str, ...], bool]]:
+    """(Hugging Face tensor name, our parameter path, transposed) for every parameter."""
+    yield "model.embed_tokens.weight", ("embed", "embedding"), False
+    for i in range(cfg.layers):
+        hf, ours = f"model.layers.{i}", ("layers", i)
+        yield f"{hf}.input_layernorm.weight", (*ours, "attn_norm", "weight"), False
+        yield f"{hf}.post_attention_layernorm.weight", (*ours, "mlp_norm", "weight"), False
+        for p in "qkvo":
+            yield f"{hf}.self_attn.{p}_proj.weight", (*ours, "attn", p, "kernel"), True
+        for p in ("gate", "up", "down"):
+            yield f"{hf}.mlp.{p}_proj.weight", (*ours, "mlp", p, "kernel"), True
+    yield "model.norm.weight", ("norm", "weight"), False
+    if not cfg.tie_embeddings:
+        yield "lm_head.weight", ("lm_head", "kernel"), True
+
+
+def _weight_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Which file holds each tensor (one file, or a sharded index)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="flax") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def load(path: str | pathlib.Path, dtype: Any = jnp.float32, shardings: Any = None) -> model_lib.LLaMA:
+    """The example's NNX LLaMA with the checkpoint's weights (stored as ``dtype``).
+
+    ``shardings``, if given, is a callable from a parameter path (a tuple) and shape to a
+    ``jax.sharding.Sharding``: each tensor goes straight there.
+    """
+    from safetensors import safe_open
+
+    path = pathlib.Path(path).expanduser()
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: no config.json (a Hugging Face checkpoint folder is expected)")
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    model = nnx.eval_shape(lambda: model_lib.LLaMA(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(params)
+    files = _weight_files(path)
+    for hf_name, ours, transpose in name_map(cfg):
+        if hf_name not in files:
+            raise CheckpointError(f"{path}: tensor {hf_name} is missing")
+        with safe_open(str(files[hf_name]), framework="flax") as f:
+            tensor = f.get_tensor(hf_name)  # one tensor at a time
+        tensor = tensor.T if transpose else tensor
+        expected = tuple(_get(pure, ours[:-1])[ours[-1]].shape)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"{path}: tensor {hf_name} has shape {tuple(tensor.shape)}"
+                f"{' (transposed)' if transpose else ''}, the model expects {expected}"
+            )
+        tensor = tensor.astype(dtype)
+        _get(pure, ours[:-1])[ours[-1]] = jax.device_put(tensor, shardings(ours, tensor.shape)) if shardings else tensor
+    nnx.replace_by_pure_dict(params, pure)
+    nnx.update(model, params)
+    return model
+
+
+def _get(state: Any, path: tuple) -> Any:
+    for key in path:
+        state = state[key]
+    return state
+
+
+def save(model: model_lib.LLaMA, path: str | pathlib.Path) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` that ``transformers`` loads."""
+    from safetensors.flax import save_file
+
+    path = pathlib.Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tensors = {}
+    for hf_name, ours, transpose in name_map(cfg):
+        value = np.asarray(jax.device_get(_get(pure, ours)))
+        tensors[hf_name] = jnp.asarray(np.ascontiguousarray(value.T if transpose else value))
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=1))
