@@ -1,0 +1,64 @@
+"""LoRA adapters on the example's LLaMA, built on ``flax.nnx.LoRA`` with PEFT's conventions.
+
+``nnx.LoRA`` computes ``x @ A @ B`` (A initialized like a kernel, B at zero) and adds its base
+module's output; PEFT (what the Fira authors fine-tune with) also scales the adapter by
+``alpha / r`` and applies dropout to its input. :class:`LoRALinear` adds those two, and
+:func:`apply` puts adapters on the target modules (the authors': q, k, v, up, down). Only the
+adapters' ``nnx.LoRAParam`` s are trained (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``);
+:func:`merge` folds them into the kernels (``W + alpha / r * A B``) for export.
+"""
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from lm import model as model_lib
+
+AUTHORS_TARGETS = ("q", "k", "v", "up", "down")  # LLM-Adapters' / the Fira authors' fine-tuning targets
+
+
+class LoRALinear(nnx.Module):
+    """``base(x) + alpha / r * dropout(x) @ A @ B`` around an existing ``nnx.Linear``."""
+
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs) -> None:
+        d_in, d_out = base.kernel.shape
+        self.base = base
+        self.lora = nnx.LoRA(d_in, rank, d_out, rngs=rngs)
+        self.scaling = alpha / rank
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.base(x) + self.scaling * self.lora(self.dropout(x)).astype(x.dtype)
+
+
+def apply(model: model_lib.LLaMA, rank: int = 32, alpha: float = 64.0, dropout: float = 0.05,
+          targets: tuple[str, ...] = AUTHORS_TARGETS, seed: int = 0) -> model_lib.LLaMA:  # fmt: skip
+    """Wraps each target linear layer of every block in a :class:`LoRALinear` (in place); returns the model."""
+    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ValueError(f"LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1); got {rank}, {alpha}, {dropout}")
+    known = {"q", "k", "v", "o", "gate", "up", "down"}
+    if not targets or set(targets) - known:
+        raise ValueError(f"LoRA targets must be among {sorted(known)}, got {targets}")
+    rngs = nnx.Rngs(seed)
+    for layer in model.layers:
+        for name in targets:
+            parent = layer.attn if name in ("q", "k", "v", "o") else layer.mlp
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, rngs))
+    return model
+
+
+def merge(model: model_lib.LLaMA) -> model_lib.LLaMA:
+    """Folds every adapter into its kernel (``W + alpha / r * A B``) and removes it (in place)."""
+    for layer in model.layers:
+        for parent in (layer.attn, layer.mlp):
+            for name, child in list(vars(parent).items()):
+                if isinstance(child, LoRALinear):
+                    delta = child.scaling * child.lora.lora_a[...] @ child.lora.lora_b[...]
+                    child.base.kernel.set_value(child.base.kernel[...] + delta.astype(child.base.kernel.dtype))
+                    setattr(parent, name, child.base)
+    return model
+
+
+def count(tree: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
