@@ -24,6 +24,8 @@ class Tokenizer(Protocol):
 
     def encode(self, texts: list[str]) -> list[np.ndarray]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
 
 def model_vocab_size(vocab_size: int) -> int:
     """The model's vocabulary: the tokenizer's, rounded up to a multiple of 128 (fast matmuls)."""
@@ -46,6 +48,9 @@ class Bytes:
         raw = [t.encode("utf-8", "surrogateescape").replace(b"\0", b"") for t in texts]
         return [np.frombuffer(r, np.uint8).astype(np.int64) for r in raw]
 
+    def decode(self, ids: list[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", "replace")
+
 
 class HuggingFace:
     """A ``tokenizers`` tokenizer from a ``tokenizer.json`` (no special tokens added)."""
@@ -65,6 +70,9 @@ class HuggingFace:
         encodings = self._tok.encode_batch([_valid_utf8(t) for t in texts], add_special_tokens=False)
         return [np.asarray(e.ids, np.int64) for e in encodings]
 
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
 
 class SentencePiece:
     """A SentencePiece model (``.model``), e.g. T5's ``spiece.model`` (vocabulary 32,000, eos 1)."""
@@ -80,6 +88,9 @@ class SentencePiece:
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(ids, np.int64) for ids in self._sp.encode([_valid_utf8(t) for t in texts])]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
 
 
 def resolve(spec: str) -> str:
