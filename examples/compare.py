@@ -28,7 +28,8 @@ from lm import config as config_lib
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import optim, sweep
-from lm.train import plot, train
+from lm.runs import run_or_reuse
+from lm.train import plot
 
 COMPARE_LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 SWEEP_LRS = [1e-2, 3e-2]  # Fira's and GaLore's best at rank 32 in results/compare.md
@@ -86,19 +87,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclasses.replace(base, **changes)
         tag = f"{cfg.optimizer}" + (f"-{cfg.ablation}" if cfg.ablation != "none" else "") + f"-lr{cfg.lr:g}"
         cfg = dataclasses.replace(cfg, out=str(out / "runs" / tag))
-        saved = pathlib.Path(cfg.out) / "result.json"
-        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
-        if saved.exists() and json.loads(saved.read_text())["config"] == config:
-            print(f"== {tag}: reusing {saved}", flush=True)  # same config: the run is deterministic
-            result = json.loads(saved.read_text())["result"]
-        else:
-            print(f"== {tag}", flush=True)
-            try:
-                result = train(cfg, log=lambda msg: print("   ", msg, flush=True))
-            except data_lib.DataError as e:
-                p.error(str(e))
-            result["tag"], result["ablation"] = tag, cfg.ablation
-            saved.write_text(json.dumps({"config": config, "result": result}))
+        try:
+            result = run_or_reuse(cfg, log=lambda msg: print(msg, flush=True))
+        except data_lib.DataError as e:
+            p.error(str(e))
+        result["tag"], result["ablation"] = tag, cfg.ablation
         runs.append(result)
         (out / "compare.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "records"} for r in runs]))
         return result

@@ -133,11 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
         return jnp.asarray(ids), jnp.asarray(weights)
 
     def validate() -> float:
+        """Validation loss, in evaluation mode (no dropout); the caller returns to training mode."""
         model.eval()
         losses = [
             float(eval_loss(model, *padded(val[i : i + args.batch_size]))) for i in range(0, len(val), args.batch_size)
         ]
-        model.train()
         return float(np.mean(losses)) if losses else float("nan")
 
     records_out, rng, t0 = [], np.random.default_rng(args.seed), time.perf_counter()
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             record = {"step": step + 1, "train_loss": loss}
             if (step + 1) % args.eval_every == 0 or step + 1 == steps:
                 record["val_loss"] = validate()
+                model.train()
                 print(f"step {step + 1}: train {loss:.4f}  val {record['val_loss']:.4f} nats/token", flush=True)
             records_out.append(record)
             metrics.write(json.dumps(record) + "\n")

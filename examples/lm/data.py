@@ -343,7 +343,10 @@ def load(data: str | None, tokenizer: str | None = None, *, val_fraction: float 
         tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
         try:
             prepare(data, tokenizer, tmp, val_fraction=val_fraction, workers=1, progress=False)
-            os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
+            if folder.exists():  # another process prepared it meanwhile
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -45,18 +45,12 @@ def maybe_initialize_distributed(cfg: TrainConfig | None = None) -> None:
     )
     if not (explicit or launched):
         return
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    # Collectives between processes' CPU devices (the option concerns the CPU backend only).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
         jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     else:
         jax.distributed.initialize()
-
-
-def _has_accelerator() -> bool:
-    import importlib.util
-
-    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
 
 
 def _param_spec(x: jax.Array, n: int) -> P:
@@ -146,11 +140,10 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     val_sharding = NamedSharding(mesh, P("data"))
     train_shape = (cfg.grad_accum, micro, cfg.seq_len + 1)
     val_shape = (micro, cfg.seq_len + 1)
-    micro_rows = _process_rows(NamedSharding(mesh, P("data")), (micro, cfg.seq_len + 1))
+    micro_rows = _process_rows(val_sharding, val_shape)  # a micro-batch is sharded like a validation batch
     # This process's rows of the global batch: its rows of each accumulation step's micro-batch.
     train_rows = np.concatenate([np.arange(a * micro + micro_rows.start, a * micro + micro_rows.stop)
                                  for a in range(cfg.grad_accum)])  # fmt: skip
-    val_rows = _process_rows(val_sharding, val_shape)
 
     model, tx = build(cfg, vocab)
     params = nnx.state(model, nnx.Param)
@@ -204,7 +197,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         return model_lib.loss_fn(model, batch)
 
     def evaluate() -> float:
-        losses = [eval_step(model, _global_batch(b[val_rows], val_sharding, val_shape)) for b in val]
+        losses = [eval_step(model, _global_batch(b[micro_rows], val_sharding, val_shape)) for b in val]
         return float(np.mean([float(x) for x in losses]))
 
     mcfg = model_config(cfg, vocab)
