@@ -4,11 +4,14 @@ or LoRA + Fira (the authors' setup: Fira on the LoRA factors), and evaluate mult
   python examples/finetune.py --checkpoint ~/llama --tokenizer ~/llama/tokenizer.json \\
       --data commonsense_170k.json --method fira --eval boolq.json piqa.json
 
-Data: a JSON list of {"instruction", "input", "output"} records (Alpaca / LLM-Adapters); the
-first --val-size records are held out for the validation loss. --eval files are LLM-Adapters'
+Data: a JSON list of {"instruction", "input", "output"} records (Alpaca / LLM-Adapters) in the
+Alpaca template (--template plain drops its preamble sentence); the first --val-size records are
+held out for the validation loss. --eval files are LLM-Adapters'
 task JSON (see lm/instruct.py): accuracy by answer log-likelihood (--eval-mode loglik) or by
 greedy generation and matching (generate). Writes metrics.jsonl, loss.png and summary.json under
---out; --export DIR saves the fine-tuned model (LoRA merged) as a Hugging Face checkpoint.
+--out; --export DIR saves the fine-tuned model (LoRA merged) as a Hugging Face checkpoint. A
+checkpoint of your own pre-training: ``train_lm.py --export DIR``. A demonstration that runs on a
+CPU with nothing to download: ``finetune_demo.py``.
 """
 
 import argparse
@@ -51,7 +54,8 @@ def make_optimizer(method: str, model: nnx.Module, schedule: optax.Schedule, arg
     return nnx.Param, tx
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line (its defaults are the authors' fine-tuning settings)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="Hugging Face LLaMA folder (config.json, *.safetensors)")
     p.add_argument("--tokenizer", default="bytes", help="bytes, a tokenizer.json (or its folder), or a .model")
@@ -65,6 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--cutoff", type=int, default=256, help="tokens per example at most")
     p.add_argument("--val-size", type=int, default=120, help="records held out for the validation loss")
+    p.add_argument(
+        "--template",
+        choices=sorted(instruct.TEMPLATES),
+        default="alpaca",
+        help="prompt template: alpaca (the authors') or plain (its sections without the preamble)",
+    )
     p.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=True,
                    help="loss on the prompt too (the authors' default)")  # fmt: skip
     p.add_argument("--rank", type=int, default=16, help="GaLore/Fira rank (authors' lora-fira: 16)")
@@ -79,6 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="runs/finetune")
     p.add_argument("--export", default=None, help="save the fine-tuned model here (Hugging Face format)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
     args = p.parse_args(argv)
     for name in ("batch_size", "cutoff", "rank", "lora_rank", "update_proj_gap", "eval_every"):
         if getattr(args, name) < 1:
@@ -98,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(e))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    encoded = [instruct.encode(r, tok, args.cutoff, args.train_on_inputs) for r in records]
+    encoded = [instruct.encode(r, tok, args.cutoff, args.train_on_inputs, args.template) for r in records]
     val, train = encoded[: args.val_size], encoded[args.val_size :]
     if records and not train:
         p.error(f"--data has {len(records)} records, all held out by --val-size {args.val_size}")
@@ -142,6 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     records_out, rng, t0 = [], np.random.default_rng(args.seed), time.perf_counter()
     order = np.array([], int)
+    bar = None
+    if args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, unit="step", dynamic_ncols=True)
+    say = bar.write if bar is not None else print
     with open(out / "metrics.jsonl", "w") as metrics:
         for step in range(steps):
             if len(order) < args.batch_size:
@@ -152,14 +173,19 @@ def main(argv: list[str] | None = None) -> dict:
             if (step + 1) % args.eval_every == 0 or step + 1 == steps:
                 record["val_loss"] = validate()
                 model.train()
-                print(f"step {step + 1}: train {loss:.4f}  val {record['val_loss']:.4f} nats/token", flush=True)
+                say(f"step {step + 1}: train {loss:.4f}  val {record['val_loss']:.4f} nats/token")
             records_out.append(record)
             metrics.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     model.eval()
     summary = {"method": args.method, "trainable_params": trainable, "optimizer_state_mib": opt_mib, "steps": steps,
                "wall_s": time.perf_counter() - t0, "final_val_loss": validate() if val else None}  # fmt: skip
     for name, task in tasks.items():
-        summary[f"accuracy/{name}"] = instruct.accuracy(model, tok, task, args.eval_mode)
+        summary[f"accuracy/{name}"] = instruct.accuracy(model, tok, task, args.eval_mode, args.template)
         print(f"{name}: accuracy {summary[f'accuracy/{name}']:.4f} ({len(task)} examples, {args.eval_mode})")
     if records_out:
         plot({args.method: records_out}, out / "loss.png", f"fine-tuning: {args.method}")

@@ -10,6 +10,13 @@ papers' memory estimates assume.
 
   python examples/memory_report.py --preset 60m 130m 350m 1b 7b
   python examples/memory_report.py --preset 7b --dtype bfloat16 --json
+
+``--finetune`` reports instead, per fine-tuning method of ``finetune.py`` at its defaults (LoRA
+rank 32 on q, k, v, up, down; GaLore / Fira rank 16; LoRA + Fira: Fira rank 16 on the LoRA
+factors), the trainable parameters, the optimizer state and all weights (frozen ones and adapters
+included), from ``eval_shape`` alone.
+
+  python examples/memory_report.py --finetune --preset 7b --vocab-size 32000
 """
 
 import argparse
@@ -69,6 +76,30 @@ def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vo
             "peak_bytes": peak}  # fmt: skip
 
 
+def finetune_report(preset: str, method: str, dtype: Any, vocab: int = VOCAB) -> dict:
+    """Trainable parameters and optimizer-state bytes of one fine-tuning method (finetune.py's defaults)."""
+    import finetune
+
+    mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=vocab)
+    defaults = finetune.parser().parse_args(["--checkpoint", "unused"])
+    made = []
+
+    def build() -> model_lib.LLaMA:
+        model = model_lib.LLaMA(mcfg, dtype=dtype, rngs=nnx.Rngs(0))
+        made.append(finetune.make_optimizer(method, model, 1e-4, defaults))
+        return model
+
+    abstract = nnx.eval_shape(build)
+    wrt, tx = made[0]
+    pure = nnx.to_pure_dict(nnx.state(abstract, wrt))
+    trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), pure)
+    state = jax.eval_shape(tx.init, trainable)
+    count = sum(x.size for x in jax.tree.leaves(trainable))
+    weights = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) * jnp.dtype(dtype).itemsize
+    return {"trainable_params": count, "trainable_bytes": nbytes(trainable), "state_bytes": nbytes(state),
+            "weights_bytes": weights}  # fmt: skip
+
+
 def _merge(graphdef: Any, pure: Any, rest: Any, abstract: Any) -> Any:
     """The model with the parameters ``pure`` (a pure dict) in place of the abstract ones."""
     params = nnx.state(abstract, nnx.Param)
@@ -86,10 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=VOCAB, help="default T5's 32,000, as in the papers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--finetune", action="store_true", help="the fine-tuning methods of finetune.py instead")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 1 or args.vocab_size < 1:
         p.error("--batch-size, --seq-len and --vocab-size must be >= 1")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    if args.finetune:
+        return _finetune_main(args, dtype)
     out = {}
     for preset in args.preset:
         out[preset] = {
@@ -110,6 +144,25 @@ def main(argv: list[str] | None = None) -> dict:
             peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}"
             cells = [r["params_bytes"], r["grads_bytes"], r["state_bytes"], r["params_bytes"] + r["state_bytes"]]
             print(f"| {name} | " + " | ".join(f"{c / gib:.3f}" for c in cells) + f" | {paper} | {peak} |")
+    return out
+
+
+def _finetune_main(args: argparse.Namespace, dtype: Any) -> dict:
+    import finetune
+
+    out = {preset: {m: finetune_report(preset, m, dtype, args.vocab_size) for m in finetune.METHODS}
+           for preset in args.preset}  # fmt: skip
+    if args.json:
+        print(json.dumps(out))
+        return out
+    gib = 2**30
+    for preset, rows in out.items():
+        print(f"\n{preset} fine-tuning ({args.dtype}, vocabulary {args.vocab_size:,}; finetune.py's defaults)")
+        print("| method | trainable params | optimizer state GiB | all weights GiB | weights + state GiB |")
+        print("|---|---|---|---|---|")
+        for name, r in rows.items():
+            cells = [r["state_bytes"], r["weights_bytes"], r["weights_bytes"] + r["state_bytes"]]
+            print(f"| {name} | {r['trainable_params']:,} | " + " | ".join(f"{c / gib:.3f}" for c in cells) + " |")
     return out
 
 

@@ -97,3 +97,60 @@ def test_hand_scored_evaluation():
 
     assert instruct.generate_choice(speller, tok, TASK[2]) == "option2"
     assert instruct.accuracy(speller, tok, TASK[2:], "generate") == 1.0
+
+
+def test_batched_loglik_scores_equal_one_sequence_at_a_time():
+    """Padding, batching and jit change nothing: each candidate scored alone, unjitted, by hand."""
+    tok = tokenizer_lib.load("bytes")
+    model = model_lib.LLaMA(model_lib.PRESETS["micro"], rngs=nnx.Rngs(1))
+    scores = instruct.loglik_scores(model, tok, TASK, batch_size=3)  # 7 candidates: batches of 3, 3, 1
+    for record, got in zip(TASK, scores, strict=True):
+        head = tok.encode([instruct.prompt(record)])[0]
+        want = []
+        for c in instruct.candidates(record):
+            ids = np.concatenate([head, tok.encode([instruct.ANSWER_PREFIX + c])[0]])
+            logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray(ids[None, :-1])), axis=-1))[0]
+            want.append(sum(logp[t - 1, ids[t]] for t in range(len(head), len(ids))))
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_demonstration_tables_and_reuse(tmp_path, monkeypatch):
+    """The CPU demonstration end to end on a tiny budget, then a rerun that trains nothing."""
+    import finetune_demo
+
+    flags = ["--pretrain-steps", "1", "--steps", "2", "--batch-size", "2", "--train-examples", "8",
+             "--test-examples", "6", "--methods", "fira", "lora", "--seeds", "0", "1", "--baseline-seeds", "0",
+             "--cache", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]  # fmt: skip
+    results = finetune_demo.main(flags)
+    assert [len(results["fira"]), len(results["lora"])] == [2, 1]
+    page = (tmp_path / "finetune.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| ")]
+    lrs = finetune_demo.LRS
+    assert rows[0].startswith("| method | lr |") and rows[1].startswith(f"| fira | {lrs['fira']} | ")
+    assert rows[2].startswith(f"| lora | {lrs['lora']} | ") and "±" in rows[1] and "±" not in rows[2]
+    saved = json.loads((tmp_path / "finetune.json").read_text())
+    accuracies = [r["accuracy/test"] for r in saved["runs"]["fira"]]
+    assert all(a in {k / 6 for k in range(7)} for a in accuracies)  # 6 test lines
+    assert (tmp_path / "finetune.png").stat().st_size > 0
+    assert json.loads((tmp_path / "runs" / "test.json").read_text()) != []
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(finetune, "main", no_training)
+    (tmp_path / "finetune.md").unlink()
+    finetune_demo.main(flags)
+    assert (tmp_path / "finetune.md").read_text().split("| method")[1] == page.split("| method")[1]
+
+
+@pytest.mark.parametrize("method", finetune.METHODS)
+def test_memory_report_finetune_is_what_the_optimizer_allocates(method):
+    import memory_report
+
+    row = memory_report.finetune_report("micro", method, jnp.float32, vocab=256)
+    model = model_lib.LLaMA(model_lib.PRESETS["micro"], rngs=nnx.Rngs(0))
+    wrt, tx = finetune.make_optimizer(method, model, 1e-4, finetune.parser().parse_args(["--checkpoint", "x"]))
+    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    assert row["state_bytes"] == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(optimizer.opt_state))
+    assert row["trainable_params"] == sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
+    assert row["weights_bytes"] == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

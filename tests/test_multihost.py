@@ -1,6 +1,7 @@
 """Multi-host input: 2 JAX processes on localhost (CPU collectives, 4 simulated devices each) train
 5 steps of the micro preset with the same losses as 1 process with 8 devices; process 0 writes the
-metrics, and an orbax checkpoint is written by both processes together."""
+metrics, an orbax checkpoint is written by both processes together, and the exported Hugging Face
+checkpoint (gathered from both) equals the one process's export."""
 
 import json
 import os
@@ -8,6 +9,8 @@ import pathlib
 import socket
 import subprocess
 import sys
+
+import numpy as np
 
 TRAIN_LM = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
 FLAGS = ["--preset", "micro", "--steps", "5", "--batch-size", "8", "--seq-len", "16", "--eval-every", "5",
@@ -31,7 +34,8 @@ def _records(path):
 
 
 def test_two_processes_match_one(tmp_path):
-    ref = subprocess.run([sys.executable, str(TRAIN_LM), *FLAGS, "--out", str(tmp_path / "one")],
+    ref = subprocess.run([sys.executable, str(TRAIN_LM), *FLAGS, "--out", str(tmp_path / "one"),
+                          "--export", str(tmp_path / "one-hf")],
                          env=_env(8, tmp_path), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-3000:]
     port = _free_port()
@@ -46,6 +50,8 @@ def test_two_processes_match_one(tmp_path):
             str(tmp_path / "two"),
             "--checkpoint-every",
             "5",
+            "--export",
+            str(tmp_path / "two-hf"),
             *multi,
         ]
 
@@ -64,5 +70,11 @@ def test_two_processes_match_one(tmp_path):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5, (a, b)
     assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) <= 1e-5
     assert (tmp_path / "two" / "checkpoints" / "5").is_dir()
+    from safetensors.numpy import load_file
+
+    exported = [load_file(tmp_path / f"{run}-hf" / "model.safetensors") for run in ("one", "two")]
+    assert exported[0].keys() == exported[1].keys() and len(exported[0]) > 5
+    for name, value in exported[0].items():
+        assert np.allclose(value, exported[1][name], atol=1e-5), name
     print("losses, 1 process x 8 devices:", [round(r["train_loss"], 6) for r in one])
     print("losses, 2 processes x 4 devices:", [round(r["train_loss"], 6) for r in two])

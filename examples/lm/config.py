@@ -50,6 +50,9 @@ class TrainConfig:
     seq_len: int = _field(128, "tokens per sequence")
     seed: int = _field(0, "seed of the initialization and of the data order")
     out: str = _field("runs/lm", "output folder (metrics.jsonl, loss.png, checkpoints)")
+    export: str | None = _field(
+        None, "save the trained model here as a Hugging Face LLaMA checkpoint (for finetune.py --checkpoint)"
+    )
     eval_every: int = _field(100, "validate every this many steps")
     eval_batches: int = _field(20, "validation batches per evaluation")
     log_every: int = _field(10, "log the running training loss every this many steps")

@@ -285,6 +285,8 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
             bar.close()
     if manager is not None:
         manager.wait_until_finished()
+    if cfg.export:
+        export(model, cfg.export)
     wall = time.perf_counter() - t_start
     memory = devices[0].memory_stats() if devices[0].platform != "cpu" else None
     final = next((r for r in reversed(records) if "val_loss" in r), {"val_loss": float("nan")})
@@ -306,6 +308,19 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         "wall_s": wall,
         "records": records,
     }
+
+
+def export(model: model_lib.LLaMA, path: str) -> None:
+    """Saves ``model`` as a Hugging Face checkpoint; with several processes, gathered and written by process 0."""
+    from lm import hf
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params))
+    if jax.process_index() == 0:
+        hf.save(model, path)
 
 
 def plot(runs: dict[str, list[dict]], path: pathlib.Path, title: str, unit: str = "nats/token") -> None:
