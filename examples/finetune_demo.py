@@ -26,6 +26,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -33,6 +34,7 @@ import finetune
 import train_lm
 from lm import data as data_lib
 from lm import hf, instruct, pytasks
+from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
 
 # Each method's learning rate: of {3e-4, 1e-3, 3e-3, 1e-2} (full AdamW, GaLore, Fira) or {1e-3, 3e-3,
@@ -45,6 +47,7 @@ LRS = {"full-adamw": 1e-3, "lora": 3e-3, "galore": 1e-3, "fira": 3e-3, "lora-fir
 # (the authors' setup). Loss on the answer only, and the Alpaca template without its preamble:
 # on this budget, two thirds of every example would otherwise be boilerplate.
 COMMON = ["--rank", "16", "--update-proj-gap", "50", "--cutoff", "224", "--template", "plain", "--no-train-on-inputs"]
+CONTROL = "full-adamw, no pre-training"  # the control row: a random initialization fine-tuned alike
 VAL_EXAMPLES = 64  # test-file records held out for the validation loss (disjoint from the scored ones)
 
 
@@ -95,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--baseline-seeds", type=int, nargs="+", default=[0],
                    help="seeds of the other methods (default: 0 alone, to fit 10 minutes on 2 CPU cores)")  # fmt: skip
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: LRS)")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fine-tune a random initialization with full AdamW (seed 0; not with --lr)")  # fmt: skip
     p.add_argument("--pretrain-steps", type=int, default=600, help="pre-training steps of the tiny model")
     p.add_argument("--steps", type=int, default=120, help="fine-tuning steps")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning examples per step")
@@ -123,21 +128,31 @@ def main(argv: list[str] | None = None) -> dict:
     base_acc = instruct.accuracy(hf.load(ckpt), tok, test, template="plain")
     print(f"pre-trained model, before fine-tuning: accuracy {base_acc:.3f} on {len(test)} test lines", flush=True)
 
-    results, flags = {}, []
+    def flags_for(checkpoint: pathlib.Path, method: str, lr: float, seed: int) -> list[str]:
+        return ["--checkpoint", str(checkpoint), "--data", str(train_json), "--eval", str(test_json),
+                "--method", method, "--lr", str(lr), "--seed", str(seed), "--max-steps", str(args.steps),
+                "--epochs", "100", "--batch-size", str(args.batch_size), "--val-size", str(VAL_EXAMPLES),
+                "--warmup", str(max(1, args.steps // 10)), "--eval-every", str(max(1, args.steps // 4)),
+                *COMMON]  # fmt: skip
+
+    results = {}
     for method in args.methods:
         lr = args.lr or LRS[method]
         for seed in args.seeds if method == "fira" else args.baseline_seeds:
-            flags = ["--checkpoint", str(ckpt), "--data", str(train_json), "--eval", str(test_json),
-                     "--method", method, "--lr", str(lr), "--seed", str(seed), "--max-steps", str(args.steps),
-                     "--epochs", "100", "--batch-size", str(args.batch_size), "--val-size", str(VAL_EXAMPLES),
-                     "--warmup", str(max(1, args.steps // 10)), "--eval-every", str(max(1, args.steps // 4)),
-                     *COMMON]  # fmt: skip
-            summary = run(flags, runs / f"{method}-lr{lr:g}-seed{seed}")
+            summary = run(flags_for(ckpt, method, lr, seed), runs / f"{method}-lr{lr:g}-seed{seed}")
             results.setdefault(method, []).append(summary)
             acc, val = summary["accuracy/test"], summary["final_val_loss"]
             print(f"{method} seed {seed}: accuracy {acc:.3f}, validation loss {val:.4f}", flush=True)
+    if args.control and args.lr is None:
+        # The same fine-tuning from a random initialization: what pre-training contributes.
+        scratch = pathlib.Path(args.cache).expanduser() / "tiny-random"
+        if not (scratch / "model.safetensors").exists():
+            hf.save(model_lib.LLaMA(hf.load(ckpt).cfg, rngs=nnx.Rngs(0)), scratch)
+        summary = run(flags_for(scratch, "full-adamw", LRS["full-adamw"], 0), runs / "control-random-init")
+        results[CONTROL] = [summary]
+        print(f"{CONTROL}: accuracy {summary['accuracy/test']:.3f}", flush=True)
     command = " ".join(["python examples/finetune_demo.py", *(sys.argv[1:] if argv is None else argv)])
-    grid = lr_grid(runs, flags)
+    grid = lr_grid(runs, flags_for(ckpt, "fira", 0.0, 0))
     write(results, grid, base_acc, args, out, command, ckpt)
     return results
 
@@ -186,14 +201,15 @@ def write(results: dict, grid: dict, base_acc: float, args: argparse.Namespace, 
         val = [r["final_val_loss"] for r in runs]
         rows.append(
             f"| {method} | {flags[flags.index('--lr') + 1]} | {runs[0]['trainable_params']:,} "
-            f"| {runs[0]['optimizer_state_mib']:.2f} | {_mean_spread(acc)} | {_mean_spread(val)} | {len(runs)} "
+            f"| {runs[0]['optimizer_state_mib']:.2f} | {_mean_spread(acc)} | {', '.join(f'{a:.3f}' for a in acc)} "
+            f"| {_mean_spread(val)} | {len(runs)} "
             f"| {np.mean([r.get('run_s', r['wall_s']) for r in runs]):.0f} |"
         )
     grid_rows = [
-        f"| {method} | " + " | ".join(f"{lr:g}: {r['accuracy/test']:.3f} / {r['final_val_loss']:.3f}"
+        f"| {method} | " + "; ".join(f"{lr:g}: {r['accuracy/test']:.3f} / {r['final_val_loss']:.3f}"
                                       + (" (chosen)" if lr == LRS[method] else "")
                                       for lr, r in sorted(by_lr.items())) + " |"
-        for method, by_lr in grid.items()
+        for method, by_lr in sorted(grid.items(), key=lambda item: finetune.METHODS.index(item[0]))
     ]  # fmt: skip
     pretrain = ckpt.parent / f"{ckpt.name}-run" / "summary.json"
     pretrain_s = json.loads(pretrain.read_text())["wall_s"] if pretrain.exists() else float("nan")
@@ -213,8 +229,9 @@ def write(results: dict, grid: dict, base_acc: float, args: argparse.Namespace, 
         f"{base_acc:.3f} before fine-tuning. Mean ± standard deviation over seeds (the data order, and LoRA's "
         f"initialization); validation loss: nats/token of the answers of {VAL_EXAMPLES} more test-file lines.",
         "",
-        "| method | lr | trainable params | optimizer state (MiB) | test accuracy | validation loss | seeds | s/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | lr | trainable params | optimizer state (MiB) | test accuracy | per seed | validation loss | seeds "
+        "| s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     if grid_rows:
@@ -234,17 +251,22 @@ def write(results: dict, grid: dict, base_acc: float, args: argparse.Namespace, 
     names = list(results)
     accs = [[r["accuracy/test"] for r in results[m]] for m in names]
     colors = [f"C{i}" for i in range(len(names))]
-    left.bar(names, [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs], color=colors, capsize=4)
+    labels = [n.replace(", ", ",\n") for n in names]
+    left.bar(labels, [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs], color=colors, capsize=4)
+    left.tick_params(axis="x", labelsize=8)
     left.axhline(base_acc, color="gray", ls="--", label="before fine-tuning")
     left.axhline(0.25, color="gray", ls=":", label="chance")
     left.set_ylabel("test accuracy (bars: mean; whiskers: std over seeds)")
-    left.legend()
+    left.legend(loc="upper right", fontsize=8)
     for i, m in enumerate(names):
+        if m == CONTROL:  # on a scale of its own (2.2 to 0.8): left out of the curves
+            continue
         curves = [[(x["step"], x["val_loss"]) for x in r["records"] if "val_loss" in x] for r in results[m]]
         steps = [s for s, _ in curves[0]]
         right.plot(steps, np.mean([[v for _, v in c] for c in curves], axis=0), "o-", color=colors[i], label=m, ms=3)
     right.set_xlabel("fine-tuning step")
     right.set_ylabel("validation loss of the answers (nats/token)")
+    right.set_title("pre-trained models", fontsize=10)
     right.legend()
     for ax in (left, right):
         ax.grid(alpha=0.3)

@@ -128,6 +128,7 @@ def test_demonstration_tables_and_reuse(tmp_path, monkeypatch):
     lrs = finetune_demo.LRS
     assert rows[0].startswith("| method | lr |") and rows[1].startswith(f"| fira | {lrs['fira']} | ")
     assert rows[2].startswith(f"| lora | {lrs['lora']} | ") and "±" in rows[1] and "±" not in rows[2]
+    assert rows[3].startswith(f"| {finetune_demo.CONTROL} | {lrs['full-adamw']} | ")  # from a random init
     saved = json.loads((tmp_path / "finetune.json").read_text())
     accuracies = [r["accuracy/test"] for r in saved["runs"]["fira"]]
     assert all(a in {k / 6 for k in range(7)} for a in accuracies)  # 6 test lines
