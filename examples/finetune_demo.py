@@ -1,6 +1,6 @@
 """Fine-tuning on a CPU, no download: full AdamW vs LoRA vs GaLore vs Fira vs LoRA + Fira.
 
-1. Pre-trains the ``tiny`` model with Fira on the built-in corpus (the standard library's
+1. Pre-trains the ``tiny`` model (``--preset``) with Fira on the built-in corpus (the standard library's
    sources) once; the checkpoint is cached in Hugging Face format under ``--cache``.
 2. Builds a task from the corpus's held-out files, never seen in pre-training (lm/pytasks.py):
    "Which name is called?" on a line of code, with 4 names of that line as candidates.
@@ -17,6 +17,7 @@ demo resumes where it stopped and a finished one rewrites its tables in seconds.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import pathlib
@@ -51,12 +52,13 @@ CONTROL = "full-adamw, no pre-training"  # the control row: a random initializat
 VAL_EXAMPLES = 64  # test-file records held out for the validation loss (disjoint from the scored ones)
 
 
-def pretrained(cache: pathlib.Path, steps: int) -> pathlib.Path:
-    """The tiny model pre-trained with Fira for ``steps`` steps, as a Hugging Face checkpoint (cached)."""
-    ckpt = cache / f"tiny-fira-{steps}"
+def pretrained(cache: pathlib.Path, preset: str, steps: int) -> pathlib.Path:
+    """The model pre-trained with Fira for ``steps`` steps, as a Hugging Face checkpoint (cached)."""
+    ckpt = cache / f"{preset}-fira-{steps}"
     if not (ckpt / "model.safetensors").exists():
-        print(f"pre-training the tiny model for {steps} steps (once; cached in {ckpt})", flush=True)
-        train_lm.main(["--steps", str(steps), "--out", str(cache / f"tiny-fira-{steps}-run"), "--export", str(ckpt)])
+        print(f"pre-training the {preset} model for {steps} steps (once; cached in {ckpt})", flush=True)
+        run_dir = str(cache / f"{ckpt.name}-run")
+        train_lm.main(["--preset", preset, "--steps", str(steps), "--out", run_dir, "--export", str(ckpt)])
     return ckpt
 
 
@@ -77,15 +79,26 @@ def task_files(out: pathlib.Path, n_train: int, n_test: int) -> tuple[pathlib.Pa
     return out / "train.json", out / "test.json"
 
 
+def inputs(flags: list[str]) -> str:
+    """A hash of what the run reads: the checkpoint's weights and the task files named in ``flags``."""
+    h = hashlib.sha256()
+    for flag, name in (("--checkpoint", "model.safetensors"), ("--data", ""), ("--eval", "")):
+        h.update((pathlib.Path(flags[flags.index(flag) + 1]) / name).read_bytes())
+    return h.hexdigest()
+
+
 def run(flags: list[str], out: pathlib.Path) -> dict:
-    """finetune.py with ``flags`` into ``out``, or its saved summary if it ran with the same flags."""
+    """finetune.py with ``flags`` into ``out``, or its saved summary if it ran with the same flags and inputs."""
     saved = out / "summary.json"
-    if saved.exists() and json.loads(saved.read_text()).get("flags") == flags:
-        return json.loads(saved.read_text())
+    digest = inputs(flags)
+    if saved.exists():
+        summary = json.loads(saved.read_text())
+        if summary.get("flags") == flags and summary.get("inputs") == digest:
+            return summary
     t0 = time.perf_counter()
     summary = finetune.main([*flags, "--out", str(out), "--no-progress"])
     summary["run_s"] = time.perf_counter() - t0  # fine-tuning and scoring
-    summary["flags"] = flags
+    summary["flags"], summary["inputs"] = flags, digest
     summary["records"] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     saved.write_text(json.dumps(summary))
     return summary
@@ -100,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: LRS)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                    help="also fine-tune a random initialization with full AdamW (seed 0; not with --lr)")  # fmt: skip
-    p.add_argument("--pretrain-steps", type=int, default=600, help="pre-training steps of the tiny model")
+    p.add_argument("--preset", default="tiny", choices=sorted(model_lib.PRESETS), help="the model's size")
+    p.add_argument("--pretrain-steps", type=int, default=600, help="pre-training steps (Fira, built-in corpus)")
     p.add_argument("--steps", type=int, default=120, help="fine-tuning steps")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning examples per step")
     p.add_argument("--train-examples", type=int, default=960, help="task records to fine-tune on")
@@ -122,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_json, test_json = task_files(runs, args.train_examples, args.test_examples)
     except ValueError as e:
         p.error(str(e))
-    ckpt = pretrained(pathlib.Path(args.cache).expanduser(), args.pretrain_steps)
+    ckpt = pretrained(pathlib.Path(args.cache).expanduser(), args.preset, args.pretrain_steps)
     tok = tokenizer_lib.load("bytes")
     test = instruct.load_records(test_json, ("instruction", "answer"))
     base_acc = instruct.accuracy(hf.load(ckpt), tok, test, template="plain")
@@ -145,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{method} seed {seed}: accuracy {acc:.3f}, validation loss {val:.4f}", flush=True)
     if args.control and args.lr is None:
         # The same fine-tuning from a random initialization: what pre-training contributes.
-        scratch = pathlib.Path(args.cache).expanduser() / "tiny-random"
+        scratch = pathlib.Path(args.cache).expanduser() / f"{args.preset}-random"
         if not (scratch / "model.safetensors").exists():
             hf.save(model_lib.LLaMA(hf.load(ckpt).cfg, rngs=nnx.Rngs(0)), scratch)
         summary = run(flags_for(scratch, "full-adamw", LRS["full-adamw"], 0), runs / "control-random-init")
@@ -214,6 +228,7 @@ def write(results: dict, grid: dict, base_acc: float, args: argparse.Namespace, 
     pretrain = ckpt.parent / f"{ckpt.name}-run" / "summary.json"
     pretrain_s = json.loads(pretrain.read_text())["wall_s"] if pretrain.exists() else float("nan")
     total_s = sum(r.get("run_s", r["wall_s"]) for runs in results.values() for r in runs)
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(hf.load(ckpt), nnx.Param)))
     machine = f"{os.cpu_count()} CPU cores, JAX {jax.__version__} on {jax.devices()[0].platform}"
     md = [
         "# Fine-tuning on a CPU: full AdamW vs LoRA vs GaLore vs Fira vs LoRA + Fira",
@@ -222,7 +237,8 @@ def write(results: dict, grid: dict, base_acc: float, args: argparse.Namespace, 
         f"cached), these {sum(len(r) for r in results.values())} fine-tuning runs {total_s / 60:.1f} min "
         "(fine-tuning and scoring, compilation included).",
         "",
-        f"The `tiny` model (0.86M parameters) pre-trained with Fira for {args.pretrain_steps} steps on the built-in "
+        f"The `{args.preset}` model ({params / 1e6:.2f}M parameters) pre-trained with Fira for {args.pretrain_steps} "
+        "steps on the built-in "
         f'corpus, then fine-tuned for {args.steps} steps of {args.batch_size} examples on "Which name is called?" '
         "lines from the corpus's held-out files (lm/pytasks.py), and scored on "
         f"{args.test_examples} lines of other held-out files by answer log-likelihood: chance 0.25, "
@@ -270,7 +286,7 @@ def write(results: dict, grid: dict, base_acc: float, args: argparse.Namespace, 
     right.legend()
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    fig.suptitle("tiny model, 'Which name is called?' on held-out standard-library code")
+    fig.suptitle(f"{args.preset} model, 'Which name is called?' on held-out standard-library code")
     fig.tight_layout()
     fig.savefig(out / "finetune.png", dpi=120)
     plt.close(fig)

@@ -118,7 +118,7 @@ def test_demonstration_tables_and_reuse(tmp_path, monkeypatch):
     """The CPU demonstration end to end on a tiny budget, then a rerun that trains nothing."""
     import finetune_demo
 
-    flags = ["--pretrain-steps", "1", "--steps", "2", "--batch-size", "2", "--train-examples", "8",
+    flags = ["--preset", "micro", "--pretrain-steps", "1", "--steps", "2", "--batch-size", "2", "--train-examples", "8",
              "--test-examples", "6", "--methods", "fira", "lora", "--seeds", "0", "1", "--baseline-seeds", "0",
              "--cache", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]  # fmt: skip
     results = finetune_demo.main(flags)
