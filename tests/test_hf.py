@@ -39,10 +39,12 @@ def test_import_and_export_match_transformers(tmp_path, tie):
     tokens = np.random.default_rng(0).integers(0, 128, (2, 16))
     ours = hf.load(path)
     assert ours.cfg.num_kv_heads == 2 and ours.cfg.tie_embeddings == tie and ours.cfg.rope_theta == 500000.0
-    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(tokens))), logits(reference, tokens), atol=1e-4)
+    imported = np.max(np.abs(np.asarray(ours(jnp.asarray(tokens))) - logits(reference, tokens)))
     hf.save(ours, tmp_path / "exported")
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").eval()
-    np.testing.assert_allclose(logits(reloaded, tokens), logits(reference, tokens), atol=1e-6)
+    exported = np.max(np.abs(logits(reloaded, tokens) - logits(reference, tokens)))
+    print(f"tied {tie}: max |logit difference| import {imported:.1e}, export reloaded in transformers {exported:.1e}")
+    assert imported <= 1e-4 and exported <= 1e-6
 
 
 def test_sharded_checkpoint_loads(tmp_path):
