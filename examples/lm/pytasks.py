@@ -39,9 +39,9 @@ def called(test_fraction: float = 0.2, choices: int = 4, seed: int = 0, max_char
     """Which name does this line call? Held-out one-line statements that call exactly one name; the
     other candidates are ``choices - 1`` names the line uses but does not call (chance: 1 / choices).
 
-    The answer is in plain sight, among names that are too: the model has to tell the name before
-    an opening parenthesis from attributes, arguments and assignment targets, a question about
-    syntax that pre-training on code prepares it for but never asked in this form.
+    Every candidate is in the line: the model has to tell the called name from attributes,
+    arguments and assignment targets, a question of syntax that pre-training on code prepares it
+    for but never asks in this form.
     """
     rng = random.Random(seed)
     out = {"train": [], "test": []}
