@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = pretrained(pathlib.Path(args.cache).expanduser(), args.preset, args.pretrain_steps)
     tok = tokenizer_lib.load("bytes")
     test = instruct.load_records(test_json, ("instruction", "answer"))
-    base_acc = instruct.accuracy(hf.load(ckpt), tok, test, template="plain")
+    base = hf.load(ckpt)
+    base_acc = instruct.accuracy(base, tok, test, template="plain")
     print(f"pre-trained model, before fine-tuning: accuracy {base_acc:.3f} on {len(test)} test lines", flush=True)
 
     def flags_for(checkpoint: pathlib.Path, method: str, lr: float, seed: int) -> list[str]:
@@ -161,13 +162,14 @@ def main(argv: list[str] | None = None) -> dict:
         # The same fine-tuning from a random initialization: what pre-training contributes.
         scratch = pathlib.Path(args.cache).expanduser() / f"{args.preset}-random"
         if not (scratch / "model.safetensors").exists():
-            hf.save(model_lib.LLaMA(hf.load(ckpt).cfg, rngs=nnx.Rngs(0)), scratch)
+            hf.save(model_lib.LLaMA(base.cfg, rngs=nnx.Rngs(0)), scratch)
         summary = run(flags_for(scratch, "full-adamw", LRS["full-adamw"], 0), runs / "control-random-init")
         results[CONTROL] = [summary]
         print(f"{CONTROL}: accuracy {summary['accuracy/test']:.3f}", flush=True)
     command = " ".join(["python examples/finetune_demo.py", *(sys.argv[1:] if argv is None else argv)])
     grid = lr_grid(runs, flags_for(ckpt, "fira", 0.0, 0))
-    write(results, grid, base_acc, args, out, command, ckpt)
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
+    write(results, grid, base_acc, params, args, out, command, ckpt)
     return results
 
 
@@ -200,8 +202,8 @@ def _mean_spread(xs: list[float]) -> str:
     return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
-def write(results: dict, grid: dict, base_acc: float, args: argparse.Namespace, out: pathlib.Path, command: str,
-          ckpt: pathlib.Path) -> None:  # fmt: skip
+def write(results: dict, grid: dict, base_acc: float, params: int, args: argparse.Namespace, out: pathlib.Path,
+          command: str, ckpt: pathlib.Path) -> None:  # fmt: skip
     """results/finetune.{md,png,json}."""
     import matplotlib
 
@@ -228,7 +230,6 @@ def write(results: dict, grid: dict, base_acc: float, args: argparse.Namespace, 
     pretrain = ckpt.parent / f"{ckpt.name}-run" / "summary.json"
     pretrain_s = json.loads(pretrain.read_text())["wall_s"] if pretrain.exists() else float("nan")
     total_s = sum(r.get("run_s", r["wall_s"]) for runs in results.values() for r in runs)
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(hf.load(ckpt), nnx.Param)))
     machine = f"{os.cpu_count()} CPU cores, JAX {jax.__version__} on {jax.devices()[0].platform}"
     md = [
         "# Fine-tuning on a CPU: full AdamW vs LoRA vs GaLore vs Fira vs LoRA + Fira",

@@ -8,8 +8,6 @@ adapters' ``nnx.LoRAParam`` s are trained (``nnx.Optimizer(model, tx, wrt=nnx.Lo
 :func:`merge` folds them into the kernels (``W + alpha / r * A B``) for export.
 """
 
-from typing import Any
-
 import jax
 from flax import nnx
 
@@ -58,7 +56,3 @@ def merge(model: model_lib.LLaMA) -> model_lib.LLaMA:
                     child.base.kernel.set_value(child.base.kernel[...] + delta.astype(child.base.kernel.dtype))
                     setattr(parent, name, child.base)
     return model
-
-
-def count(tree: Any) -> int:
-    return sum(x.size for x in jax.tree.leaves(tree))
