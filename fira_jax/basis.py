@@ -112,6 +112,21 @@ def randomized_svd(
     return u_a, vh_a
 
 
+def _top_vectors(
+    g32: jax.Array, layout: Layout, signs: bool, svd: str, key: jax.Array | None, oversample: int, power_iters: int
+) -> tuple[jax.Array, jax.Array]:
+    """``(U[..., :, :r], Vh[..., :r, :])`` of float32 matrices ``g32`` by the chosen SVD."""
+    r = layout.rank
+    if svd == "randomized":
+        u, vh = randomized_svd(g32, r, layout.side, key, oversample, power_iters)
+    else:
+        u, _, vh = jnp.linalg.svd(g32, full_matrices=False)
+        u, vh = u[..., :, :r], vh[..., :r, :]
+    if signs:
+        u, vh = canonical_signs(u, vh, layout.side)
+    return u, vh
+
+
 def top_singular_basis(
     g: jax.Array,
     old: Basis,
@@ -124,19 +139,29 @@ def top_singular_basis(
 ) -> Basis:
     """Top-r singular vectors of the canonical gradient ``g``, in float32.
 
-    Matrices whose gradient or new basis is not finite (a NaN/Inf gradient, or
-    an SVD that failed) keep their previous basis ``old``.
+    The matrices of a stacked leaf (``batch + (m, n)``) are decomposed one after another
+    (``lax.map``), so the refresh's float32 workspace is one matrix's, not the stack's; under
+    explicit sharding of the stacking axes they are decomposed where they live, as one batch.
+    Matrices whose gradient or new basis is not finite (a NaN/Inf gradient, or an SVD that
+    failed) keep their previous basis ``old``.
     """
     layout = old.layout
-    r = layout.rank
     g32 = sharding.gather_matrix(g.astype(jnp.float32))
-    if svd == "randomized":
-        u, vh = randomized_svd(g32, r, layout.side, key, oversample, power_iters)
+    spec = sharding.explicit_spec(g32)
+    stacked_here = layout.batch and (spec is None or all(a is None for a in tuple(spec)[: len(layout.batch)]))
+    if stacked_here:
+        flat = g32.reshape(-1, layout.m, layout.n)
+        keys = None if key is None else jax.random.split(key, flat.shape[0])
+
+        def one(args: tuple[jax.Array, Any]) -> tuple[jax.Array, jax.Array]:
+            x, k = args
+            return _top_vectors(x, layout, signs, svd, k, oversample, power_iters)
+
+        u, vh = jax.lax.map(one, (flat, keys))
+        u = u.reshape(*layout.batch, *u.shape[1:])
+        vh = vh.reshape(*layout.batch, *vh.shape[1:])
     else:
-        u, _, vh = jnp.linalg.svd(g32, full_matrices=False)
-        u, vh = u[..., :, :r], vh[..., :r, :]
-    if signs:
-        u, vh = canonical_signs(u, vh, layout.side)
+        u, vh = _top_vectors(g32, layout, signs, svd, key, oversample, power_iters)
 
     finite_g = jnp.all(jnp.isfinite(g), axis=(-2, -1), keepdims=True)
 

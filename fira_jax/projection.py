@@ -186,7 +186,10 @@ def project_gradients(
     smaller state), ``"reverse_std"`` the opposite, ``"right"``, ``"left"`` and
     ``"full"`` are fixed. The effective rank is ``min(rank, m, n)``. Between
     refreshes the basis is kept. The refresh is one ``lax.cond`` on the step
-    count for the whole tree, so one compiled update serves every step.
+    count per leaf, so one compiled update serves every step, and the refresh
+    costs one matrix's SVD workspace at a time: a leaf's refresh depends only on
+    its own gradient, and the matrices of a stacked leaf are decomposed one
+    after another.
 
     Each selected leaf of the output is a :class:`LowRank` node; follow this
     transformation with :func:`fira_jax.in_subspace` (the optimizer in the
@@ -303,17 +306,15 @@ def project_gradients(
                 power_iters=power_iters,
             )  # fmt: skip
 
-        # One cond per group of leaves that refresh together. A cond is never vmapped (that
-        # would run every SVD).
+        # One cond per leaf, each depending on that leaf's gradient only: a leaf refreshes as
+        # soon as its gradient exists, and its SVD workspace is free before the next one's (one
+        # cond for the whole tree would wait for every gradient and hold every workspace at
+        # once). A cond is never vmapped (that would run every SVD).
         new = list(old)
         for offset, members in refresh_groups(len(picked), update_proj_gap, stagger):
-            refreshed = jax.lax.cond(
-                refresh_due(state.count, offset, update_proj_gap),
-                lambda members=members: [new_basis(j) for j in members],
-                lambda members=members: [old[j] for j in members],
-            )
-            for j, basis in zip(members, refreshed, strict=True):
-                new[j] = basis
+            due = refresh_due(state.count, offset, update_proj_gap)
+            for j in members:
+                new[j] = jax.lax.cond(due, lambda j=j: new_basis(j), lambda j=j: old[j])
         out: list[Any] = list(leaves)
         bases: list[Basis | None] = [None] * len(leaves)
         for i, g, basis in zip(picked, grads, new, strict=True):

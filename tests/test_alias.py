@@ -403,9 +403,11 @@ def test_one_compilation_serves_refresh_and_other_steps():
         _, state = step(g, state)
     assert len(traces) == 1
     jaxpr = str(jax.make_jaxpr(tx.update)(p, state, p))
-    # One cond for the whole tree; one (batched) SVD per selected leaf, inside it.
-    assert len(re.findall(r"= cond\[", jaxpr)) == 1
+    # One cond per selected leaf; one SVD per selected leaf, inside it (the stacked leaf's
+    # matrices one after another, in a loop over the stack).
+    assert len(re.findall(r"= cond\[", jaxpr)) == 2
     assert len(re.findall(r"= svd\[", jaxpr)) == 2
+    assert re.search(r"= scan\[(.|\n)*= svd\[", jaxpr)
 
 
 def test_dtype_preserved_bf16():
