@@ -31,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import data as data_lib
 from lm import hf, instruct, lora, optim
+from lm import step as step_lib
 from lm import tokenizer as tokenizer_lib
 from lm.train import plot, state_mib
 
@@ -131,11 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(train)} training / {len(val)} validation examples, {steps} steps")  # fmt: skip
     pad = tok.separator or 0
 
-    @nnx.jit
-    def train_step(model: nnx.Module, optimizer: nnx.Optimizer, ids: jax.Array, weights: jax.Array) -> jax.Array:
-        loss, grads = nnx.value_and_grad(instruct.masked_loss, argnums=nnx.DiffState(0, wrt))(model, ids, weights)
-        optimizer.update(model, grads)
-        return loss
+    train_step = step_lib.make_train_step(instruct.masked_loss, wrt)
 
     @nnx.jit
     def eval_loss(model: nnx.Module, ids: jax.Array, weights: jax.Array) -> jax.Array:
@@ -168,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             if len(order) < args.batch_size:
                 order = np.concatenate([order, rng.permutation(len(train))])
             idx, order = order[: args.batch_size], order[args.batch_size :]
-            loss = float(train_step(model, optimizer, *padded([train[i] for i in idx])))
+            loss = float(step_lib.run_step(train_step, model, optimizer, *padded([train[i] for i in idx])))
             record = {"step": step + 1, "train_loss": loss}
             if (step + 1) % args.eval_every == 0 or step + 1 == steps:
                 record["val_loss"] = validate()

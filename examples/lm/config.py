@@ -36,6 +36,10 @@ class TrainConfig:
     # model and data
     preset: str = _field("tiny", "model size", choices=sorted(model_lib.PRESETS))
     dtype: str = _field("float32", "compute dtype", choices=("float32", "bfloat16"))
+    param_dtype: str = _field(
+        "float32", "dtype the parameters, and so the gradients and optimizer state, are stored in",
+        choices=("float32", "bfloat16"),
+    )  # fmt: skip
     data: str | None = _field(
         None, "a folder from prepare_data.py, or a text file / folder / .jsonl / .json.gz (default: built-in corpus)"
     )

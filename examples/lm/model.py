@@ -49,9 +49,9 @@ PRESETS = {
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype = jnp.float32) -> None:
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -69,21 +69,21 @@ def rotary(x: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-def _linear(d_in: int, d_out: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(d_in: int, d_out: int, dtype: jnp.dtype, rngs: nnx.Rngs, param_dtype: jnp.dtype) -> nnx.Linear:
     init = nnx.initializers.normal(stddev=0.02)
-    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype, rngs=rngs)
+    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
     """Causal self-attention with rotary embeddings; grouped-query when ``kv_heads < heads``."""
 
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs, param_dtype: jnp.dtype) -> None:
         self.heads, self.kv_heads, self.head_dim, self.theta = cfg.heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta
         kv = cfg.num_kv_heads * cfg.head_dim
-        self.q = _linear(cfg.hidden, cfg.hidden, dtype, rngs)
-        self.k = _linear(cfg.hidden, kv, dtype, rngs)
-        self.v = _linear(cfg.hidden, kv, dtype, rngs)
-        self.o = _linear(cfg.hidden, cfg.hidden, dtype, rngs)
+        self.q = _linear(cfg.hidden, cfg.hidden, dtype, rngs, param_dtype)
+        self.k = _linear(cfg.hidden, kv, dtype, rngs, param_dtype)
+        self.v = _linear(cfg.hidden, kv, dtype, rngs, param_dtype)
+        self.o = _linear(cfg.hidden, cfg.hidden, dtype, rngs, param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, s, d = x.shape
@@ -95,21 +95,21 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
-        self.gate = _linear(cfg.hidden, cfg.intermediate, dtype, rngs)
-        self.up = _linear(cfg.hidden, cfg.intermediate, dtype, rngs)
-        self.down = _linear(cfg.intermediate, cfg.hidden, dtype, rngs)
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs, param_dtype: jnp.dtype) -> None:
+        self.gate = _linear(cfg.hidden, cfg.intermediate, dtype, rngs, param_dtype)
+        self.up = _linear(cfg.hidden, cfg.intermediate, dtype, rngs, param_dtype)
+        self.down = _linear(cfg.intermediate, cfg.hidden, dtype, rngs, param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
-        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.attn = Attention(cfg, dtype, rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.mlp = MLP(cfg, dtype, rngs)
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs, param_dtype: jnp.dtype) -> None:
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, param_dtype)
+        self.attn = Attention(cfg, dtype, rngs, param_dtype)
+        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps, param_dtype)
+        self.mlp = MLP(cfg, dtype, rngs, param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.attn_norm(x))
@@ -117,16 +117,24 @@ class Block(nnx.Module):
 
 
 class LLaMA(nnx.Module):
-    """Decoder-only LM; the output head is its own matrix unless ``cfg.tie_embeddings``."""
+    """Decoder-only LM; the output head is its own matrix unless ``cfg.tie_embeddings``.
 
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs) -> None:
+    ``dtype`` is the computation's dtype, ``param_dtype`` the one the parameters (and so the
+    gradients and the optimizer state) are stored in.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:  # fmt: skip
         self.cfg = cfg
         self.embed = nnx.Embed(
-            cfg.vocab_size, cfg.hidden, embedding_init=nnx.initializers.normal(0.02), dtype=dtype, rngs=rngs
-        )
-        self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.layers)])
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else _linear(cfg.hidden, cfg.vocab_size, dtype, rngs)
+            cfg.vocab_size, cfg.hidden, embedding_init=nnx.initializers.normal(0.02), dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.layers = nnx.List([Block(cfg, dtype, rngs, param_dtype) for _ in range(cfg.layers)])
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, param_dtype)
+        self.lm_head = None if cfg.tie_embeddings else _linear(cfg.hidden, cfg.vocab_size, dtype, rngs, param_dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.embed(tokens)

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import optim
+from lm import step as step_lib
 from lm.config import TrainConfig
 
 # Dense bf16 peak FLOP/s per device, for model FLOPs utilisation (MFU); others report none.
@@ -74,8 +75,9 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.ModelConfig:
 
 def build(cfg: TrainConfig, vocab_size: int = 256) -> tuple[model_lib.LLaMA, optax.GradientTransformation]:
     """The model (initialized from ``cfg.seed``) and the optimizer with its schedule."""
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
-    model = model_lib.LLaMA(model_config(cfg, vocab_size), dtype=dtype, rngs=nnx.Rngs(cfg.seed))
+    dtype, param_dtype = (jnp.dtype(name) for name in (cfg.dtype, cfg.param_dtype))
+    mcfg = model_config(cfg, vocab_size)
+    model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed))
     sched = optim.schedule(cfg.lr, cfg.steps, cfg.resolved_warmup())
     tx = optim.make_optimizer(
         cfg.optimizer, sched, rank=cfg.resolved_rank(), scale=cfg.scale, update_proj_gap=cfg.update_proj_gap,
@@ -136,10 +138,13 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     if micro % n:
         raise ValueError(f"--batch-size / --grad-accum = {micro} must be divisible by the {n} devices")
     mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    batch_sharding = NamedSharding(mesh, P(None, "data"))  # (accumulation step, row, token)
     val_sharding = NamedSharding(mesh, P("data"))
-    train_shape = (cfg.grad_accum, micro, cfg.seq_len + 1)
     val_shape = (micro, cfg.seq_len + 1)
+    if cfg.grad_accum == 1:  # (row, token)
+        batch_sharding, train_shape = val_sharding, val_shape
+    else:  # (accumulation step, row, token)
+        batch_sharding = NamedSharding(mesh, P(None, "data"))
+        train_shape = (cfg.grad_accum, micro, cfg.seq_len + 1)
     micro_rows = _process_rows(val_sharding, val_shape)  # a micro-batch is sharded like a validation batch
     # This process's rows of the global batch: its rows of each accumulation step's micro-batch.
     train_rows = np.concatenate([np.arange(a * micro + micro_rows.start, a * micro + micro_rows.stop)
@@ -172,25 +177,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
             start_step = manager.latest_step()
             log(f"resumed from step {start_step}")
 
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-
-    @nnx.jit
-    def train_step(model: model_lib.LLaMA, optimizer: nnx.Optimizer, batch: jax.Array) -> jax.Array:
-        """Mean loss and gradient over the accumulation steps (a scan), then one optimizer update."""
-        params = nnx.state(model, nnx.Param)
-
-        def micro_step(carry: Any, micro_batch: jax.Array) -> tuple[Any, None]:
-            loss_sum, grad_sum = carry
-            loss, grads = jax.value_and_grad(lambda p: model_lib.loss_fn(nnx.merge(graphdef, p, rest), micro_batch))(
-                params
-            )
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss_sum, grad_sum), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), batch)
-        grads = jax.tree.map(lambda g: g / cfg.grad_accum, grad_sum)
-        optimizer.update(model, grads)
-        return loss_sum / cfg.grad_accum
+    train_step = step_lib.make_train_step(model_lib.loss_fn, nnx.Param, cfg.grad_accum)
 
     @nnx.jit
     def eval_step(model: model_lib.LLaMA, batch: jax.Array) -> jax.Array:
@@ -239,8 +226,8 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         running = []
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
-            local = batches(step, train_rows).reshape(cfg.grad_accum, -1, cfg.seq_len + 1)
-            loss = train_step(model, optimizer, _global_batch(local, batch_sharding, train_shape))
+            local = batches(step, train_rows).reshape(*train_shape[:-2], -1, cfg.seq_len + 1)
+            loss = step_lib.run_step(train_step, model, optimizer, _global_batch(local, batch_sharding, train_shape))
             running.append(loss)
             last = step + 1 == cfg.steps
             if (step + 1) % cfg.log_every == 0 or last or (step + 1) % cfg.eval_every == 0:
