@@ -1,15 +1,23 @@
-"""Memory of AdamW, GaLore and Fira for the LLaMA presets, computed without allocating anything.
+"""Memory of SGD, AdamW, GaLore and Fira for the LLaMA presets, computed without allocating anything.
 
 For each preset and optimizer: the parameters, gradients and optimizer state in bytes (from
-``jax.eval_shape`` of the model and of ``tx.init``), and the peak memory of the compiled train
-step (``memory_analysis`` of the jitted step lowered on ``jax.ShapeDtypeStruct`` s, with the
-parameters and the state donated), for one batch of ``--batch-size`` x ``--seq-len`` tokens.
-Nothing is allocated, so a laptop reports 7B. Ranks are the authors' (60m 128, 130m 256, 350m 256,
-1b 512, 7b 64). ``--dtype bfloat16`` stores parameters, gradients and state in bf16, as the
+``nnx.eval_shape`` of the model and its ``nnx.Optimizer``), and the peak memory of the compiled
+train step: ``memory_analysis`` of the very step training runs (``lm/step.py``'s
+``make_train_step``, the state donated) lowered on abstract values, for one batch of
+``--batch-size`` x ``--seq-len`` tokens. Nothing is allocated, so a laptop reports 7B. ``sgd`` is
+the same step with no optimizer state: the floor every optimizer pays (parameters, gradients in
+flight, activations). Ranks are the authors' (60m 128, 130m 256, 350m 256, 1b 512, 7b 64).
+``--dtype bfloat16`` stores parameters, gradients and state in bf16 and computes in bf16, as the
 papers' memory estimates assume.
 
   python examples/memory_report.py --preset 60m 130m 350m 1b 7b
   python examples/memory_report.py --preset 7b --dtype bfloat16 --json
+
+``--platform tpu`` compiles for a TPU v5e chip without one (libtpu's deviceless compilation; needs
+``pip install "jax[tpu]"`` at the installed jax's version): the CPU compiler upcasts bf16 matmuls
+to float32 and schedules differently, so its bf16 peaks overstate an accelerator's.
+``--breakdown K`` lists the K largest buffers of each compiled step (XLA's memory-usage report of
+its buffer assignment), to see where the peak goes.
 
 ``--finetune`` reports instead, per fine-tuning method of ``finetune.py`` at its defaults (LoRA
 rank 32 on q, k, v, up, down; GaLore / Fira rank 16; LoRA + Fira: Fira rank 16 on the LoRA
@@ -21,9 +29,12 @@ included), from ``eval_shape`` alone.
 
 import argparse
 import dataclasses
+import glob
 import json
+import os
 import pathlib
 import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -35,10 +46,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import model as model_lib
 from lm import optim
+from lm import step as step_lib
 
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 64, "tiny": 32, "20m": 64, "micro": 8}
 SCALES = {"1b": 0.0625, "7b": 0.0625}
 VOCAB = 32_000  # T5's tokenizer, as in the papers
+ROWS = ("sgd", "adamw", "galore", "fira")  # sgd: the same step without optimizer state (the floor)
 # GaLore's Table 2 (Fira's Table 3 reports the same): weights + optimizer state, BF16, in GB.
 PAPER_GB = {
     "60m": {"adamw": 0.36, "galore": 0.24, "fira": 0.24},
@@ -46,34 +59,98 @@ PAPER_GB = {
     "350m": {"adamw": 2.06, "galore": 1.22, "fira": 1.22},
     "1b": {"adamw": 7.80, "galore": 4.38, "fira": 4.38},
 }
+# A TPU v5e chip for deviceless compilation (--platform tpu): libtpu reads these instead of a host.
+TPU_ENV = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_SKIP_MDS_QUERY": "1"}
 
 
 def nbytes(tree: Any) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vocab: int = VOCAB) -> dict:
-    """Bytes of parameters, gradients, state, and the compiled step's peak, for one optimizer."""
+def optimizer(name: str, preset: str, hidden: int) -> optax.GradientTransformation:
+    """The row's optimizer at the authors' rank and scale for ``preset``."""
+    if name == "sgd":
+        return optax.sgd(1e-3)
+    return optim.make_optimizer(name, 1e-3, rank=RANKS.get(preset, hidden // 4), scale=SCALES.get(preset, 0.25))
+
+
+def tpu_device() -> Any:
+    """One chip of a TPU v5e topology, compiled for without a TPU (needs libtpu: ``jax[tpu]``)."""
+    from jax.experimental import topologies
+
+    for key, val in TPU_ENV.items():
+        os.environ.setdefault(key, val)
+    try:
+        return topologies.get_topology_desc("v5e:2x2", platform="tpu").devices[0]
+    except Exception as e:  # libtpu missing or unusable: one line, not a traceback
+        raise SystemExit(f"--platform tpu needs libtpu (pip install 'jax[tpu]=={jax.__version__}'): {e}") from None
+
+
+def largest_buffers(dump: str, k: int) -> list[tuple[int, str]]:
+    """The ``k`` largest buffers of the step dumped in ``dump``: (bytes, the shapes XLA's memory-usage report lists).
+
+    A buffer is one slot of the step's memory; several values whose lives do not overlap share it.
+    """
+    files = glob.glob(os.path.join(dump, "*jit_step*memory-usage-report.txt"))
+    if not files:
+        return []
+    rows = []
+    for line in pathlib.Path(max(files, key=os.path.getsize)).read_text().splitlines():
+        parts = [p.strip() for p in line.split(";")]  # cumulative; size; offset; values; shapes
+        if len(parts) == 5 and parts[3].isdigit():
+            rows.append((_bytes(parts[1]), parts[4]))
+    return sorted(rows, key=lambda r: -r[0])[:k]
+
+
+def _bytes(text: str) -> int:
+    """'2.69MiB' -> bytes (the report's units)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * size)
+    raise ValueError(f"unknown size {text!r} in XLA's memory-usage report")
+
+
+def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vocab: int = VOCAB,
+           platform: str = "cpu", breakdown: int = 0) -> dict:  # fmt: skip
+    """Bytes of parameters, gradients, state, and the compiled train step's peak, for one optimizer."""
     mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=vocab)
-    abstract = nnx.eval_shape(lambda: model_lib.LLaMA(mcfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nnx.to_pure_dict(params))
-    tx = optim.make_optimizer(name, 1e-3, rank=RANKS.get(preset, mcfg.hidden // 4), scale=SCALES.get(preset, 0.25))
-    state = jax.eval_shape(tx.init, params)
+    tx = optimizer(name, preset, mcfg.hidden)
 
-    def step(p: Any, s: Any, batch: jax.Array) -> tuple[Any, Any]:
-        grads = jax.grad(lambda p: model_lib.loss_fn(_merge(graphdef, p, rest, abstract), batch))(p)
-        updates, s = tx.update(grads, s, p)
-        return optax.apply_updates(p, updates), s
+    def build() -> tuple[model_lib.LLaMA, nnx.Optimizer]:
+        model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
+    model, opt = nnx.eval_shape(build)
+    graphdef, state = nnx.split((model, opt))
     batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, batch).compile()
+    if platform == "tpu":
+        sharding = jax.sharding.SingleDeviceSharding(tpu_device())
+        place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+        state, batch = jax.tree.map(place, state), place(batch)
+    step = step_lib.make_train_step(model_lib.loss_fn)
+    lowered = step.lower(graphdef, state, batch)
+    buffers = None
+    if breakdown:  # compiled afresh (a persistent compilation cache would skip the dump)
+        cache = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
+        try:
+            with tempfile.TemporaryDirectory() as dump:
+                compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+                buffers = largest_buffers(dump, breakdown)
+        finally:
+            jax.config.update("jax_enable_compilation_cache", cache)
+    else:
+        compiled = lowered.compile()
     mem = compiled.memory_analysis()
     peak = None
     if mem is not None:
         peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    return {"params_bytes": nbytes(params), "grads_bytes": nbytes(params), "state_bytes": nbytes(state),
-            "peak_bytes": peak}  # fmt: skip
+    params = nnx.state(model, nnx.Param)
+    out = {"params_bytes": nbytes(params), "grads_bytes": nbytes(params), "state_bytes": nbytes(opt.opt_state),
+           "peak_bytes": peak}  # fmt: skip
+    if buffers is not None:
+        out["largest_buffers"] = buffers
+    return out
 
 
 def finetune_report(preset: str, method: str, dtype: Any, vocab: int = VOCAB) -> dict:
@@ -100,13 +177,6 @@ def finetune_report(preset: str, method: str, dtype: Any, vocab: int = VOCAB) ->
             "weights_bytes": weights}  # fmt: skip
 
 
-def _merge(graphdef: Any, pure: Any, rest: Any, abstract: Any) -> Any:
-    """The model with the parameters ``pure`` (a pure dict) in place of the abstract ones."""
-    params = nnx.state(abstract, nnx.Param)
-    nnx.replace_by_pure_dict(params, pure)
-    return nnx.merge(graphdef, params, rest)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -116,34 +186,57 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=1, help="sequences in the step whose peak is measured")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=VOCAB, help="default T5's 32,000, as in the papers")
+    p.add_argument("--optimizer", nargs="+", default=list(ROWS), choices=ROWS, help="rows to report")
+    p.add_argument(
+        "--platform", choices=("cpu", "tpu"), default="cpu",
+        help="compile for this machine's CPU or, deviceless, for a TPU v5e chip (needs jax[tpu])",
+    )  # fmt: skip
+    p.add_argument("--breakdown", type=int, default=0, metavar="K", help="list each step's K largest buffers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--finetune", action="store_true", help="the fine-tuning methods of finetune.py instead")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.seq_len < 1 or args.vocab_size < 1:
-        p.error("--batch-size, --seq-len and --vocab-size must be >= 1")
+    if args.batch_size < 1 or args.seq_len < 1 or args.vocab_size < 1 or args.breakdown < 0:
+        p.error("--batch-size, --seq-len and --vocab-size must be >= 1, --breakdown >= 0")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     if args.finetune:
         return _finetune_main(args, dtype)
     out = {}
     for preset in args.preset:
-        out[preset] = {
-            n: report(preset, n, dtype, args.batch_size, args.seq_len, args.vocab_size) for n in optim.OPTIMIZERS
-        }
+        out[preset] = {}
+        for name in args.optimizer:
+            out[preset][name] = report(
+                preset, name, dtype, args.batch_size, args.seq_len, args.vocab_size, args.platform, args.breakdown
+            )
+            if not args.json:
+                print(f"{preset} {name}: compiled", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(out))
         return out
     gib = 2**30
+    paper_col = args.dtype == "bfloat16"  # the paper's estimates are bf16: beside bf16 figures only
     for preset, rows in out.items():
         print(
-            f"\n{preset} ({args.dtype}, rank {RANKS.get(preset)}, peak for {args.batch_size} x {args.seq_len} tokens)"
+            f"\n{preset} ({args.dtype}, rank {RANKS.get(preset)}, {args.platform.upper()} compiler, "
+            f"peak for {args.batch_size} x {args.seq_len} tokens)"
         )
-        print("| optimizer | params GiB | grads GiB | state GiB | params + state GiB | paper GB (bf16) | peak GiB |")
-        print("|---|---|---|---|---|---|---|")
+        floor = rows.get("sgd", {}).get("peak_bytes")
+        print("| optimizer | params GiB | grads GiB | state GiB | params + state GiB |"
+              + (" paper GB |" if paper_col else "") + " peak GiB | (peak - state) / SGD peak |")  # fmt: skip
+        print("|---|---|---|---|---|" + ("---|" if paper_col else "") + "---|---|")
         for name, r in rows.items():
-            paper = PAPER_GB.get(preset, {}).get(name, "")
-            peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}"
             cells = [r["params_bytes"], r["grads_bytes"], r["state_bytes"], r["params_bytes"] + r["state_bytes"]]
-            print(f"| {name} | " + " | ".join(f"{c / gib:.3f}" for c in cells) + f" | {paper} | {peak} |")
+            line = f"| {name} | " + " | ".join(f"{c / gib:.3f}" for c in cells) + " |"
+            if paper_col:
+                line += f" {PAPER_GB.get(preset, {}).get(name, '')} |"
+            peak = r["peak_bytes"]
+            line += " n/a |" if peak is None else f" {peak / gib:.2f} |"
+            line += f" {(peak - r['state_bytes']) / floor:.3f} |" if peak is not None and floor else " |"
+            print(line)
+        for name, r in rows.items():
+            if r.get("largest_buffers"):
+                print(f"\n{preset} {name}: largest buffers of the step")
+                for size, shapes in r["largest_buffers"]:
+                    print(f"  {size / 2**20:9.1f} MiB  {shapes}")
     return out
 
 
