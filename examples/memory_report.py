@@ -140,8 +140,14 @@ def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vo
         finally:
             jax.config.update("jax_enable_compilation_cache", cache)
     else:
-        compiled = lowered.compile()
-    mem = compiled.memory_analysis()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step larger than the chip
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"{preset} {name}: does not fit the chip: {str(e).splitlines()[0]}", file=sys.stderr)
+            compiled = None
+    mem = compiled.memory_analysis() if compiled is not None else None
     peak = None
     if mem is not None:
         peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
