@@ -38,7 +38,6 @@ def _reset_peak() -> None:
 
 def measure(preset: str, name: str, dtype_name: str, seq_len: int) -> dict:
     """One optimizer's refresh and plain step, in this process."""
-    import dataclasses
     import gc
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
@@ -49,14 +48,10 @@ def measure(preset: str, name: str, dtype_name: str, seq_len: int) -> dict:
     from lm import model as model_lib
     from lm import step as step_lib
 
-    dtype = jnp.dtype(dtype_name)
-    mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=memory_report.VOCAB)
-    model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, memory_report.optimizer(name, preset, mcfg.hidden), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, opt))
-    del model, opt
+    graphdef, state = nnx.split(memory_report.build(preset, name, jnp.dtype(dtype_name)))
+    vocab = memory_report.VOCAB
     rng = jax.random.key(0)
-    batches = [jax.random.randint(jax.random.fold_in(rng, i), (1, seq_len + 1), 0, mcfg.vocab_size) for i in range(2)]
+    batches = [jax.random.randint(jax.random.fold_in(rng, i), (1, seq_len + 1), 0, vocab) for i in range(2)]
     compiled = step_lib.make_train_step(model_lib.loss_fn).lower(graphdef, state, batches[0]).compile()
     mem = compiled.memory_analysis()
     analysed = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes

@@ -110,43 +110,47 @@ def _bytes(text: str) -> int:
     raise ValueError(f"unknown size {text!r} in XLA's memory-usage report")
 
 
+def build(preset: str, name: str, dtype: Any, vocab: int = VOCAB) -> tuple[model_lib.LLaMA, nnx.Optimizer]:
+    """The preset's model (parameters and compute in ``dtype``) and the row's ``nnx.Optimizer``."""
+    mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=vocab)
+    model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    return model, nnx.Optimizer(model, optimizer(name, preset, mcfg.hidden), wrt=nnx.Param)
+
+
+def _compile(lowered: Any, label: str, dump: str | None) -> Any:
+    """The compiled step, or None when the (TPU) compiler refuses a step larger than the chip."""
+    try:
+        return lowered.compile(compiler_options={"xla_dump_to": dump} if dump else None)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"{label}: does not fit the chip: {str(e).splitlines()[0]}", file=sys.stderr)
+        return None
+
+
 def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vocab: int = VOCAB,
            platform: str = "cpu", breakdown: int = 0) -> dict:  # fmt: skip
     """Bytes of parameters, gradients, state, and the compiled train step's peak, for one optimizer."""
-    mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=vocab)
-    tx = optimizer(name, preset, mcfg.hidden)
-
-    def build() -> tuple[model_lib.LLaMA, nnx.Optimizer]:
-        model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    model, opt = nnx.eval_shape(build)
+    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab))
     graphdef, state = nnx.split((model, opt))
     batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
     if platform == "tpu":
         sharding = jax.sharding.SingleDeviceSharding(tpu_device())
         place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
         state, batch = jax.tree.map(place, state), place(batch)
-    step = step_lib.make_train_step(model_lib.loss_fn)
-    lowered = step.lower(graphdef, state, batch)
+    lowered = step_lib.make_train_step(model_lib.loss_fn).lower(graphdef, state, batch)
     buffers = None
     if breakdown:  # compiled afresh (a persistent compilation cache would skip the dump)
         cache = jax.config.jax_enable_compilation_cache
         jax.config.update("jax_enable_compilation_cache", False)
         try:
             with tempfile.TemporaryDirectory() as dump:
-                compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+                compiled = _compile(lowered, f"{preset} {name}", dump)
                 buffers = largest_buffers(dump, breakdown)
         finally:
             jax.config.update("jax_enable_compilation_cache", cache)
     else:
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step larger than the chip
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            print(f"{preset} {name}: does not fit the chip: {str(e).splitlines()[0]}", file=sys.stderr)
-            compiled = None
+        compiled = _compile(lowered, f"{preset} {name}", None)
     mem = compiled.memory_analysis() if compiled is not None else None
     peak = None
     if mem is not None:
