@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from lm import config as config_lib
 from lm import data as data_lib
 from lm import model as model_lib
-from lm import optim, sweep
+from lm import optim, provenance, sweep
 from lm.runs import run_or_reuse
 from lm.train import plot
 
@@ -72,16 +72,21 @@ def main(argv: list[str] | None = None) -> None:
             cells = sweep.run_sweep(base, out, ranks, lrs, args.adamw_lrs, args.seeds, args.workers)
         except data_lib.DataError as e:
             p.error(str(e))
-        page, numbers = sweep.report(cells, base, ranks, lrs, args.adamw_lrs, args.seeds, hidden,
-                                     time.perf_counter() - t0)  # fmt: skip
+        numbers = sweep.numbers(cells, base, ranks, lrs, args.adamw_lrs, args.seeds, hidden,
+                                provenance.record(argv, __file__), time.perf_counter() - t0)  # fmt: skip
+        page = sweep.render(numbers)
         (out / "rank_sweep.md").write_text(page)
-        (out / "rank_sweep.json").write_text(json.dumps(numbers, indent=1, default=str))
+        (out / "rank_sweep.json").write_text(json.dumps(numbers, indent=1))
         sweep.plot(cells, ranks, args.seeds, out / "rank_sweep.png",
                    f"{base.preset}, {base.steps} steps: loss vs rank")  # fmt: skip
         print(page)
         return
     args.lrs = args.lrs or COMPARE_LRS
     runs: list[dict] = []
+    setup = {"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+             "seed": args.seed, "rank": base.resolved_rank(), "update_proj_gap": args.update_proj_gap,
+             "lrs": args.lrs, "optimizers": args.optimizers}  # fmt: skip
+    origin = provenance.record(argv, __file__)
 
     def run(**changes: object) -> dict:
         cfg = dataclasses.replace(base, **changes)
@@ -93,27 +98,52 @@ def main(argv: list[str] | None = None) -> None:
             p.error(str(e))
         result["tag"], result["ablation"] = tag, cfg.ablation
         runs.append(result)
-        (out / "compare.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "records"} for r in runs]))
         return result
 
-    best: dict[str, dict] = {}
     for name in args.optimizers:
         for lr in args.lrs:
-            r = run(optimizer=name, lr=lr)
-            if name not in best or r["final_val_loss"] < best[name]["final_val_loss"]:
-                best[name] = r
-    ablations = []
+            run(optimizer=name, lr=lr)
+    best = best_runs(runs)
     if args.ablations and "fira" in best:
         for ablation in optim.ABLATIONS[1:]:
-            ablations.append(run(optimizer="fira", lr=best["fira"]["lr"], ablation=ablation))
+            run(optimizer="fira", lr=best["fira"]["lr"], ablation=ablation)
+    saved = {
+        "provenance": origin,
+        "setup": setup,
+        "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs],
+    }
+    (out / "compare.json").write_text(json.dumps(saved, indent=1))
+    page = render(saved)
+    (out / "compare.md").write_text(page)
+    plot({f"{n} (lr {r['lr']:g})": r["records"] for n, r in best.items()}, out / "compare.png", f"{args.preset}")
+    print(page)
 
-    rank = base.resolved_rank()
+
+def best_runs(runs: list[dict]) -> dict[str, dict]:
+    """Each optimizer's run with the lowest final validation loss (ablations aside), in run order."""
+    best: dict[str, dict] = {}
+    for r in runs:
+        if r["ablation"] == "none" and (
+            r["optimizer"] not in best or r["final_val_loss"] < best[r["optimizer"]]["final_val_loss"]
+        ):
+            best[r["optimizer"]] = r
+    return best
+
+
+def render(saved: dict) -> str:
+    """results/compare.md from the contents of results/compare.json (tested to agree)."""
+    setup, runs, prov = saved["setup"], saved["runs"], saved["provenance"]
+    best = best_runs(runs)
     lines = [
-        f"# {args.preset}: AdamW vs GaLore vs Fira",
+        f"# {setup['preset']}: AdamW vs GaLore vs Fira",
         "",
-        f"Built-in corpus unless --data; {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, "
-        f"seed {args.seed}, rank {rank}, update_proj_gap {args.update_proj_gap}, scale 0.25; "
-        f"warmup 10% then cosine to 10% of lr; lr grid {args.lrs} for every optimizer.",
+        f"`{prov['command']}`",
+        "",
+        f"Made on {provenance.describe(prov)}.",
+        "",
+        f"Built-in corpus unless --data; {setup['steps']} steps x {setup['batch_size']} x {setup['seq_len']} tokens, "
+        f"seed {setup['seed']}, rank {setup['rank']}, update_proj_gap {setup['update_proj_gap']}, scale 0.25; "
+        f"warmup 10% then cosine to 10% of lr; lr grid {setup['lrs']} for every optimizer.",
         "",
         "| optimizer | best lr | val loss | val ppl | optimizer state (MiB) | median step (ms) |",
         "|---|---|---|---|---|---|",
@@ -123,25 +153,20 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {r['lr']:g} | {r['final_val_loss']:.4f} | {r['final_val_ppl']:.2f} | "
             f"{r['optimizer_state_mib']:.2f} | {1e3 * r['median_step_s']:.0f} |"
         )
-    lines += [
-        "",
-        "All runs (final validation loss):",
-        "",
-        "| optimizer | " + " | ".join(f"lr {x:g}" for x in args.lrs) + " |",
-    ]
-    lines.append("|---|" + "---|" * len(args.lrs))
-    for name in args.optimizers:
+    lines += ["", "All runs (final validation loss):", ""]
+    lines.append("| optimizer | " + " | ".join(f"lr {x:g}" for x in setup["lrs"]) + " |")
+    lines.append("|---|" + "---|" * len(setup["lrs"]))
+    for name in setup["optimizers"]:
         losses = {r["lr"]: r["final_val_loss"] for r in runs if r["optimizer"] == name and r["ablation"] == "none"}
-        lines.append(f"| {name} | " + " | ".join(f"{losses.get(x, float('nan')):.4f}" for x in args.lrs) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{losses.get(x, float('nan')):.4f}" for x in setup["lrs"]) + " |")
+    ablations = [r for r in runs if r["ablation"] != "none"]
     if ablations:
         lines += ["", f"Fira ablations at lr {best['fira']['lr']:g} (paper Table 5):", ""]
         lines += ["| variant | val loss | val ppl |", "|---|---|---|"]
         lines.append(f"| fira | {best['fira']['final_val_loss']:.4f} | {best['fira']['final_val_ppl']:.2f} |")
         for r in ablations:
             lines.append(f"| {r['ablation']} | {r['final_val_loss']:.4f} | {r['final_val_ppl']:.2f} |")
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    plot({f"{n} (lr {r['lr']:g})": r["records"] for n, r in best.items()}, out / "compare.png", f"{args.preset}")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

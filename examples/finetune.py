@@ -4,12 +4,21 @@ or LoRA + Fira (the authors' setup: Fira on the LoRA factors), and evaluate mult
   python examples/finetune.py --checkpoint ~/llama --tokenizer ~/llama/tokenizer.json \\
       --data commonsense_170k.json --method fira --eval boolq.json piqa.json
 
-Data: a JSON list of {"instruction", "input", "output"} records (Alpaca / LLM-Adapters) in the
-Alpaca template (--template plain drops its preamble sentence); the first --val-size records are
-held out for the validation loss. --eval files are LLM-Adapters'
-task JSON (see lm/instruct.py): accuracy by answer log-likelihood (--eval-mode loglik) or by
-greedy generation and matching (generate). Writes metrics.jsonl, loss.png and summary.json under
---out; --export DIR saves the fine-tuned model (LoRA merged) as a Hugging Face checkpoint. A
+Data: a JSON list (or JSON lines) of {"instruction", "input", "output"} records (Alpaca /
+LLM-Adapters) in the Alpaca template (--template plain drops its preamble sentence); the first
+--val-size records are held out for the validation loss.
+
+Evaluation files (--eval, LLM-Adapters' task JSON): records {"instruction", "answer"} whose
+instruction ends with "Answer format: a/b/c" (or that carry a "choices" list); the answer is one
+of the options. For example:
+  [{"instruction": "Is the sky green? Answer format: true/false", "answer": "false"},
+   {"instruction": "2 + 2 = ? Answer format: 3/4/5", "answer": "4"},
+   {"instruction": "Pick the colour.", "choices": ["red", "seven"], "answer": "red"}]
+Accuracy is by answer log-likelihood (--eval-mode loglik) or by greedy generation and matching
+(generate).
+
+Writes metrics.jsonl, loss.png and summary.json under --out; --export DIR saves the fine-tuned
+model (LoRA merged) as a Hugging Face checkpoint. A
 checkpoint of your own pre-training: ``train_lm.py --export DIR``. A demonstration that runs on a
 CPU with nothing to download: ``finetune_demo.py``.
 """
@@ -55,21 +64,51 @@ def make_optimizer(method: str, model: nnx.Module, schedule: optax.Schedule, arg
     return nnx.Param, tx
 
 
+def _count_or_fraction(text: str) -> int | float:
+    """``--val-size``: an integer count (>= 0) or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction") from None
+    if value.is_integer() and value >= 0:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: a count >= 0 or a fraction between 0 and 1 is expected")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line (its defaults are the authors' fine-tuning settings)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="Hugging Face LLaMA folder (config.json, *.safetensors)")
     p.add_argument("--tokenizer", default="bytes", help="bytes, a tokenizer.json (or its folder), or a .model")
-    p.add_argument("--data", help="training records (JSON list of instruction/input/output)")
-    p.add_argument("--eval", nargs="*", default=[], help="LLM-Adapters task JSON files to score")
+    p.add_argument("--data", help="training records: a JSON list or JSON lines of instruction/input/output")
+    p.add_argument(
+        "--eval",
+        nargs="*",
+        default=[],
+        help='task files to score: JSON records {"instruction", "answer"}, the instruction ending with '
+        '"Answer format: a/b/c" or the record holding a "choices" list (an example above)',
+    )
     p.add_argument("--eval-mode", choices=("loglik", "generate"), default="loglik")
     p.add_argument("--method", choices=METHODS, default="fira")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warmup steps (default: the authors' 100, or 10%% of a shorter run); must be shorter than the run",
+    )
     p.add_argument("--cutoff", type=int, default=256, help="tokens per example at most")
-    p.add_argument("--val-size", type=int, default=120, help="records held out for the validation loss")
+    p.add_argument(
+        "--val-size",
+        type=_count_or_fraction,
+        default=120,
+        help="records held out for the validation loss: a count (default 120, the authors'), or a fraction "
+        "of --data below 1 (e.g. 0.05)",
+    )
     p.add_argument(
         "--template",
         choices=sorted(instruct.TEMPLATES),
@@ -89,7 +128,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/finetune")
     p.add_argument("--export", default=None, help="save the fine-tuned model here (Hugging Face format)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
@@ -101,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.epochs > 0 or not args.lr > 0:
         p.error("--epochs and --lr must be > 0")
+    if args.warmup is not None and args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
     try:
         tok = tokenizer_lib.load(args.tokenizer)
         model = hf.load(args.checkpoint)
@@ -109,20 +150,24 @@ def main(argv: list[str] | None = None) -> dict:
                 f"--tokenizer has {tok.vocab_size} tokens; the checkpoint only {model.cfg.vocab_size}"
             )
         records = instruct.load_records(args.data) if args.data else []
-        tasks = {pathlib.Path(f).stem: instruct.load_records(f, ("instruction", "answer")) for f in args.eval}
+        tasks = {pathlib.Path(f).stem: instruct.load_task(f) for f in args.eval}
     except (data_lib.DataError, tokenizer_lib.TokenizerError, hf.CheckpointError) as e:
         p.error(str(e))
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     encoded = [instruct.encode(r, tok, args.cutoff, args.train_on_inputs, args.template) for r in records]
-    val, train = encoded[: args.val_size], encoded[args.val_size :]
+    n_val = args.val_size if isinstance(args.val_size, int) else max(1, round(args.val_size * len(records)))
+    val, train = encoded[:n_val], encoded[n_val:]
     if records and not train:
         p.error(f"--data has {len(records)} records, all held out by --val-size {args.val_size}")
     steps_per_epoch = max(1, len(train) // args.batch_size)
     steps = min(args.max_steps or 10**9, int(args.epochs * steps_per_epoch)) if train else 0
+    warmup = args.warmup if args.warmup is not None else min(100, steps // 10)
+    if steps and warmup >= steps:
+        p.error(f"--warmup {warmup} is not shorter than the run ({steps} steps): pass a smaller --warmup")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, args.lr, max(args.warmup, 1)),
-         optax.linear_schedule(args.lr, 0.0, max(steps - args.warmup, 1))], [max(args.warmup, 1)],
+        [optax.linear_schedule(0.0, args.lr, max(warmup, 1)),
+         optax.linear_schedule(args.lr, 0.0, max(steps - warmup, 1))], [max(warmup, 1)],
     )  # fmt: skip
     wrt, tx = make_optimizer(args.method, model, schedule, args)
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
@@ -191,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.method in ("lora", "lora-fira"):
             lora.merge(model)
         hf.save(model, args.export)
+        print(f"exported the fine-tuned model (Hugging Face format) to {args.export}")
     if summary["final_val_loss"] is not None and math.isfinite(summary["final_val_loss"]):
         print(f"final validation loss {summary['final_val_loss']:.4f} nats/token")
     return summary

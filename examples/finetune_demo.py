@@ -19,7 +19,6 @@ demo resumes where it stopped and a finished one rewrites its tables in seconds.
 import argparse
 import hashlib
 import json
-import os
 import pathlib
 import random
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import finetune
 import train_lm
 from lm import data as data_lib
-from lm import hf, instruct, pytasks
+from lm import hf, instruct, provenance, pytasks
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
 
@@ -93,12 +92,13 @@ def run(flags: list[str], out: pathlib.Path) -> dict:
     digest = inputs(flags)
     if saved.exists():
         summary = json.loads(saved.read_text())
-        if summary.get("flags") == flags and summary.get("inputs") == digest:
+        same_origin = provenance.same_origin(summary.get("provenance", {}), provenance.record())
+        if summary.get("flags") == flags and summary.get("inputs") == digest and same_origin:
             return summary
     t0 = time.perf_counter()
     summary = finetune.main([*flags, "--out", str(out), "--no-progress"])
     summary["run_s"] = time.perf_counter() - t0  # fine-tuning and scoring
-    summary["flags"], summary["inputs"] = flags, digest
+    summary["flags"], summary["inputs"], summary["provenance"] = flags, digest, provenance.record()
     summary["records"] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     saved.write_text(json.dumps(summary))
     return summary
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(e))
     ckpt = pretrained(pathlib.Path(args.cache).expanduser(), args.preset, args.pretrain_steps)
     tok = tokenizer_lib.load("bytes")
-    test = instruct.load_records(test_json, ("instruction", "answer"))
+    test = instruct.load_task(test_json)
     base = hf.load(ckpt)
     base_acc = instruct.accuracy(base, tok, test, template="plain")
     print(f"pre-trained model, before fine-tuning: accuracy {base_acc:.3f} on {len(test)} test lines", flush=True)
@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
         summary = run(flags_for(scratch, "full-adamw", LRS["full-adamw"], 0), runs / "control-random-init")
         results[CONTROL] = [summary]
         print(f"{CONTROL}: accuracy {summary['accuracy/test']:.3f}", flush=True)
-    command = " ".join(["python examples/finetune_demo.py", *(sys.argv[1:] if argv is None else argv)])
+    origin = provenance.record(argv, __file__)
     grid = lr_grid(runs, flags_for(ckpt, "fira", 0.0, 0))
     params = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
-    write(results, grid, base_acc, params, args, out, command, ckpt)
+    write(results, grid, base_acc, params, args, out, origin, ckpt)
     return results
 
 
@@ -203,7 +203,7 @@ def _mean_spread(xs: list[float]) -> str:
 
 
 def write(results: dict, grid: dict, base_acc: float, params: int, args: argparse.Namespace, out: pathlib.Path,
-          command: str, ckpt: pathlib.Path) -> None:  # fmt: skip
+          origin: dict, ckpt: pathlib.Path) -> None:  # fmt: skip
     """results/finetune.{md,png,json}."""
     import matplotlib
 
@@ -230,11 +230,12 @@ def write(results: dict, grid: dict, base_acc: float, params: int, args: argpars
     pretrain = ckpt.parent / f"{ckpt.name}-run" / "summary.json"
     pretrain_s = json.loads(pretrain.read_text())["wall_s"] if pretrain.exists() else float("nan")
     total_s = sum(r.get("run_s", r["wall_s"]) for runs in results.values() for r in runs)
-    machine = f"{os.cpu_count()} CPU cores, JAX {jax.__version__} on {jax.devices()[0].platform}"
     md = [
         "# Fine-tuning on a CPU: full AdamW vs LoRA vs GaLore vs Fira vs LoRA + Fira",
         "",
-        f"Command: `{command}`. Machine: {machine}. Time: pre-training {pretrain_s / 60:.1f} min (once, then "
+        f"`{origin['command']}`",
+        "",
+        f"Made on {provenance.describe(origin)}. Time: pre-training {pretrain_s / 60:.1f} min (once, then "
         f"cached), these {sum(len(r) for r in results.values())} fine-tuning runs {total_s / 60:.1f} min "
         "(fine-tuning and scoring, compilation included).",
         "",
@@ -262,7 +263,7 @@ def write(results: dict, grid: dict, base_acc: float, params: int, args: argpars
             *grid_rows,
         ]
     (out / "finetune.md").write_text("\n".join(md) + "\n")
-    saved = {"command": command, "machine": machine, "base_accuracy": base_acc, "runs": results}
+    saved = {"provenance": origin, "base_accuracy": base_acc, "runs": results}
     (out / "finetune.json").write_text(json.dumps(saved, indent=1))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = list(results)

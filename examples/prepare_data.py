@@ -3,9 +3,9 @@
   python examples/prepare_data.py --data ~/c4/en/ --tokenizer ~/t5/spiece.model --out ~/c4-t5/
   python examples/prepare_data.py --data book.txt --tokenizer tokenizer.json --out data/book/
 
-SRC is a text file, a folder of text files, .jsonl / .json.gz files with a "text" field (C4's
+--data is a text file, a folder of text files, .jsonl / .json.gz files with a "text" field (C4's
 c4-train.*.json.gz and c4-validation.*.json.gz are recognised as the two splits), or a folder of
-those. TOK is "bytes", a Hugging Face tokenizer.json (or its folder), or a SentencePiece .model.
+those. --tokenizer is "bytes", a Hugging Face tokenizer.json (or its folder), or a SentencePiece .model.
 Tokenization runs in parallel processes; ids are uint16 when the vocabulary fits, else uint32.
 Nothing is downloaded.
 """

@@ -9,7 +9,9 @@ several devices (data parallel; ``--mesh fsdp`` also shards the parameters).
   python examples/train_lm.py --data prepared/ --preset 20m      # a folder from prepare_data.py
   python examples/train_lm.py --recipe paper-60m --data c4-t5/   # the authors' 60M recipe
 
-Writes <out>/metrics.jsonl (one JSON object per logged step) and <out>/loss.png.
+Writes <out>/metrics.jsonl (one JSON object per logged step), <out>/loss.png and
+<out>/summary.json (the final figures, the configuration and where the run came from); with
+--export DIR, also a Hugging Face checkpoint in DIR.
 """
 
 import argparse
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"optimizer state {result['optimizer_state_mib']:.2f} MiB ({cfg.optimizer}) vs "
         f"{result['adamw_state_mib']:.2f} MiB (AdamW, same model)\n"
         f"wall time {result['wall_s']:.0f} s, median step {1e3 * result['median_step_s']:.0f} ms\n"
-        f"metrics: {out / 'metrics.jsonl'}, plot: {out / 'loss.png'}"
+        f"metrics: {out / 'metrics.jsonl'}, plot: {out / 'loss.png'}, summary: {out / 'summary.json'}"
+        + (f"\nexported (Hugging Face format) to {cfg.export}" if cfg.export else "")
     )
     return result
 

@@ -5,6 +5,7 @@ import json
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -167,6 +168,7 @@ def test_weight_decay_goes_to_kernels_only():
 def test_rank_sweep_tables_and_reuse(tmp_path, monkeypatch):
     """1 rank x 2 seeds x 5 steps on micro: the page's structure, then a rerun that trains nothing."""
     import compare
+    from lm import sweep
     from lm import train as train_lib
 
     flags = ["--rank-sweep", "--preset", "micro", "--steps", "5", "--batch-size", "2", "--seq-len", "16",
@@ -195,4 +197,30 @@ def test_rank_sweep_tables_and_reuse(tmp_path, monkeypatch):
     monkeypatch.setattr(train_lib, "train", no_training)
     (tmp_path / "rank_sweep.md").unlink()
     compare.main(flags)
-    assert (tmp_path / "rank_sweep.md").read_text().split("Wall time")[0] == page.split("Wall time")[0]
+
+    def body(text: str) -> str:  # without the provenance line (its date) and the wall time
+        return "\n".join(x for x in text.split("Wall time")[0].splitlines() if not x.startswith("Made on"))
+
+    assert body((tmp_path / "rank_sweep.md").read_text()) == body(page)
+    assert (
+        sweep.render(json.loads((tmp_path / "rank_sweep.json").read_text())) == (tmp_path / "rank_sweep.md").read_text()
+    )
+
+
+def test_compare_page_is_rendered_from_its_json(tmp_path):
+    """compare.md is a function of compare.json, which records where it came from."""
+    import compare
+
+    compare.main(["--preset", "micro", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-every", "4",
+                  "--optimizers", "fira", "adamw", "--lrs", "1e-2", "3e-2", "--out", str(tmp_path)])  # fmt: skip
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert compare.render(saved) == (tmp_path / "compare.md").read_text()
+    assert [r["tag"] for r in saved["runs"]] == ["fira-lr0.01", "fira-lr0.03", "adamw-lr0.01", "adamw-lr0.03"]
+    prov = saved["provenance"]
+    assert prov["command"].startswith("python examples/compare.py --preset micro")
+    assert len(prov["commit"].removesuffix("+dirty")) == 40 or prov["commit"] == "unknown"
+    assert prov["versions"]["jax"] == jax.__version__ and prov["machine"]["backend"] == jax.default_backend()
+    best = compare.best_runs(saved["runs"])
+    for name in ("fira", "adamw"):
+        row = next(x for x in (tmp_path / "compare.md").read_text().splitlines() if x.startswith(f"| {name} | "))
+        assert f"{best[name]['final_val_loss']:.4f}" in row

@@ -123,11 +123,9 @@ def add_flags(parser: argparse.ArgumentParser, names: list[str] | None = None, *
         flag = "--" + name.replace("_", "-")
         default = defaults.get(name, f.default)
         meta = dict(f.metadata)
-        if f.type is bool:
-            if default:
-                group.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false", help=meta["help"])
-            else:
-                group.add_argument(flag, dest=name, action="store_true", help=meta["help"])
+        if f.type is bool:  # --name / --no-name
+            meta["help"] += f" (default: {'on' if default else 'off'})"
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, **meta)
             continue
         typ = next(t for t in typing.get_args(f.type) if t is not type(None)) if typing.get_args(f.type) else f.type
         group.add_argument(flag, dest=name, type=typ, default=default, **meta)
@@ -152,6 +150,8 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"--gamma must be >= 1, got {cfg.gamma}")
     if cfg.weight_decay < 0 or cfg.checkpoint_every < 0 or (cfg.warmup is not None and cfg.warmup < 0):
         raise ValueError("--weight-decay, --checkpoint-every and --warmup must be >= 0")
+    if cfg.warmup is not None and cfg.warmup >= cfg.steps:
+        raise ValueError(f"--warmup {cfg.warmup} is not shorter than the run (--steps {cfg.steps}): pass a smaller one")
     if cfg.data is not None and not pathlib.Path(cfg.data).expanduser().exists():
         raise ValueError(f"--data {cfg.data}: no such file or folder")
     if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:

@@ -36,10 +36,49 @@ class CheckpointError(ValueError):
 
 
 SUPPORTED = ("LlamaForCausalLM",)
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    """A JSON object from ``path``, or a CheckpointError naming the file."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise CheckpointError(f"{path}: not a JSON file{where}: {getattr(e, 'msg', e)}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _open(file: pathlib.Path) -> Any:
+    """``safe_open`` on ``file``; a damaged, truncated or empty file raises a CheckpointError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such file")
+    try:
+        return safe_open(str(file), framework="flax")
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _tensor(file: pathlib.Path, name: str) -> Any:
+    """One tensor of a safetensors file (read alone), or a CheckpointError naming the file."""
+    from safetensors import SafetensorError
+
+    with _open(file) as f:
+        try:
+            return f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> model_lib.ModelConfig:
     """The model configuration of a Hugging Face LLaMA ``config.json``; raises on what is not supported."""
+    missing = [k for k in REQUIRED if not isinstance(hf.get(k), int)]
+    if missing:
+        raise CheckpointError(f"{where}: no integer {missing[0]!r} (a Hugging Face LLaMA config.json is expected)")
     arch = hf.get("architectures") or [hf.get("model_type", "?")]
     if arch[0] not in SUPPORTED:
         raise CheckpointError(f"{where}: architecture {arch[0]!r} is not supported (only {', '.join(SUPPORTED)})")
@@ -113,14 +152,14 @@ def _weight_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
     """Which file holds each tensor (one file, or a sharded index)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
         return {name: path / file for name, file in weight_map.items()}
     single = path / "model.safetensors"
     if not single.exists():
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="flax") as f:
+    with _open(single) as f:
         return dict.fromkeys(f.keys(), single)
 
 
@@ -130,12 +169,10 @@ def load(path: str | pathlib.Path, dtype: Any = jnp.float32, shardings: Any = No
     ``shardings``, if given, is a callable from a parameter path (a tuple) and shape to a
     ``jax.sharding.Sharding``: each tensor goes straight there.
     """
-    from safetensors import safe_open
-
     path = pathlib.Path(path).expanduser()
-    if not (path / "config.json").exists():
+    if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (a Hugging Face checkpoint folder is expected)")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    cfg = config_from_hf(_read_json(path / "config.json"), str(path / "config.json"))
     model = nnx.eval_shape(lambda: model_lib.LLaMA(cfg, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(params)
@@ -143,8 +180,7 @@ def load(path: str | pathlib.Path, dtype: Any = jnp.float32, shardings: Any = No
     for hf_name, ours, transpose in name_map(cfg):
         if hf_name not in files:
             raise CheckpointError(f"{path}: tensor {hf_name} is missing")
-        with safe_open(str(files[hf_name]), framework="flax") as f:
-            tensor = f.get_tensor(hf_name)  # one tensor at a time
+        tensor = _tensor(files[hf_name], hf_name)  # one tensor at a time
         tensor = tensor.T if transpose else tensor
         expected = tuple(_get(pure, ours[:-1])[ours[-1]].shape)
         if tuple(tensor.shape) != expected:

@@ -47,25 +47,54 @@ def prompt(record: dict, template: str = "alpaca") -> str:
 
 
 def load_records(path: str | pathlib.Path, need: tuple[str, ...] = ("instruction", "output")) -> list[dict]:
-    """A JSON list of records (or JSON lines), each checked for the fields ``need``."""
+    """A JSON list of records (or JSON lines: one record per line), each checked for the fields ``need``.
+
+    Errors name the file and, for JSON, the line in the file (``path:line: ...``).
+    """
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
         raise data_lib.DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
     try:
-        records = (
-            json.loads(text)
-            if text.lstrip().startswith("[")
-            else [json.loads(x) for x in text.splitlines() if x.strip()]
-        )
-    except json.JSONDecodeError as e:
-        raise data_lib.DataError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise data_lib.DataError(f"{path}: not UTF-8 text (a JSON file is expected)") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise data_lib.DataError(f"{path}:{e.lineno}: not JSON ({e.msg}, column {e.colno})") from None
+    else:
+        records = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    where = f"{path}:{line_no}"
+                    raise data_lib.DataError(f"{where}: not a JSON record ({e.msg}, column {e.colno})") from None
     if not records:
         raise data_lib.DataError(f"{path}: no records")
     for i, r in enumerate(records):
         missing = [k for k in need if not isinstance(r, dict) or not isinstance(r.get(k), str)]
         if missing:
             raise data_lib.DataError(f"{path}: record {i} has no string field {missing[0]!r}")
+    return records
+
+
+def load_task(path: str | pathlib.Path) -> list[dict]:
+    """An evaluation file: records with an ``"instruction"``, an ``"answer"``, and their options.
+
+    The options come from ``Answer format: a/b/c`` in the instruction or from a ``"choices"`` list;
+    the answer must be one of them (case-insensitive). Checked here, before any training.
+    """
+    records = load_records(path, ("instruction", "answer"))
+    for i, r in enumerate(records):
+        try:
+            options = candidates(r)
+        except data_lib.DataError as e:
+            raise data_lib.DataError(f"{path}: record {i}: {e}") from None
+        if r["answer"].strip().lower() not in [c.strip().lower() for c in options]:
+            raise data_lib.DataError(f"{path}: record {i}: answer {r['answer']!r} is not one of {'/'.join(options)}")
     return records
 
 
@@ -106,7 +135,7 @@ def candidates(record: dict) -> list[str]:
         return [str(c) for c in record["choices"]]
     found = re.search(r"Answer format:\s*([^\n]+)", record["instruction"])
     if not found:
-        raise data_lib.DataError(f"record has no 'Answer format:' nor 'choices': {record['instruction'][:80]!r}")
+        raise data_lib.DataError("no 'Answer format: a/b/c' in the instruction and no 'choices' list")
     return [c.strip().rstrip(".") for c in found.group(1).split("/") if c.strip()]
 
 

@@ -10,6 +10,7 @@ import ast
 import hashlib
 import pathlib
 import random
+import warnings
 
 from lm import data as data_lib
 
@@ -26,10 +27,17 @@ def _task_split(rel: str, test_fraction: float) -> str:
     return "test" if h / 2**64 < test_fraction else "train"
 
 
+def _parse(source: str) -> ast.Module:
+    """``ast.parse``, quiet about the standard library's own invalid escapes (its sources are the data)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+        return ast.parse(source)
+
+
 def _lines(path: pathlib.Path) -> list[str]:
     try:
         source = path.read_text(encoding="utf-8")
-        ast.parse(source)
+        _parse(source)
     except (UnicodeDecodeError, SyntaxError, ValueError):
         return []
     return source.splitlines()
@@ -51,7 +59,7 @@ def called(test_fraction: float = 0.2, choices: int = 4, seed: int = 0, max_char
             if not 15 <= len(text) <= max_chars:
                 continue
             try:
-                tree = ast.parse(text)
+                tree = _parse(text)
             except SyntaxError:
                 continue
             calls, used = set(), set()

@@ -1,8 +1,10 @@
 """Running many training configurations: reuse of finished runs, and parallel worker processes.
 
-A run's folder holds ``result.json`` with the configuration it ran; the same configuration is
-never run twice (training is deterministic on CPU for a given configuration), so an interrupted
-sweep resumes where it stopped and a finished one regenerates its tables in seconds.
+A run's folder holds ``result.json`` with the configuration it ran and its provenance (code,
+versions, machine: lm/provenance.py). The same configuration is not run twice on the same code and
+machine (training is deterministic there), so an interrupted sweep resumes where it stopped and a
+finished one regenerates its tables in seconds; a run made by other code or on another machine is
+run again.
 """
 
 import concurrent.futures
@@ -13,6 +15,7 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
+from lm import provenance
 from lm.config import TrainConfig
 
 
@@ -21,11 +24,14 @@ def _config_key(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def load_finished(cfg: TrainConfig) -> dict | None:
-    """The saved result of ``cfg`` if ``cfg.out`` holds a finished run of exactly this configuration."""
+    """The saved result of ``cfg`` if ``cfg.out`` holds a finished run of exactly this configuration,
+    made by this code on this machine."""
     saved = pathlib.Path(cfg.out) / "result.json"
     if not saved.exists():
         return None
     record = json.loads(saved.read_text())
+    if not provenance.same_origin(record.get("provenance", {}), provenance.record()):
+        return None
     ran, now = record.get("config", {}), _config_key(cfg)
     # A field added to TrainConfig after the run matches if it holds its default (it changes nothing).
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -43,7 +49,8 @@ def run_or_reuse(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         return result
     log(f"== {cfg.out}")
     result = train(cfg, log=lambda msg: log(f"    {msg}"))
-    pathlib.Path(cfg.out, "result.json").write_text(json.dumps({"config": _config_key(cfg), "result": result}))
+    saved = {"config": _config_key(cfg), "result": result, "provenance": provenance.record()}
+    pathlib.Path(cfg.out, "result.json").write_text(json.dumps(saved))
     return result
 
 

@@ -66,59 +66,89 @@ def _mean_std(values: list[float]) -> str:
     return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
 
 
-def report(cells: dict, base: TrainConfig, ranks: list[int], lrs: list[float], adamw_lrs: list[float],
-           seeds: list[int], hidden: int, wall_s: float | None = None) -> tuple[str, dict]:  # fmt: skip
-    """The markdown page and its numbers (paired differences per rank)."""
+def numbers(cells: dict, base: TrainConfig, ranks: list[int], lrs: list[float], adamw_lrs: list[float],
+            seeds: list[int], hidden: int, origin: dict, wall_s: float | None = None) -> dict:  # fmt: skip
+    """results/rank_sweep.json: the cells (string keys: ranks, seeds, learning rates), the paired
+    differences per rank, the setup and the provenance; :func:`render` makes the page from it."""
+
+    def cell(c: dict) -> dict:
+        return {"lr": c["lr"], "grid": {str(k): v for k, v in c["grid"].items()},
+                "losses": {str(k): v for k, v in c["losses"].items()}}  # fmt: skip
+
     adamw = cells[("adamw", None)]
+    out: dict = {
+        "provenance": origin,
+        "setup": {"preset": base.preset, "steps": base.steps, "batch_size": base.batch_size, "seq_len": base.seq_len,
+                  "update_proj_gap": base.update_proj_gap, "scale": base.scale, "ranks": ranks, "lrs": lrs,
+                  "adamw_lrs": adamw_lrs, "seeds": seeds, "hidden": hidden, "wall_s": wall_s},
+        "ranks": {},
+        "adamw": cell(adamw),
+    }  # fmt: skip
+    for rank in ranks:
+        fira, galore = cells[("fira", rank)], cells[("galore", rank)]
+        out["ranks"][str(rank)] = {
+            "fira": cell(fira), "galore": cell(galore),
+            "fira_minus_galore": [fira["losses"][s] - galore["losses"][s] for s in seeds],
+            "fira_minus_adamw": [fira["losses"][s] - adamw["losses"][s] for s in seeds],
+        }  # fmt: skip
+    return out
+
+
+def render(numbers: dict) -> str:
+    """results/rank_sweep.md from the contents of results/rank_sweep.json (tested to agree)."""
+    from lm import provenance
+
+    setup, adamw, prov = numbers["setup"], numbers["adamw"], numbers["provenance"]
+    seeds, lrs, adamw_lrs = [str(s) for s in setup["seeds"]], setup["lrs"], setup["adamw_lrs"]
     lines = [
-        f"# Rank sweep: Fira vs GaLore vs full-rank AdamW ({base.preset})",
+        f"# Rank sweep: Fira vs GaLore vs full-rank AdamW ({setup['preset']})",
         "",
-        f"{base.preset} preset, {base.steps} steps × {base.batch_size} × {base.seq_len} tokens per run, "
-        f"built-in corpus unless --data; seeds {seeds}; update_proj_gap {base.update_proj_gap}, "
-        f"scale {base.scale}. Learning rate of each cell chosen on seed {seeds[0]} from {lrs} (Fira and GaLore) "
+        f"`{prov['command']}`",
+        "",
+        f"Made on {provenance.describe(prov)}.",
+        "",
+        f"{setup['preset']} preset, {setup['steps']} steps × {setup['batch_size']} × {setup['seq_len']} tokens per "
+        f"run, built-in corpus unless --data; seeds {setup['seeds']}; update_proj_gap {setup['update_proj_gap']}, "
+        f"scale {setup['scale']}. Learning rate of each cell chosen on seed {seeds[0]} from {lrs} (Fira and GaLore) "
         f"or {adamw_lrs} (AdamW), then used for every seed. Final validation loss (nats per byte), "
         "mean ± std over seeds.",
         "",
         "| rank | Fira | GaLore | Fira − GaLore (mean [min, max]) | Fira − AdamW (mean [min, max]) |",
         "|---|---|---|---|---|",
     ]
-    numbers: dict = {"ranks": {}, "adamw": {"lr": adamw["lr"], "losses": adamw["losses"]}}
-    for rank in ranks:
-        fira, galore = cells[("fira", rank)], cells[("galore", rank)]
-        d_galore = [fira["losses"][s] - galore["losses"][s] for s in seeds]
-        d_adamw = [fira["losses"][s] - adamw["losses"][s] for s in seeds]
-        numbers["ranks"][rank] = {
-            "fira": fira, "galore": galore, "fira_minus_galore": d_galore, "fira_minus_adamw": d_adamw,
-        }  # fmt: skip
 
-        def paired(d: list[float]) -> str:
-            sign = " (every seed < 0)" if max(d) < 0 else (" (every seed > 0)" if min(d) > 0 else " (sign varies)")
-            return f"{np.mean(d):+.4f} [{min(d):+.4f}, {max(d):+.4f}]{sign}"
+    def paired(d: list[float]) -> str:
+        sign = " (every seed < 0)" if max(d) < 0 else (" (every seed > 0)" if min(d) > 0 else " (sign varies)")
+        return f"{np.mean(d):+.4f} [{min(d):+.4f}, {max(d):+.4f}]{sign}"
 
+    hidden = setup["hidden"]
+    for rank in setup["ranks"]:
+        row = numbers["ranks"][str(rank)]
+        fira, galore = row["fira"], row["galore"]
         fraction = f"h/{hidden // rank}" if hidden % rank == 0 else f"{rank / hidden:.3g}h"
         lines.append(
             f"| {rank} ({fraction}) | {_mean_std(list(fira['losses'].values()))} (lr {fira['lr']:g}) | "
-            f"{_mean_std(list(galore['losses'].values()))} (lr {galore['lr']:g}) | {paired(d_galore)} | "
-            f"{paired(d_adamw)} |"
+            f"{_mean_std(list(galore['losses'].values()))} (lr {galore['lr']:g}) | "
+            f"{paired(row['fira_minus_galore'])} | {paired(row['fira_minus_adamw'])} |"
         )
     lines.append(f"| AdamW (full rank) | {_mean_std(list(adamw['losses'].values()))} (lr {adamw['lr']:g}) | | | |")
     lines += ["", "Per seed (Fira / GaLore / AdamW):", "", "| rank | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
     lines.append("|---|" + "---|" * len(seeds))
-    for rank in ranks:
-        f, g = cells[("fira", rank)]["losses"], cells[("galore", rank)]["losses"]
+    for rank in setup["ranks"]:
+        f, g = numbers["ranks"][str(rank)]["fira"]["losses"], numbers["ranks"][str(rank)]["galore"]["losses"]
         lines.append(
             f"| {rank} | " + " | ".join(f"{f[s]:.4f} / {g[s]:.4f} / {adamw['losses'][s]:.4f}" for s in seeds) + " |"
         )
     lines += ["", f"Learning-rate grid on seed {seeds[0]} (final validation loss):", ""]
     lines += ["| optimizer | rank | " + " | ".join(f"lr {x:g}" for x in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
-    for rank in ranks:
+    for rank in setup["ranks"]:
         for name in LOW_RANK:
-            grid = cells[(name, rank)]["grid"]
-            lines.append(f"| {name} | {rank} | " + " | ".join(f"{grid[x]:.4f}" for x in lrs) + " |")
-    lines.append("| adamw | full | " + " | ".join(f"{adamw['grid'][x]:.4f}" for x in adamw_lrs) + " |")
-    if wall_s is not None:
-        lines += ["", f"Wall time of the runs this invocation trained: {wall_s / 60:.1f} min."]
-    return "\n".join(lines) + "\n", numbers
+            grid = numbers["ranks"][str(rank)][name]["grid"]
+            lines.append(f"| {name} | {rank} | " + " | ".join(f"{grid[str(x)]:.4f}" for x in lrs) + " |")
+    lines.append("| adamw | full | " + " | ".join(f"{adamw['grid'][str(x)]:.4f}" for x in adamw_lrs) + " |")
+    if setup["wall_s"] is not None:
+        lines += ["", f"Wall time of the runs this invocation trained: {setup['wall_s'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
 
 
 def plot(cells: dict, ranks: list[int], seeds: list[int], path: pathlib.Path, title: str) -> None:
