@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
         times = [r["refresh_step_s"], r["plain_step_s"]]
         print(f"| {name} | " + " | ".join([f"{c / gib:.2f}" for c in cells] + [f"{t:.1f}" for t in times]) + " |")
     if args.json:
-        record = {"command": "python " + " ".join(sys.argv), "preset": args.preset, "dtype": args.dtype,
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+        from lm import provenance
+
+        record = {"provenance": provenance.record(argv, __file__), "preset": args.preset, "dtype": args.dtype,
                   "seq_len": args.seq_len, "results": results}  # fmt: skip
         pathlib.Path(args.json).write_text(json.dumps(record, indent=1))
     return results

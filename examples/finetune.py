@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_val = args.val_size if isinstance(args.val_size, int) else max(1, round(args.val_size * len(records)))
     val, train = encoded[:n_val], encoded[n_val:]
     if records and not train:
-        p.error(f"--data has {len(records)} records, all held out by --val-size {args.val_size}")
+        p.error(f"--data {args.data} has {len(records)} records, all held out by --val-size {args.val_size}")
     steps_per_epoch = max(1, len(train) // args.batch_size)
     steps = min(args.max_steps or 10**9, int(args.epochs * steps_per_epoch)) if train else 0
     warmup = args.warmup if args.warmup is not None else min(100, steps // 10)

@@ -45,7 +45,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import model as model_lib
-from lm import optim
+from lm import optim, provenance
 from lm import step as step_lib
 
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 64, "tiny": 32, "20m": 64, "micro": 8}
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     p.add_argument("--breakdown", type=int, default=0, metavar="K", help="list each step's K largest buffers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--save", metavar="FILE", help="also write the figures and their provenance to FILE (JSON)")
     p.add_argument("--finetune", action="store_true", help="the fine-tuning methods of finetune.py instead")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 1 or args.vocab_size < 1 or args.breakdown < 0:
@@ -219,6 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
             if not args.json:
                 print(f"{preset} {name}: compiled", file=sys.stderr, flush=True)
+    if args.save:
+        record = {"provenance": provenance.record(argv, __file__), "dtype": args.dtype, "platform": args.platform,
+                  "tokens": [args.batch_size, args.seq_len], "vocab_size": args.vocab_size, "report": out}  # fmt: skip
+        pathlib.Path(args.save).write_text(json.dumps(record, indent=1))
     if args.json:
         print(json.dumps(out))
         return out

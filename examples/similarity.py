@@ -30,7 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from lm import config as config_lib
 from lm import data as data_lib
 from lm import model as model_lib
-from lm import optim
+from lm import optim, provenance
 
 import fira_jax
 
@@ -152,26 +152,41 @@ def main(argv: list[str] | None = None) -> dict:
             table.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
+    setup = {"preset": args.preset, "rank": rank, "lr": args.lr, "steps": args.steps, "batch_size": args.batch_size,
+             "seq_len": args.seq_len, "update_proj_gap": args.update_proj_gap}  # fmt: skip
+    saved = {"provenance": provenance.record(argv, __file__), "setup": setup, "rows": table}
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "similarity.json").write_text(json.dumps(saved, indent=1))
+    page = render(saved)
+    (out / "similarity.md").write_text(page)
+    print(page)
+    return saved
+
+
+def render(saved: dict) -> str:
+    """results/similarity.md from the contents of results/similarity.json (tested to agree)."""
+    setup, prov = saved["setup"], saved["provenance"]
     lines = [
-        f"# Scaling-factor similarity, full-rank vs rank-{rank} Adam ({args.preset})",
+        f"# Scaling-factor similarity, full-rank vs rank-{setup['rank']} Adam ({setup['preset']})",
         "",
-        f"Full-rank Adam training, lr {args.lr}, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens; "
-        f"shadow low-rank Adam with update_proj_gap {args.update_proj_gap}.",
+        f"`{prov['command']}`",
+        "",
+        f"Made on {provenance.describe(prov)}.",
+        "",
+        f"Full-rank Adam training, lr {setup['lr']}, {setup['steps']} steps x {setup['batch_size']} x "
+        f"{setup['seq_len']} tokens; shadow low-rank Adam with update_proj_gap {setup['update_proj_gap']}.",
         "",
         "| step | matrix Spearman | matrix Kendall | column Spearman | column Kendall |",
         "|---|---|---|---|---|",
     ]
-    for r in table:
+    for r in saved["rows"]:
         lines.append(
             f"| {r['step']} | {r['matrix_spearman']:.4f} | {r['matrix_kendall']:.4f} | "
             f"{r['column_spearman']:.4f} | {r['column_kendall']:.4f} |"
         )
     lines += ["", "Paper (LLaMA 60M, Table 1): matrix level 0.9972 / 0.9662."]
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "similarity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return {"rows": table}
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

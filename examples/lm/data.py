@@ -17,6 +17,7 @@ document's key (path and index) sends ``val_fraction`` of them to validation; a 
 single document (one plain text file) is split by position: its last ``val_fraction`` is held out.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -225,6 +226,21 @@ def _chunks(items: Iterator, max_chars: int = 1 << 20) -> Iterator[list]:
         yield chunk
 
 
+@contextlib.contextmanager
+def _staged(final: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A temporary sibling folder whose files move into ``final`` when the block completes: an
+    error leaves ``final`` as it was (not even created)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+        final.mkdir(exist_ok=True)
+        for name in ("train.bin", "val.bin", "meta.json"):  # meta.json last: a folder with it is complete
+            os.replace(tmp / name, final / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare(data: str | None, tokenizer: str, out: str | pathlib.Path, *, val_fraction: float = 0.05,
             workers: int | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Tokenizes ``data`` into ``out/{train,val}.bin`` and ``out/meta.json``; returns the meta."""
@@ -233,63 +249,62 @@ def prepare(data: str | None, tokenizer: str, out: str | pathlib.Path, *, val_fr
     tok = tokenizer_lib.load(tokenizer)
     root, files, description = source_files(data)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    items, rule = split_items(root, files, val_fraction, builtin=data is None)
-    counts = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in ("train", "val")}
-    starts = {"train": False, "val": False}  # whether a document ended last in each split
-    workers = workers or max(1, min(8, os.cpu_count() or 1))
-    total_bytes = sum(p.stat().st_size for p in files)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    with _staged(pathlib.Path(out)) as staging:
+        items, rule = split_items(root, files, val_fraction, builtin=data is None)
+        counts = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in ("train", "val")}
+        starts = {"train": False, "val": False}  # whether a document ended last in each split
+        workers = workers or max(1, min(8, os.cpu_count() or 1))
+        total_bytes = sum(p.stat().st_size for p in files)
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({workers} processes)")
-    sep = None if tok.separator is None else np.asarray([tok.separator], dtype)
-    with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
-        handles = {"train": f_train, "val": f_val}
-        if workers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(
-                workers, _init_worker, (tok.name if tok.name != "bytes" else "bytes",)
-            )
-            results = pool.imap(_encode_chunk, _chunks(items))
-        else:
-            _init_worker(tok.name)
-            pool, results = None, map(_encode_chunk, _chunks(items))
-        try:
-            for chunk in results:
-                for split, ids, ends, n_bytes in chunk:
-                    if sep is not None and starts[split]:  # the separator goes between documents
-                        handles[split].write(sep.tobytes())
-                        counts[split]["tokens"] += 1
-                    handles[split].write(ids.astype(dtype).tobytes())
-                    counts[split]["tokens"] += len(ids)
-                    counts[split]["bytes"] += n_bytes
-                    starts[split] = ends
-                    counts[split]["documents"] += int(ends)
-                    if bar is not None:
-                        bar.update(n_bytes)
-        finally:
-            if pool is not None:
-                pool.terminate()
-            if bar is not None:
-                bar.close()
-    for split in ("train", "val"):
-        if counts[split]["tokens"] == 0:
-            raise DataError(f"{description}: the {split} split is empty ({rule}); give more data")
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "description": description,
-        "tokenizer": tok.name,
-        "vocab_size": tok.vocab_size,
-        "model_vocab_size": tokenizer_lib.model_vocab_size(tok.vocab_size),
-        "separator": tok.separator,
-        "dtype": np.dtype(dtype).name,
-        "splits": counts,
-        "sources": [str(p) for p in files] if len(files) <= 100 else [str(root), f"... {len(files)} files"],
-        "split_rule": rule,
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({workers} processes)")
+        sep = None if tok.separator is None else np.asarray([tok.separator], dtype)
+        with open(staging / "train.bin", "wb") as f_train, open(staging / "val.bin", "wb") as f_val:
+            handles = {"train": f_train, "val": f_val}
+            if workers > 1:
+                pool = multiprocessing.get_context("spawn").Pool(
+                    workers, _init_worker, (tok.name if tok.name != "bytes" else "bytes",)
+                )
+                results = pool.imap(_encode_chunk, _chunks(items))
+            else:
+                _init_worker(tok.name)
+                pool, results = None, map(_encode_chunk, _chunks(items))
+            try:
+                for chunk in results:
+                    for split, ids, ends, n_bytes in chunk:
+                        if sep is not None and starts[split]:  # the separator goes between documents
+                            handles[split].write(sep.tobytes())
+                            counts[split]["tokens"] += 1
+                        handles[split].write(ids.astype(dtype).tobytes())
+                        counts[split]["tokens"] += len(ids)
+                        counts[split]["bytes"] += n_bytes
+                        starts[split] = ends
+                        counts[split]["documents"] += int(ends)
+                        if bar is not None:
+                            bar.update(n_bytes)
+            finally:
+                if pool is not None:
+                    pool.terminate()
+                if bar is not None:
+                    bar.close()
+        for split in ("train", "val"):
+            if counts[split]["tokens"] == 0:
+                raise DataError(f"{description}: the {split} split is empty ({rule}); give more data")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "description": description,
+            "tokenizer": tok.name,
+            "vocab_size": tok.vocab_size,
+            "model_vocab_size": tokenizer_lib.model_vocab_size(tok.vocab_size),
+            "separator": tok.separator,
+            "dtype": np.dtype(dtype).name,
+            "splits": counts,
+            "sources": [str(p) for p in files] if len(files) <= 100 else [str(root), f"... {len(files)} files"],
+            "split_rule": rule,
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 
@@ -303,9 +318,20 @@ def open_prepared(folder: str | pathlib.Path) -> Corpus:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         dtype = np.dtype(meta["dtype"])
-        arrays = [np.memmap(folder / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")]
-    except (OSError, KeyError, json.JSONDecodeError, ValueError) as e:
+        expected = {s: int(meta["splits"][s]["tokens"]) for s in ("train", "val")}
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
         raise DataError(f"{folder}: not a prepared data folder (meta.json, train.bin, val.bin): {e}") from None
+    arrays = []
+    for split in ("train", "val"):
+        path = folder / f"{split}.bin"
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected[split] * dtype.itemsize:
+            found = "is missing" if size is None else f"has {size:,} bytes"
+            raise DataError(
+                f"{path} {found}; meta.json says {expected[split]:,} {dtype.name} tokens "
+                f"({expected[split] * dtype.itemsize:,} bytes): prepare the folder again"
+            )
+        arrays.append(np.memmap(path, dtype=dtype, mode="r"))
     return Corpus(arrays[0], arrays[1], meta)
 
 

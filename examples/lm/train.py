@@ -122,9 +122,6 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     lead = jax.process_index() == 0
     if not lead:
         log = lambda msg: None  # noqa: E731
-    out = pathlib.Path(cfg.out)
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
     corpus = data_lib.load(cfg.data, cfg.tokenizer, log=log)
     vocab = corpus.meta["model_vocab_size"]
     micro = cfg.batch_size // cfg.grad_accum
@@ -132,6 +129,9 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     val = data_lib.validation_batches(corpus.val, micro, cfg.seq_len, cfg.eval_batches)
     if not val:
         raise data_lib.DataError(f"{corpus.description}: the validation split is shorter than one batch")
+    out = pathlib.Path(cfg.out)  # created once the data is known to be good
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
 
     devices = jax.devices()
     n = len(devices)

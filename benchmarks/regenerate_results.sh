@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Regenerates every file under results/ from scratch (no finished run is reused), on this machine,
+# at the committed code: each JSON file records its command, commit, versions and machine
+# (examples/lm/provenance.py), and each .md page is rendered from its JSON.
+#
+#   bash benchmarks/regenerate_results.sh            # everything (about 2.5 hours on 2 CPU cores)
+#   bash benchmarks/regenerate_results.sh compare    # one part: compare seed1 sweep similarity finetune memory
+#
+# On CPU a run is bit-for-bit reproducible for one commit, software stack and machine; another
+# processor or core count changes the rounding, and the final losses then differ in the third
+# decimal (results/README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+  echo "regenerate_results.sh: commit or stash your changes first (results name the commit that made them)" >&2
+  exit 2
+fi
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(compare seed1 sweep similarity finetune memory)
+presets=(60m 130m 350m 1b 7b)
+
+for part in "${parts[@]}"; do
+  echo "== $part ($(date -u +%H:%M:%S))"
+  case "$part" in
+    compare)  # AdamW vs GaLore vs Fira over one lr grid, and Fira's ablations (results/compare.*)
+      rm -rf results/runs/fira-* results/runs/galore-* results/runs/adamw-*
+      python examples/compare.py --ablations ;;
+    seed1)  # each optimizer at its seed-0 best lr, on seed 1 (results/seed1/)
+      rm -rf results/seed1
+      for opt in fira galore adamw; do
+        lr=$(python -c "import json, sys; sys.path.insert(0, 'examples'); import compare; \
+print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']['lr'])")
+        python examples/compare.py --seed 1 --optimizers "$opt" --lrs "$lr" --out "results/seed1/$opt"
+      done ;;
+    sweep)  # Fira vs GaLore at ranks 4 and 64, 3 seeds, vs AdamW (results/rank_sweep.*)
+      rm -rf results/runs/rank_sweep
+      python examples/compare.py --rank-sweep --ranks 4 64 ;;
+    similarity)  # the paper's scaling-factor observation (results/similarity.*)
+      python examples/similarity.py ;;
+    finetune)  # the fine-tuning demonstration, 5 methods x 3 seeds (results/finetune.*)
+      rm -rf results/runs/finetune_demo
+      python examples/finetune_demo.py --baseline-seeds 0 1 2 --cache results/runs/finetune_demo \
+        --runs results/runs/finetune_demo ;;
+    memory)  # the compiled step's peak, CPU compiler (results/memory_*.json), and a real run's (60m)
+      python examples/memory_report.py --preset "${presets[@]}" --save results/memory_float32.json
+      python examples/memory_report.py --preset "${presets[@]}" --dtype bfloat16 --save results/memory_bfloat16.json
+      python benchmarks/measure_peak_rss.py --preset 60m --json results/memory_rss_60m.json ;;
+    *)
+      echo "regenerate_results.sh: unknown part '$part' (compare seed1 sweep similarity finetune memory)" >&2
+      exit 2 ;;
+  esac
+done
+echo "== done ($(date -u +%H:%M:%S))"

@@ -1,0 +1,256 @@
+"""Bad input across the example scripts: each bad path or file gives a one-line usage error that
+names it, and the run's --out is left untouched (not created)."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import finetune  # noqa: E402
+import prepare_data  # noqa: E402
+import train_lm  # noqa: E402
+from lm import hf  # noqa: E402
+from lm import model as model_lib  # noqa: E402
+
+RECORDS = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(8)]
+TASK = [{"instruction": "Is it? Answer format: yes/no", "answer": "yes"}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    hf.save(model_lib.LLaMA(model_lib.PRESETS["micro"], rngs=nnx.Rngs(0)), path)
+    return path
+
+
+def usage_error(main, argv: list[str], capsys) -> str:
+    """Runs ``main(argv)``; asserts a usage error (exit 2, no traceback) and returns its one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines[-1].split(": error: ", 1)[0].endswith(".py"), err  # "<script>.py: error: <message>"
+    return lines[-1].split(": error: ", 1)[1]
+
+
+def files(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
+    """A bad file of each kind, shared by the scripts' cases."""
+    made = {
+        "empty.txt": b"",
+        "binary.txt": bytes(range(256)) * 4,
+        "latin1.txt": "café au lait\n".encode("latin-1") * 50,
+        "empty.json": b"",
+        "binary.json": b"\x00\x01\x02\xff" * 64,
+        "truncated.json": json.dumps(RECORDS).encode()[:-20],
+        "not_records.json": json.dumps([1, 2]).encode(),
+        "missing_field.json": json.dumps([{"instruction": "x"}]).encode(),
+        "broken_text4.jsonl": "\n".join([json.dumps({"text": "x = 1"})] * 3 + ['{"text": "y']).encode(),
+        "broken_line4.jsonl": "\n".join(
+            [json.dumps(r) for r in RECORDS[:3]] + ['{"instruction": "x", "output']
+        ).encode(),
+        "no_text.jsonl": b'{"content": "no text field"}\n',
+        "no_format.json": json.dumps([{"instruction": "Is it?", "answer": "yes"}]).encode(),
+        "wrong_answer.json": json.dumps([{"instruction": "Is it? Answer format: yes/no", "answer": "maybe"}]).encode(),
+        "garbage.model": b"not a sentencepiece model",
+        "tokenizer.json": b'{"version": "1.0", "model": ',
+    }
+    for name, content in made.items():
+        (tmp_path / name).write_bytes(content)
+    return {name: tmp_path / name for name in made}
+
+
+# --- finetune.py: checkpoints -------------------------------------------------------------------
+
+
+def damaged_checkpoint(src: pathlib.Path, dst: pathlib.Path, kind: str) -> pathlib.Path:
+    dst.mkdir()
+    config = (src / "config.json").read_bytes()
+    weights = (src / "model.safetensors").read_bytes()
+    if kind == "no config.json":
+        config = None
+    elif kind == "config not JSON":
+        config = config[: len(config) // 2]
+    elif kind == "config missing a field":
+        config = json.dumps({k: v for k, v in json.loads(config).items() if k != "hidden_size"}).encode()
+    elif kind == "other architecture":
+        config = json.dumps(json.loads(config) | {"architectures": ["GPT2LMHeadModel"]}).encode()
+    elif kind == "wrong shape":
+        config = json.dumps(json.loads(config) | {"intermediate_size": 96}).encode()
+    elif kind == "weights truncated":
+        weights = weights[: len(weights) // 2]
+    elif kind == "weights empty":
+        weights = b""
+    elif kind == "weights garbage":
+        weights = b"\xff" * 64
+    elif kind == "no weights":
+        weights = None
+    if config is not None:
+        (dst / "config.json").write_bytes(config)
+    if weights is not None:
+        (dst / "model.safetensors").write_bytes(weights)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("kind", "names", "says"),
+    [
+        ("no config.json", "", "no config.json"),
+        ("config not JSON", "config.json", "not a JSON file (line"),
+        ("config missing a field", "config.json", "no integer 'hidden_size'"),
+        ("other architecture", "config.json", "'GPT2LMHeadModel' is not supported"),
+        ("wrong shape", "", "the model expects"),
+        ("weights truncated", "model.safetensors", "not a readable safetensors file"),
+        ("weights empty", "model.safetensors", "not a readable safetensors file"),
+        ("weights garbage", "model.safetensors", "not a readable safetensors file"),
+        ("no weights", "", "no model.safetensors"),
+    ],
+)
+def test_finetune_damaged_checkpoint(tmp_path, checkpoint, capsys, kind, names, says):
+    ckpt = damaged_checkpoint(checkpoint, tmp_path / "ckpt", kind)
+    out = tmp_path / "out"
+    message = usage_error(finetune.main, ["--checkpoint", str(ckpt), "--out", str(out)], capsys)
+    assert str(ckpt / names) in message and says in message, message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "name", "says"),
+    [
+        ("--data", "missing.json", "no such file"),
+        ("--data", "empty.json", "no records"),
+        ("--data", "binary.json", "not UTF-8 text"),
+        ("--data", "truncated.json", ":1: not JSON"),
+        ("--data", "not_records.json", "record 0 has no string field"),
+        ("--data", "missing_field.json", "record 0 has no string field 'output'"),
+        ("--data", "broken_line4.jsonl", ":4: not a JSON record (Unterminated string"),
+        ("--eval", "missing.json", "no such file"),
+        ("--eval", "no_format.json", "record 0: no 'Answer format: a/b/c'"),
+        ("--eval", "wrong_answer.json", "record 0: answer 'maybe' is not one of yes/no"),
+        ("--tokenizer", "garbage.model", "garbage.model"),
+        ("--tokenizer", "tokenizer.json", "tokenizer.json"),
+    ],
+)
+def test_finetune_bad_files(tmp_path, checkpoint, capsys, flag, name, says):
+    bad = files(tmp_path)
+    path = bad.get(name, tmp_path / name)
+    (tmp_path / "good.json").write_text(json.dumps(RECORDS))
+    argv = ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "good.json"), "--out", str(tmp_path / "out")]
+    argv += [flag, str(path)]
+    message = usage_error(finetune.main, argv, capsys)
+    assert str(path) in message and says in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_warmup_longer_than_the_run(tmp_path, checkpoint, capsys):
+    (tmp_path / "good.json").write_text(json.dumps(RECORDS))
+    argv = ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "good.json"), "--val-size", "2",
+            "--max-steps", "5", "--batch-size", "2", "--warmup", "100", "--out", str(tmp_path / "out")]  # fmt: skip
+    message = usage_error(finetune.main, argv, capsys)
+    assert message == "--warmup 100 is not shorter than the run (5 steps): pass a smaller --warmup"
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_val_size_as_a_fraction(tmp_path, checkpoint, capsys):
+    (tmp_path / "good.json").write_text(json.dumps(RECORDS))
+    argv = ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "good.json"), "--val-size", "0.25",
+            "--max-steps", "1", "--batch-size", "2", "--out", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    finetune.main(argv)
+    assert "6 training / 2 validation examples, 1 steps" in capsys.readouterr().out
+    assert "a count >= 0 or a fraction" in usage_error(finetune.main, [*argv[:4], "--val-size", "1.5"], capsys)
+
+
+# --- train_lm.py and prepare_data.py: corpora, prepared folders, tokenizers ----------------------
+
+
+def prepared(tmp_path: pathlib.Path, kind: str) -> pathlib.Path:
+    """A prepare_data.py folder, then damaged."""
+    folder = tmp_path / "prepared"
+    text = tmp_path / "corpus.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 400)
+    prepare_data.main(["--data", str(text), "--out", str(folder), "--no-progress"])
+    if kind == "meta not JSON":
+        (folder / "meta.json").write_text("{")
+    elif kind == "train.bin missing":
+        (folder / "train.bin").unlink()
+    elif kind == "train.bin truncated":
+        data = (folder / "train.bin").read_bytes()
+        (folder / "train.bin").write_bytes(data[: len(data) // 2 + 1])
+    elif kind == "val.bin empty":
+        (folder / "val.bin").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("kind", "names", "says"),
+    [
+        ("meta not JSON", "meta.json", "not a prepared data folder"),
+        ("train.bin missing", "train.bin", "train.bin"),
+        ("train.bin truncated", "train.bin", "train.bin"),
+        ("val.bin empty", "val.bin", "val.bin"),
+    ],
+)
+def test_train_lm_damaged_prepared_folder(tmp_path, capsys, kind, names, says):
+    folder = prepared(tmp_path, kind)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    argv = ["--data", str(folder), "--preset", "micro", "--steps", "2", "--out", str(out), "--no-progress"]
+    message = usage_error(train_lm.main, argv, capsys)
+    assert str(folder) in message and says in message, message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "name", "says"),
+    [
+        ("--data", "missing.txt", "no such file or folder"),
+        ("--data", "empty.txt", "empty"),
+        ("--data", "binary.txt", "binary"),
+        ("--data", "latin1.txt", "UTF-8"),
+        ("--data", "broken_text4.jsonl", ":4: not a JSON record"),
+        ("--data", "no_text.jsonl", ":1: JSON record has no 'text' field"),
+        ("--tokenizer", "missing.model", "missing.model"),
+        ("--tokenizer", "garbage.model", "garbage.model"),
+        ("--tokenizer", "tokenizer.json", "tokenizer.json"),
+    ],
+)
+@pytest.mark.parametrize("script", ["train_lm", "prepare_data"])
+def test_bad_corpus_or_tokenizer(tmp_path, capsys, script, flag, name, says):
+    bad = files(tmp_path)
+    path = bad.get(name, tmp_path / name)
+    out = tmp_path / "out"
+    argv = [flag, str(path), "--out", str(out), "--no-progress"]
+    if script == "train_lm":
+        main = train_lm.main
+        argv += ["--preset", "micro", "--steps", "2"]
+    else:
+        main = prepare_data.main
+        if flag == "--tokenizer":  # a corpus that is fine
+            (tmp_path / "fine.txt").write_text("print('hello')\n" * 100)
+            argv += ["--data", str(tmp_path / "fine.txt")]
+    message = usage_error(main, argv, capsys)
+    assert str(path) in message and says in message, message
+    assert not out.exists()
+
+
+def test_train_lm_warmup_longer_than_the_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    message = usage_error(train_lm.main, ["--steps", "5", "--warmup", "5", "--out", str(out)], capsys)
+    assert message == "--warmup 5 is not shorter than the run (--steps 5): pass a smaller one"
+    assert not out.exists()
+
+
+def test_a_good_prepared_folder_still_trains(tmp_path, capsys):
+    """The control for the damaged folders above: the undamaged one trains."""
+    folder = prepared(tmp_path, "none")
+    result = train_lm.main(["--data", str(folder), "--preset", "micro", "--steps", "2", "--batch-size", "2",
+                            "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
+                            "--out", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    assert np.isfinite(result["final_val_loss"])
