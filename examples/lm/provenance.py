@@ -23,11 +23,12 @@ PACKAGES = ("jax", "jaxlib", "optax", "flax", "numpy")
 
 
 def commit() -> str:
-    """The repository's commit, with ``+dirty`` when tracked files differ from it ("unknown" outside git)."""
+    """The repository's commit, with ``+dirty`` when tracked files other than results/ differ from it
+    ("unknown" outside git)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+                               cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
