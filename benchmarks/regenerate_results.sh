@@ -37,10 +37,16 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
       python examples/compare.py --rank-sweep --ranks 4 64 ;;
     similarity)  # the paper's scaling-factor observation (results/similarity.*)
       python examples/similarity.py ;;
-    finetune)  # the fine-tuning demonstration, 5 methods x 3 seeds (results/finetune.*)
+    finetune)  # the fine-tuning demonstration: each method's lr grid on seed 0, then 5 methods x 3 seeds
       rm -rf results/runs/finetune_demo
-      python examples/finetune_demo.py --baseline-seeds 0 1 2 --cache results/runs/finetune_demo \
-        --runs results/runs/finetune_demo ;;
+      demo=(--cache results/runs/finetune_demo --runs results/runs/finetune_demo)
+      for lr in 3e-4 1e-3 3e-3 1e-2; do
+        python examples/finetune_demo.py "${demo[@]}" --lr "$lr" --seeds 0 --methods full-adamw galore fira
+      done
+      for lr in 1e-3 3e-3 1e-2; do
+        python examples/finetune_demo.py "${demo[@]}" --lr "$lr" --seeds 0 --methods lora lora-fira
+      done
+      python examples/finetune_demo.py "${demo[@]}" --baseline-seeds 0 1 2 ;;
     memory)  # the compiled step's peak, CPU compiler (results/memory_*.json), and a real run's (60m)
       python examples/memory_report.py --preset "${presets[@]}" --save results/memory_float32.json
       python examples/memory_report.py --preset "${presets[@]}" --dtype bfloat16 --save results/memory_bfloat16.json

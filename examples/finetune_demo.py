@@ -204,67 +204,22 @@ def _mean_spread(xs: list[float]) -> str:
 
 def write(results: dict, grid: dict, base_acc: float, params: int, args: argparse.Namespace, out: pathlib.Path,
           origin: dict, ckpt: pathlib.Path) -> None:  # fmt: skip
-    """results/finetune.{md,png,json}."""
+    """results/finetune.{json,md,png}: the page is rendered from the JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []
-    for method, runs in results.items():
-        flags = runs[0]["flags"]
-        acc = [r["accuracy/test"] for r in runs]
-        val = [r["final_val_loss"] for r in runs]
-        rows.append(
-            f"| {method} | {flags[flags.index('--lr') + 1]} | {runs[0]['trainable_params']:,} "
-            f"| {runs[0]['optimizer_state_mib']:.2f} | {_mean_spread(acc)} | {', '.join(f'{a:.3f}' for a in acc)} "
-            f"| {_mean_spread(val)} | {len(runs)} "
-            f"| {np.mean([r.get('run_s', r['wall_s']) for r in runs]):.0f} |"
-        )
-    grid_rows = [
-        f"| {method} | " + "; ".join(f"{lr:g}: {r['accuracy/test']:.3f} / {r['final_val_loss']:.3f}"
-                                      + (" (chosen)" if lr == LRS[method] else "")
-                                      for lr, r in sorted(by_lr.items())) + " |"
-        for method, by_lr in sorted(grid.items(), key=lambda item: finetune.METHODS.index(item[0]))
-    ]  # fmt: skip
     pretrain = ckpt.parent / f"{ckpt.name}-run" / "summary.json"
-    pretrain_s = json.loads(pretrain.read_text())["wall_s"] if pretrain.exists() else float("nan")
-    total_s = sum(r.get("run_s", r["wall_s"]) for runs in results.values() for r in runs)
-    md = [
-        "# Fine-tuning on a CPU: full AdamW vs LoRA vs GaLore vs Fira vs LoRA + Fira",
-        "",
-        f"`{origin['command']}`",
-        "",
-        f"Made on {provenance.describe(origin)}. Time: pre-training {pretrain_s / 60:.1f} min (once, then "
-        f"cached), these {sum(len(r) for r in results.values())} fine-tuning runs {total_s / 60:.1f} min "
-        "(fine-tuning and scoring, compilation included).",
-        "",
-        f"The `{args.preset}` model ({params / 1e6:.2f}M parameters) pre-trained with Fira for {args.pretrain_steps} "
-        "steps on the built-in "
-        f'corpus, then fine-tuned for {args.steps} steps of {args.batch_size} examples on "Which name is called?" '
-        "lines from the corpus's held-out files (lm/pytasks.py), and scored on "
-        f"{args.test_examples} lines of other held-out files by answer log-likelihood: chance 0.25, "
-        f"{base_acc:.3f} before fine-tuning. Mean ± standard deviation over seeds (the data order, and LoRA's "
-        f"initialization); validation loss: nats/token of the answers of {VAL_EXAMPLES} more test-file lines.",
-        "",
-        "| method | lr | trainable params | optimizer state (MiB) | test accuracy | per seed | validation loss | seeds "
-        "| s/run |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *rows,
-    ]
-    if grid_rows:
-        md += [
-            "",
-            "Learning rates: each method's is the one of lowest validation loss on seed 0 (never the test accuracy). "
-            "Seed-0 runs found in the runs folder, as lr: test accuracy / validation loss:",
-            "",
-            "| method | learning rates tried |",
-            "|---|---|",
-            *grid_rows,
-        ]
-    (out / "finetune.md").write_text("\n".join(md) + "\n")
-    saved = {"provenance": origin, "base_accuracy": base_acc, "runs": results}
+    setup = {"preset": args.preset, "params": params, "pretrain_steps": args.pretrain_steps, "steps": args.steps,
+             "batch_size": args.batch_size, "test_examples": args.test_examples, "val_examples": VAL_EXAMPLES,
+             "pretrain_s": json.loads(pretrain.read_text())["wall_s"] if pretrain.exists() else None}  # fmt: skip
+    keep = ("accuracy/test", "final_val_loss")
+    grid_numbers = {m: {f"{lr:g}": {k: r[k] for k in keep} for lr, r in by_lr.items()} for m, by_lr in grid.items()}
+    saved = {"provenance": origin, "setup": setup, "base_accuracy": base_acc, "runs": results, "grid": grid_numbers}
     (out / "finetune.json").write_text(json.dumps(saved, indent=1))
+    md = render(saved)
+    (out / "finetune.md").write_text(md)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = list(results)
     accs = [[r["accuracy/test"] for r in results[m]] for m in names]
@@ -292,7 +247,66 @@ def write(results: dict, grid: dict, base_acc: float, params: int, args: argpars
     fig.tight_layout()
     fig.savefig(out / "finetune.png", dpi=120)
     plt.close(fig)
-    print("\n".join(md))
+    print(md)
+
+
+def render(saved: dict) -> str:
+    """results/finetune.md from the contents of results/finetune.json (tested to agree)."""
+    setup, results, prov = saved["setup"], saved["runs"], saved["provenance"]
+    rows = []
+    for method, runs in results.items():
+        flags = runs[0]["flags"]
+        acc = [r["accuracy/test"] for r in runs]
+        val = [r["final_val_loss"] for r in runs]
+        rows.append(
+            f"| {method} | {flags[flags.index('--lr') + 1]} | {runs[0]['trainable_params']:,} "
+            f"| {runs[0]['optimizer_state_mib']:.2f} | {_mean_spread(acc)} | {', '.join(f'{a:.3f}' for a in acc)} "
+            f"| {_mean_spread(val)} | {len(runs)} "
+            f"| {np.mean([r.get('run_s', r['wall_s']) for r in runs]):.0f} |"
+        )
+    order = sorted(saved["grid"].items(), key=lambda item: finetune.METHODS.index(item[0]))
+    grid_rows = [
+        f"| {method} | " + "; ".join(f"{lr}: {r['accuracy/test']:.3f} / {r['final_val_loss']:.3f}"
+                                      + (" (chosen)" if float(lr) == LRS[method] else "")
+                                      for lr, r in sorted(by_lr.items(), key=lambda kv: float(kv[0]))) + " |"
+        for method, by_lr in order
+    ]  # fmt: skip
+    total_s = sum(r.get("run_s", r["wall_s"]) for runs in results.values() for r in runs)
+    pretrain_min = f"{setup['pretrain_s'] / 60:.1f} min" if setup["pretrain_s"] is not None else "(cached: not timed)"
+    md = [
+        "# Fine-tuning on a CPU: full AdamW vs LoRA vs GaLore vs Fira vs LoRA + Fira",
+        "",
+        f"`{prov['command']}`",
+        "",
+        f"Made on {provenance.describe(prov)}. Time: pre-training {pretrain_min} (once, then "
+        f"cached), these {sum(len(r) for r in results.values())} fine-tuning runs {total_s / 60:.1f} min "
+        "(fine-tuning and scoring, compilation included).",
+        "",
+        f"The `{setup['preset']}` model ({setup['params'] / 1e6:.2f}M parameters) pre-trained with Fira for "
+        f"{setup['pretrain_steps']} steps on the built-in "
+        f'corpus, then fine-tuned for {setup["steps"]} steps of {setup["batch_size"]} examples on "Which name is '
+        "called?\" lines from the corpus's held-out files (lm/pytasks.py), and scored on "
+        f"{setup['test_examples']} lines of other held-out files by answer log-likelihood: chance 0.25, "
+        f"{saved['base_accuracy']:.3f} before fine-tuning. Mean ± standard deviation over seeds (the data order, "
+        f"and LoRA's initialization); validation loss: nats/token of the answers of {setup['val_examples']} more "
+        "test-file lines.",
+        "",
+        "| method | lr | trainable params | optimizer state (MiB) | test accuracy | per seed | validation loss | seeds "
+        "| s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    if grid_rows:
+        md += [
+            "",
+            "Learning rates: each method's is the one of lowest validation loss on seed 0 (never the test accuracy). "
+            "Seed-0 runs found in the runs folder, as lr: test accuracy / validation loss:",
+            "",
+            "| method | learning rates tried |",
+            "|---|---|",
+            *grid_rows,
+        ]
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

@@ -134,6 +134,8 @@ def test_demonstration_tables_and_reuse(tmp_path, monkeypatch):
     assert all(a in {k / 6 for k in range(7)} for a in accuracies)  # 6 test lines
     assert (tmp_path / "finetune.png").stat().st_size > 0
     assert json.loads((tmp_path / "runs" / "test.json").read_text()) != []
+    assert finetune_demo.render(saved) == page  # the page is a function of the JSON
+    assert saved["provenance"]["command"].startswith("python examples/finetune_demo.py --preset micro")
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
