@@ -1,5 +1,11 @@
 """Test-session setup.
 
+- Every test module carries markers saying what it tests (``MARKERS``; registered in
+  pyproject.toml): ``core`` (the library, with jax, optax, chex and hypothesis), ``examples`` (the
+  Flax example and its scripts), ``parity`` (against the authors' PyTorch code), ``slow`` (long
+  runs). ``pytest -m core`` runs the library's tests; CI's lowest-versions job runs
+  ``-m "core and not slow"``. A module missing from ``MARKERS`` is an error.
+- ``variant``: a fixture that runs a test's function with and without ``jax.jit``.
 - Skipped tests are loud: a banner at the end of the run lists every skip and its reason.
 - JAX's persistent compilation cache points at a fresh temporary folder for the session (and,
   through the environment, for the subprocesses tests start), so a program that several tests
@@ -9,6 +15,7 @@
 
 import atexit
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -24,6 +31,61 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+MARKERS = {
+    "test_alias": ("core",),
+    "test_composition": ("core",),
+    "test_docstrings": ("core",),
+    "test_limiter": ("core",),
+    "test_masks": ("core",),
+    "test_projection": ("core",),
+    "test_readme": ("core",),
+    "test_reliability": ("core", "slow"),
+    "test_residual": ("core",),
+    "test_sharding": ("core",),
+    "test_subspace": ("core",),
+    "test_weight_decay": ("core",),
+    "test_reference_parity": ("parity",),
+    "test_bad_input": ("examples",),
+    "test_data": ("examples",),
+    "test_examples": ("examples",),
+    "test_finetune": ("examples",),
+    "test_hf": ("examples", "parity"),
+    "test_lora": ("examples",),
+    "test_memory_report": ("examples",),
+    "test_multihost": ("examples", "slow"),
+    "test_pytasks": ("examples",),
+    "test_results": ("examples",),
+}
+
+
+def pytest_ignore_collect(collection_path: pathlib.Path, config: pytest.Config) -> bool | None:
+    """With ``-m EXPR``, a module whose markers cannot match is not even imported (the lowest-versions
+    job has no example dependencies)."""
+    expr = config.getoption("markexpr")
+    if not expr or collection_path.suffix != ".py" or collection_path.stem not in MARKERS:
+        return None
+    names = {"core", "examples", "parity", "slow"}
+    present = {name: name in MARKERS[collection_path.stem] for name in names}
+    return not eval(expr, {"__builtins__": {}}, present)  # "and", "or", "not", parentheses: Python's own
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        if module not in MARKERS:
+            raise pytest.UsageError(f"{item.path}: give the module its markers in tests/conftest.py's MARKERS")
+        for name in MARKERS[module]:
+            item.add_marker(getattr(pytest.mark, name))
+
+
+@pytest.fixture(params=["jit", "no_jit"])
+def variant(request: pytest.FixtureRequest):
+    """``jax.jit`` or the identity: a test taking ``variant`` runs its function both ways."""
+    import jax
+
+    return jax.jit if request.param == "jit" else (lambda f: f)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -254,3 +254,17 @@ def test_a_good_prepared_folder_still_trains(tmp_path, capsys):
                             "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
                             "--out", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
     assert np.isfinite(result["final_val_loss"])
+
+
+def test_the_documented_evaluation_example_is_a_valid_task_file(tmp_path):
+    """README's three-record example (and finetune.py --help's) load as an evaluation file."""
+    import re
+
+    from lm import instruct
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    (block,) = re.findall(r"```json\n(.*?)```", readme, flags=re.S)
+    (tmp_path / "task.json").write_text(block)
+    records = instruct.load_task(tmp_path / "task.json")
+    assert [instruct.candidates(r) for r in records] == [["true", "false"], ["3", "4", "5"], ["red", "seven"]]
+    assert block.replace("\n ", "\n   ").strip() in finetune.__doc__.replace("\n  [", "\n[")

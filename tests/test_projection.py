@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl.testing import parameterized
 from numpy_side import np_side
 
 import fira_jax
@@ -18,138 +17,145 @@ def assert_same_subspace(p, q, side):
     np.testing.assert_allclose(cos, 1.0, atol=1e-4)
 
 
-class ProjectGradientsTest(chex.TestCase, parameterized.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(proj_type=["std", "reverse_std", "left", "right"], shape=[(12, 7), (7, 12), (9, 9)])
-    def test_low_rank_gradient_and_back(self, proj_type, shape):
-        rng = np.random.default_rng(0)
-        g = rng.standard_normal(shape).astype(np.float32)
-        rank = 3
-        tx = fira_jax.project_gradients(rank, update_proj_gap=5, proj_type=proj_type)
-        params = {"w": jnp.zeros(shape)}
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12), (9, 9)])
+def test_low_rank_gradient_and_back(variant, proj_type, shape):
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal(shape).astype(np.float32)
+    rank = 3
+    tx = fira_jax.project_gradients(rank, update_proj_gap=5, proj_type=proj_type)
+    params = {"w": jnp.zeros(shape)}
 
-        def step(grads, state):  # LowRank nodes live inside one update: return arrays from it
-            out, state = tx.update(grads, state)
-            node = out["w"]
-            assert isinstance(node, fira_jax.LowRank)
-            dense, _ = fira_jax.project_back(scale=0.5).update(out, optax.EmptyState())
-            return node.coeffs, node.basis.back(node.low), dense, state
+    def step(grads, state):  # LowRank nodes live inside one update: return arrays from it
+        out, state = tx.update(grads, state)
+        node = out["w"]
+        assert isinstance(node, fira_jax.LowRank)
+        dense, _ = fira_jax.project_back(scale=0.5).update(out, optax.EmptyState())
+        return node.coeffs, node.basis.back(node.low), dense, state
 
-        coeffs, back, dense, state = self.variant(step)({"w": jnp.asarray(g)}, tx.init(params))
-        side = np_side(proj_type, *shape)
-        u, _, vh = np.linalg.svd(g, full_matrices=False)
-        if side == "right":
-            p_np = vh[:rank]
-            low_np = g @ p_np.T
-            p = np.asarray(state.right["w"])
-            assert coeffs.shape == (shape[0], rank)
-        else:
-            p_np = u[:, :rank]
-            low_np = p_np.T @ g
-            p = np.asarray(state.left["w"])
-            assert coeffs.shape == (rank, shape[1])
-        assert_same_subspace(p, p_np, side)
-        # Sign-free comparison: the back-projection of the low-rank gradient.
-        back_np = low_np @ p_np if side == "right" else p_np @ low_np
-        chex.assert_trees_all_close(back, jnp.asarray(back_np), atol=1e-4)
-        chex.assert_trees_all_close(dense["w"], 0.5 * jnp.asarray(back_np), atol=1e-4)
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_refresh_only_every_gap_steps(self):
-        tx = fira_jax.project_gradients(2, update_proj_gap=3)
-        params = {"w": jnp.zeros((6, 4))}
-        state = tx.init(params)
-        update = self.variant(tx.update)
-        rng = np.random.default_rng(1)
-        seen = []
-        for _ in range(7):
-            _, state = update({"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}, state)
-            seen.append(np.asarray(state.right["w"]))
-        changed = [not np.array_equal(seen[t], seen[t - 1]) for t in range(1, 7)]
-        assert changed == [False, False, True, False, False, True]  # refreshes at t = 3 and 6
-
-    def test_effective_rank_and_default_basis(self):
-        tx = fira_jax.project_gradients(rank=50, update_proj_gap=2)
-        state = tx.init({"w": jnp.zeros((6, 4)), "v": jnp.zeros((3, 8))})
-        assert state.right["w"].shape == (4, 4)  # min(rank, m, n)
-        assert state.left["v"].shape == (3, 3)
-        # Before the first refresh the basis is a valid orthonormal default.
-        np.testing.assert_allclose(np.asarray(state.left["v"]) @ np.asarray(state.left["v"]).T, np.eye(3))
-
-    def test_stacked_leaf_has_one_basis_per_matrix(self):
-        rng = np.random.default_rng(2)
-        g = rng.standard_normal((4, 10, 6)).astype(np.float32)
-        tx = fira_jax.project_gradients(2, update_proj_gap=5)
-        _, state = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros((4, 10, 6))}))
-        assert state.right["w"].shape == (4, 2, 6)
-        for i in range(4):
-            assert_same_subspace(np.asarray(state.right["w"][i]), np.linalg.svd(g[i])[2][:2], "right")
-
-    def test_matrix_axes_dense_general(self):
-        """A (embed, heads, head_dim) kernel as one embed x (heads*head_dim) matrix."""
-        rng = np.random.default_rng(3)
-        g = rng.standard_normal((8, 2, 5)).astype(np.float32)
-        axes = {"qkv": fira_jax.MatrixAxes(rows=0, cols=(1, 2))}
-        tx = fira_jax.project_gradients(3, update_proj_gap=5, axes=axes)
-        params = {"qkv": jnp.zeros((8, 2, 5))}
-        out, state = tx.update({"qkv": jnp.asarray(g)}, tx.init(params))
-        assert state.left["qkv"].shape == (8, 3)  # 8 x 10 matrix: left side
-        dense, _ = fira_jax.project_back(1.0).update(out, optax.EmptyState())
-        g2 = g.reshape(8, 10)
-        u = np.linalg.svd(g2)[0][:, :3]
-        np.testing.assert_allclose(np.asarray(dense["qkv"]), (u @ u.T @ g2).reshape(8, 2, 5), atol=1e-4)
-
-    def test_canonical_signs(self):
-        rng = np.random.default_rng(4)
-        g = rng.standard_normal((7, 11)).astype(np.float32)
-        tx = fira_jax.project_gradients(4, update_proj_gap=5, canonical_signs=True)
-        _, state = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros((7, 11))}))
+    coeffs, back, dense, state = variant(step)({"w": jnp.asarray(g)}, tx.init(params))
+    side = np_side(proj_type, *shape)
+    u, _, vh = np.linalg.svd(g, full_matrices=False)
+    if side == "right":
+        p_np = vh[:rank]
+        low_np = g @ p_np.T
+        p = np.asarray(state.right["w"])
+        assert coeffs.shape == (shape[0], rank)
+    else:
+        p_np = u[:, :rank]
+        low_np = p_np.T @ g
         p = np.asarray(state.left["w"])
-        largest = p[np.abs(p).argmax(axis=0), np.arange(4)]
-        assert np.all(largest > 0)
-        # Flipping the gradient's sign flips every singular vector; canonical signs undo it.
-        _, state2 = tx.update({"w": -jnp.asarray(g)}, tx.init({"w": jnp.zeros((7, 11))}))
-        np.testing.assert_allclose(np.asarray(state2.left["w"]), p, atol=1e-5)
+        assert coeffs.shape == (rank, shape[1])
+    assert_same_subspace(p, p_np, side)
+    # Sign-free comparison: the back-projection of the low-rank gradient.
+    back_np = low_np @ p_np if side == "right" else p_np @ low_np
+    chex.assert_trees_all_close(back, jnp.asarray(back_np), atol=1e-4)
+    chex.assert_trees_all_close(dense["w"], 0.5 * jnp.asarray(back_np), atol=1e-4)
 
-    def test_nonfinite_gradient_keeps_previous_basis(self):
-        tx = fira_jax.project_gradients(2, update_proj_gap=1)
-        params = {"w": jnp.zeros((5, 4))}
+
+def test_refresh_only_every_gap_steps(variant):
+    tx = fira_jax.project_gradients(2, update_proj_gap=3)
+    params = {"w": jnp.zeros((6, 4))}
+    state = tx.init(params)
+    update = variant(tx.update)
+    rng = np.random.default_rng(1)
+    seen = []
+    for _ in range(7):
+        _, state = update({"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}, state)
+        seen.append(np.asarray(state.right["w"]))
+    changed = [not np.array_equal(seen[t], seen[t - 1]) for t in range(1, 7)]
+    assert changed == [False, False, True, False, False, True]  # refreshes at t = 3 and 6
+
+
+def test_effective_rank_and_default_basis():
+    tx = fira_jax.project_gradients(rank=50, update_proj_gap=2)
+    state = tx.init({"w": jnp.zeros((6, 4)), "v": jnp.zeros((3, 8))})
+    assert state.right["w"].shape == (4, 4)  # min(rank, m, n)
+    assert state.left["v"].shape == (3, 3)
+    # Before the first refresh the basis is a valid orthonormal default.
+    np.testing.assert_allclose(np.asarray(state.left["v"]) @ np.asarray(state.left["v"]).T, np.eye(3))
+
+
+def test_stacked_leaf_has_one_basis_per_matrix():
+    rng = np.random.default_rng(2)
+    g = rng.standard_normal((4, 10, 6)).astype(np.float32)
+    tx = fira_jax.project_gradients(2, update_proj_gap=5)
+    _, state = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros((4, 10, 6))}))
+    assert state.right["w"].shape == (4, 2, 6)
+    for i in range(4):
+        assert_same_subspace(np.asarray(state.right["w"][i]), np.linalg.svd(g[i])[2][:2], "right")
+
+
+def test_matrix_axes_dense_general():
+    """A (embed, heads, head_dim) kernel as one embed x (heads*head_dim) matrix."""
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((8, 2, 5)).astype(np.float32)
+    axes = {"qkv": fira_jax.MatrixAxes(rows=0, cols=(1, 2))}
+    tx = fira_jax.project_gradients(3, update_proj_gap=5, axes=axes)
+    params = {"qkv": jnp.zeros((8, 2, 5))}
+    out, state = tx.update({"qkv": jnp.asarray(g)}, tx.init(params))
+    assert state.left["qkv"].shape == (8, 3)  # 8 x 10 matrix: left side
+    dense, _ = fira_jax.project_back(1.0).update(out, optax.EmptyState())
+    g2 = g.reshape(8, 10)
+    u = np.linalg.svd(g2)[0][:, :3]
+    np.testing.assert_allclose(np.asarray(dense["qkv"]), (u @ u.T @ g2).reshape(8, 2, 5), atol=1e-4)
+
+
+def test_canonical_signs():
+    rng = np.random.default_rng(4)
+    g = rng.standard_normal((7, 11)).astype(np.float32)
+    tx = fira_jax.project_gradients(4, update_proj_gap=5, canonical_signs=True)
+    _, state = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros((7, 11))}))
+    p = np.asarray(state.left["w"])
+    largest = p[np.abs(p).argmax(axis=0), np.arange(4)]
+    assert np.all(largest > 0)
+    # Flipping the gradient's sign flips every singular vector; canonical signs undo it.
+    _, state2 = tx.update({"w": -jnp.asarray(g)}, tx.init({"w": jnp.zeros((7, 11))}))
+    np.testing.assert_allclose(np.asarray(state2.left["w"]), p, atol=1e-5)
+
+
+def test_nonfinite_gradient_keeps_previous_basis():
+    tx = fira_jax.project_gradients(2, update_proj_gap=1)
+    params = {"w": jnp.zeros((5, 4))}
+    state = tx.init(params)
+    default = np.asarray(state.right["w"])
+    bad = jnp.ones((5, 4)).at[0, 0].set(jnp.nan)
+    _, state = jax.jit(tx.update)({"w": bad}, state)
+    np.testing.assert_array_equal(np.asarray(state.right["w"]), default)
+    good = jnp.asarray(np.random.default_rng(5).standard_normal((5, 4)), jnp.float32)
+    _, state = jax.jit(tx.update)({"w": good}, state)
+    _, state_inf = jax.jit(tx.update)({"w": good.at[1, 1].set(jnp.inf)}, state)
+    np.testing.assert_array_equal(np.asarray(state_inf.right["w"]), np.asarray(state.right["w"]))
+
+
+def test_bf16_gradient_svd_in_float32():
+    g = jnp.asarray(np.random.default_rng(6).standard_normal((6, 4)), jnp.bfloat16)
+    tx = fira_jax.project_gradients(2, update_proj_gap=5)
+    out, state = tx.update({"w": g}, tx.init({"w": jnp.zeros((6, 4), jnp.bfloat16)}))
+    assert state.right["w"].dtype == jnp.bfloat16
+    assert out["w"].low.dtype == jnp.bfloat16
+    tx32 = fira_jax.project_gradients(2, update_proj_gap=5, basis_dtype=jnp.float32)
+    _, state32 = tx32.update({"w": g}, tx32.init({"w": jnp.zeros((6, 4), jnp.bfloat16)}))
+    assert state32.right["w"].dtype == jnp.float32
+    dense, _ = fira_jax.project_back().update(out, optax.EmptyState())
+    assert dense["w"].dtype == jnp.bfloat16
+
+
+def test_mask_pytree_and_callable():
+    params = {"a": jnp.zeros((4, 3)), "b": jnp.zeros((4, 3)), "c": jnp.zeros(3)}
+    for mask in ({"a": True, "b": False, "c": False}, lambda p: {"a": True, "b": False, "c": False}):
+        tx = fira_jax.project_gradients(2, 5, mask=mask)
+        out, _ = tx.update(params, tx.init(params))
+        assert isinstance(out["a"], fira_jax.LowRank)
+        assert out["b"] is params["b"] and out["c"] is params["c"]
+
+
+def test_empty_tree_and_no_selected_leaf():
+    for params in ({}, {"bias": jnp.ones(3)}):
+        tx = fira_jax.fira(1e-2, rank=2)
         state = tx.init(params)
-        default = np.asarray(state.right["w"])
-        bad = jnp.ones((5, 4)).at[0, 0].set(jnp.nan)
-        _, state = jax.jit(tx.update)({"w": bad}, state)
-        np.testing.assert_array_equal(np.asarray(state.right["w"]), default)
-        good = jnp.asarray(np.random.default_rng(5).standard_normal((5, 4)), jnp.float32)
-        _, state = jax.jit(tx.update)({"w": good}, state)
-        _, state_inf = jax.jit(tx.update)({"w": good.at[1, 1].set(jnp.inf)}, state)
-        np.testing.assert_array_equal(np.asarray(state_inf.right["w"]), np.asarray(state.right["w"]))
-
-    def test_bf16_gradient_svd_in_float32(self):
-        g = jnp.asarray(np.random.default_rng(6).standard_normal((6, 4)), jnp.bfloat16)
-        tx = fira_jax.project_gradients(2, update_proj_gap=5)
-        out, state = tx.update({"w": g}, tx.init({"w": jnp.zeros((6, 4), jnp.bfloat16)}))
-        assert state.right["w"].dtype == jnp.bfloat16
-        assert out["w"].low.dtype == jnp.bfloat16
-        tx32 = fira_jax.project_gradients(2, update_proj_gap=5, basis_dtype=jnp.float32)
-        _, state32 = tx32.update({"w": g}, tx32.init({"w": jnp.zeros((6, 4), jnp.bfloat16)}))
-        assert state32.right["w"].dtype == jnp.float32
-        dense, _ = fira_jax.project_back().update(out, optax.EmptyState())
-        assert dense["w"].dtype == jnp.bfloat16
-
-    def test_mask_pytree_and_callable(self):
-        params = {"a": jnp.zeros((4, 3)), "b": jnp.zeros((4, 3)), "c": jnp.zeros(3)}
-        for mask in ({"a": True, "b": False, "c": False}, lambda p: {"a": True, "b": False, "c": False}):
-            tx = fira_jax.project_gradients(2, 5, mask=mask)
-            out, _ = tx.update(params, tx.init(params))
-            assert isinstance(out["a"], fira_jax.LowRank)
-            assert out["b"] is params["b"] and out["c"] is params["c"]
-
-    def test_empty_tree_and_no_selected_leaf(self):
-        for params in ({}, {"bias": jnp.ones(3)}):
-            tx = fira_jax.fira(1e-2, rank=2)
-            state = tx.init(params)
-            u, _ = jax.jit(tx.update)(params, state, params)
-            chex.assert_trees_all_equal_shapes(u, params)
+        u, _ = jax.jit(tx.update)(params, state, params)
+        chex.assert_trees_all_equal_shapes(u, params)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl.testing import parameterized
 
 import fira_jax
 
@@ -35,60 +34,62 @@ def make_node(shape, proj_type, seed=0, rank=3):
     return g, node.replace(coeffs=jnp.asarray(n_upd), in_subspace=True), n_upd
 
 
-class ResidualTest(chex.TestCase, parameterized.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(
-        shape_side=[((10, 6), "std"), ((6, 10), "std"), ((10, 6), "left"), ((6, 10), "right"), ((7, 7), "left")],
-        scale=[0.25, 1.0],
-        granularity=["column", "matrix", "none"],
+@pytest.mark.parametrize(
+    "shape_side", [((10, 6), "std"), ((6, 10), "std"), ((10, 6), "left"), ((6, 10), "right"), ((7, 7), "left")]
+)
+@pytest.mark.parametrize("scale", [0.25, 1.0])
+@pytest.mark.parametrize("granularity", ["column", "matrix", "none"])
+def test_matches_numpy(variant, shape_side, scale, granularity):
+    shape, proj_type = shape_side
+    g, node, n_upd = make_node(shape, proj_type)
+    tx = fira_jax.scale_residual_by_norm_ratio(scale, granularity)
+
+    def residual(coeffs):  # the node's arrays enter and leave the jitted function as arrays
+        out, _ = tx.update({"w": node.replace(coeffs=coeffs)}, optax.EmptyState())
+        return out["w"].residual.materialize(out["w"])
+
+    side = node.layout.side
+    p = np.asarray(node.basis.right if side == "right" else node.basis.left)
+    expected = np_residual(g, p, n_upd, side, scale, granularity)
+    chex.assert_trees_all_close(
+        variant(residual)(node.coeffs), jnp.asarray(expected, jnp.float32), rtol=1e-4, atol=1e-5
     )
-    def test_matches_numpy(self, shape_side, scale, granularity):
-        shape, proj_type = shape_side
-        g, node, n_upd = make_node(shape, proj_type)
-        tx = fira_jax.scale_residual_by_norm_ratio(scale, granularity)
 
-        def residual(coeffs):  # the node's arrays enter and leave the jitted function as arrays
-            out, _ = tx.update({"w": node.replace(coeffs=coeffs)}, optax.EmptyState())
-            return out["w"].residual.materialize(out["w"])
 
-        side = node.layout.side
-        p = np.asarray(node.basis.right if side == "right" else node.basis.left)
-        expected = np_residual(g, p, n_upd, side, scale, granularity)
-        chex.assert_trees_all_close(
-            self.variant(residual)(node.coeffs), jnp.asarray(expected, jnp.float32), rtol=1e-4, atol=1e-5
-        )
+def test_full_rank_left_square_low_follows_reference_axis():
+    """Left side with r == n == m: low is square and the reference takes one factor per row."""
+    g, node, n_upd = make_node((5, 5), "left", rank=5)
+    out, _ = fira_jax.scale_residual_by_norm_ratio(0.25).update({"w": node}, optax.EmptyState())
+    expected = np_residual(g, np.asarray(node.basis.left), n_upd, "left", 0.25, "column")
+    chex.assert_trees_all_close(
+        out["w"].residual.materialize(out["w"]), jnp.asarray(expected, jnp.float32), rtol=1e-4, atol=1e-5
+    )
 
-    def test_full_rank_left_square_low_follows_reference_axis(self):
-        """Left side with r == n == m: low is square and the reference takes one factor per row."""
-        g, node, n_upd = make_node((5, 5), "left", rank=5)
-        out, _ = fira_jax.scale_residual_by_norm_ratio(0.25).update({"w": node}, optax.EmptyState())
-        expected = np_residual(g, np.asarray(node.basis.left), n_upd, "left", 0.25, "column")
-        chex.assert_trees_all_close(
-            out["w"].residual.materialize(out["w"]), jnp.asarray(expected, jnp.float32), rtol=1e-4, atol=1e-5
-        )
 
-    def test_full_rank_left_tall_uses_rank_axis(self):
-        """Left side with r == n < m: the reference's row rule would not broadcast; the rank axis is used."""
-        g, node, n_upd = make_node((8, 4), "left", rank=4)
-        out, _ = fira_jax.scale_residual_by_norm_ratio(1.0).update({"w": node}, optax.EmptyState())
-        p = np.asarray(node.basis.left)
-        low = p.T @ g
-        phi = np.linalg.norm(n_upd, axis=0) / (np.linalg.norm(low, axis=0) + 1e-8)
-        chex.assert_trees_all_close(
-            out["w"].residual.materialize(out["w"]),
-            jnp.asarray(phi[None, :] * (g - p @ low), jnp.float32),
-            rtol=1e-4,
-            atol=1e-5,
-        )
+def test_full_rank_left_tall_uses_rank_axis():
+    """Left side with r == n < m: the reference's row rule would not broadcast; the rank axis is used."""
+    g, node, n_upd = make_node((8, 4), "left", rank=4)
+    out, _ = fira_jax.scale_residual_by_norm_ratio(1.0).update({"w": node}, optax.EmptyState())
+    p = np.asarray(node.basis.left)
+    low = p.T @ g
+    phi = np.linalg.norm(n_upd, axis=0) / (np.linalg.norm(low, axis=0) + 1e-8)
+    chex.assert_trees_all_close(
+        out["w"].residual.materialize(out["w"]),
+        jnp.asarray(phi[None, :] * (g - p @ low), jnp.float32),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
-    def test_unselected_leaves_pass_and_full_raises(self):
-        out, _ = fira_jax.scale_residual_by_norm_ratio().update({"b": jnp.ones(3)}, optax.EmptyState())
-        assert out["b"].shape == (3,)
-        project = fira_jax.project_gradients(2, 5, proj_type="full")
-        nodes, _ = project.update({"w": jnp.ones((4, 3))}, project.init({"w": jnp.zeros((4, 3))}))
-        with pytest.raises(ValueError, match=r"'w'.*full"):
-            fira_jax.scale_residual_by_norm_ratio().update(nodes, optax.EmptyState())
 
-    def test_bad_granularity(self):
-        with pytest.raises(ValueError, match="granularity"):
-            fira_jax.scale_residual_by_norm_ratio(granularity="row")
+def test_unselected_leaves_pass_and_full_raises():
+    out, _ = fira_jax.scale_residual_by_norm_ratio().update({"b": jnp.ones(3)}, optax.EmptyState())
+    assert out["b"].shape == (3,)
+    project = fira_jax.project_gradients(2, 5, proj_type="full")
+    nodes, _ = project.update({"w": jnp.ones((4, 3))}, project.init({"w": jnp.zeros((4, 3))}))
+    with pytest.raises(ValueError, match=r"'w'.*full"):
+        fira_jax.scale_residual_by_norm_ratio().update(nodes, optax.EmptyState())
+
+
+def test_bad_granularity():
+    with pytest.raises(ValueError, match="granularity"):
+        fira_jax.scale_residual_by_norm_ratio(granularity="row")

@@ -25,70 +25,70 @@ def np_adam(grads, b1, b2, eps, bias_correction):
     return out
 
 
-class ScaleByAdamTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_matches_numpy(self):
-        rng = np.random.default_rng(0)
-        grads = [1e-3 * rng.standard_normal((4, 3)) for _ in range(5)]
-        for bias_correction in (False, True):
-            tx = fira_jax.scale_by_adam(0.8, 0.99, 1e-6, bias_correction=bias_correction)
-            state = tx.init(jnp.zeros((4, 3)))
-            update = self.variant(tx.update)
-            expected = np_adam(grads, 0.8, 0.99, 1e-6, bias_correction)
-            for g, e in zip(grads, expected, strict=True):
-                out, state = update(jnp.asarray(g, jnp.float32), state)
-                chex.assert_trees_all_close(out, jnp.asarray(e, jnp.float32), rtol=1e-5)
-
-    def test_differs_from_optax_for_small_gradients(self):
-        """eps outside the bias correction: optax.scale_by_adam puts it inside."""
-        g = jnp.full((3,), 1e-6)
-        ours, _ = fira_jax.scale_by_adam(bias_correction=True).update(g, fira_jax.scale_by_adam().init(g))
-        theirs, _ = optax.scale_by_adam(eps=1e-6).update(g, optax.scale_by_adam().init(g))
-        expected = (0.1 * 1e-6 / (math.sqrt(1e-3) * 1e-6 + 1e-6)) * math.sqrt(1e-3) / 0.1
-        assert float(ours[0]) == pytest.approx(expected, rel=1e-4)  # 0.0306
-        assert float(theirs[0]) == pytest.approx(0.5, rel=1e-4)
-        assert abs(float(ours[0]) - float(theirs[0])) > 0.1
-
-    def test_mu_dtype(self):
-        tx = fira_jax.scale_by_adam(mu_dtype=jnp.bfloat16)
-        state = tx.init(jnp.zeros(3))
-        assert state.mu.dtype == jnp.bfloat16 and state.nu.dtype == jnp.float32
-        out, state = tx.update(jnp.ones(3), state)
-        assert out.dtype == jnp.float32 and state.mu.dtype == jnp.bfloat16
+def test_matches_numpy(variant):
+    rng = np.random.default_rng(0)
+    grads = [1e-3 * rng.standard_normal((4, 3)) for _ in range(5)]
+    for bias_correction in (False, True):
+        tx = fira_jax.scale_by_adam(0.8, 0.99, 1e-6, bias_correction=bias_correction)
+        state = tx.init(jnp.zeros((4, 3)))
+        update = variant(tx.update)
+        expected = np_adam(grads, 0.8, 0.99, 1e-6, bias_correction)
+        for g, e in zip(grads, expected, strict=True):
+            out, state = update(jnp.asarray(g, jnp.float32), state)
+            chex.assert_trees_all_close(out, jnp.asarray(e, jnp.float32), rtol=1e-5)
 
 
-class InSubspaceTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_inner_sees_coefficients_and_unselected_leaves(self):
-        params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
-        project = fira_jax.project_gradients(2, 5)
-        inner = optax.scale_by_rms(decay=0.5)
-        tx = optax.chain(project, fira_jax.in_subspace(inner, project))
-        state = tx.init(params)
-        chex.assert_trees_all_equal_shapes(state[1].nu, {"w": jnp.zeros((6, 2)), "b": jnp.zeros(4)})
-        rng = np.random.default_rng(1)
-        g = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32), "b": jnp.ones(4)}
+def test_differs_from_optax_for_small_gradients():
+    """eps outside the bias correction: optax.scale_by_adam puts it inside."""
+    g = jnp.full((3,), 1e-6)
+    ours, _ = fira_jax.scale_by_adam(bias_correction=True).update(g, fira_jax.scale_by_adam().init(g))
+    theirs, _ = optax.scale_by_adam(eps=1e-6).update(g, optax.scale_by_adam().init(g))
+    expected = (0.1 * 1e-6 / (math.sqrt(1e-3) * 1e-6 + 1e-6)) * math.sqrt(1e-3) / 0.1
+    assert float(ours[0]) == pytest.approx(expected, rel=1e-4)  # 0.0306
+    assert float(theirs[0]) == pytest.approx(0.5, rel=1e-4)
+    assert abs(float(ours[0]) - float(theirs[0])) > 0.1
 
-        def step(g, state):  # LowRank nodes live inside one update: return its arrays
-            out, _ = tx.update(g, state)
-            return out["w"].coeffs, out["w"].low, out["b"]
 
-        coeffs, low, b = self.variant(step)(g, state)
-        expected, _ = inner.update({"w": low, "b": g["b"]}, inner.init({"w": low, "b": g["b"]}))
-        chex.assert_trees_all_close(coeffs, expected["w"], rtol=1e-6)
-        chex.assert_trees_all_close(b, expected["b"], rtol=1e-6)
+def test_mu_dtype():
+    tx = fira_jax.scale_by_adam(mu_dtype=jnp.bfloat16)
+    state = tx.init(jnp.zeros(3))
+    assert state.mu.dtype == jnp.bfloat16 and state.nu.dtype == jnp.float32
+    out, state = tx.update(jnp.ones(3), state)
+    assert out.dtype == jnp.float32 and state.mu.dtype == jnp.bfloat16
 
-    def test_projection_argument_is_checked(self):
-        tx = fira_jax.in_subspace(fira_jax.scale_by_adam(), optax.identity())
-        with pytest.raises(TypeError, match="project_gradients"):
-            tx.init({"w": jnp.zeros((3, 3))})
 
-    def test_inner_needing_params_fails_clearly(self):
-        project = fira_jax.project_gradients(2, 5)
-        tx = optax.chain(project, fira_jax.in_subspace(optax.add_decayed_weights(0.1), project))
-        params = {"w": jnp.zeros((4, 3))}
-        with pytest.raises(ValueError, match="params"):
-            tx.update(params, tx.init(params), params)
+def test_inner_sees_coefficients_and_unselected_leaves(variant):
+    params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
+    project = fira_jax.project_gradients(2, 5)
+    inner = optax.scale_by_rms(decay=0.5)
+    tx = optax.chain(project, fira_jax.in_subspace(inner, project))
+    state = tx.init(params)
+    chex.assert_trees_all_equal_shapes(state[1].nu, {"w": jnp.zeros((6, 2)), "b": jnp.zeros(4)})
+    rng = np.random.default_rng(1)
+    g = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32), "b": jnp.ones(4)}
+
+    def step(g, state):  # LowRank nodes live inside one update: return its arrays
+        out, _ = tx.update(g, state)
+        return out["w"].coeffs, out["w"].low, out["b"]
+
+    coeffs, low, b = variant(step)(g, state)
+    expected, _ = inner.update({"w": low, "b": g["b"]}, inner.init({"w": low, "b": g["b"]}))
+    chex.assert_trees_all_close(coeffs, expected["w"], rtol=1e-6)
+    chex.assert_trees_all_close(b, expected["b"], rtol=1e-6)
+
+
+def test_projection_argument_is_checked():
+    tx = fira_jax.in_subspace(fira_jax.scale_by_adam(), optax.identity())
+    with pytest.raises(TypeError, match="project_gradients"):
+        tx.init({"w": jnp.zeros((3, 3))})
+
+
+def test_inner_needing_params_fails_clearly():
+    project = fira_jax.project_gradients(2, 5)
+    tx = optax.chain(project, fira_jax.in_subspace(optax.add_decayed_weights(0.1), project))
+    params = {"w": jnp.zeros((4, 3))}
+    with pytest.raises(ValueError, match="params"):
+        tx.update(params, tx.init(params), params)
 
 
 def test_adam_bias_correction_schedule():
