@@ -40,7 +40,7 @@ MARKERS = {
     "test_limiter": ("core",),
     "test_masks": ("core",),
     "test_projection": ("core",),
-    "test_readme": ("core",),
+    "test_docs": ("core",),
     "test_reliability": ("core", "slow"),
     "test_residual": ("core",),
     "test_sharding": ("core",),

@@ -257,13 +257,13 @@ def test_a_good_prepared_folder_still_trains(tmp_path, capsys):
 
 
 def test_the_documented_evaluation_example_is_a_valid_task_file(tmp_path):
-    """README's three-record example (and finetune.py --help's) load as an evaluation file."""
+    """The docs' three-record example (and finetune.py --help's) load as an evaluation file."""
     import re
 
     from lm import instruct
 
-    readme = (EXAMPLES.parent / "README.md").read_text()
-    (block,) = re.findall(r"```json\n(.*?)```", readme, flags=re.S)
+    page = (EXAMPLES.parent / "docs" / "finetuning.md").read_text()
+    (block,) = re.findall(r"```json\n(.*?)```", page, flags=re.S)
     (tmp_path / "task.json").write_text(block)
     records = instruct.load_task(tmp_path / "task.json")
     assert [instruct.candidates(r) for r in records] == [["true", "false"], ["3", "4", "5"], ["red", "seven"]]

@@ -1,8 +1,11 @@
 """Smoke tests of the Flax LM example: one step of train_lm on a micro model, the data formats."""
 
+import functools
 import gzip
 import json
 import pathlib
+import re
+import subprocess
 import sys
 
 import jax
@@ -224,3 +227,42 @@ def test_compare_page_is_rendered_from_its_json(tmp_path):
     for name in ("fira", "adamw"):
         row = next(x for x in (tmp_path / "compare.md").read_text().splitlines() if x.startswith(f"| {name} | "))
         assert f"{best[name]['final_val_loss']:.4f}" in row
+
+
+@functools.cache
+def _help_text(script: str) -> str:
+    done = subprocess.run([sys.executable, script, "--help"], cwd=EXAMPLES.parent, capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    return done.stdout
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """(page, argv) of every `python examples/...` or `python benchmarks/...` command in a ```bash
+    block of README.md, docs/*.md and examples/README.md."""
+    import re
+    import shlex
+
+    root = EXAMPLES.parent
+    found = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md")), EXAMPLES / "README.md"]:
+        if not page.exists():
+            continue
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                for segment in re.split(r"&&|;|\|", line.split("#")[0]):
+                    argv = shlex.split(segment)
+                    if len(argv) >= 2 and argv[0] == "python" and argv[1].startswith(("examples/", "benchmarks/")):
+                        found.append((str(page.relative_to(root)), argv[1:]))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("page", "argv"), _documented_commands(), ids=lambda x: " ".join(x)[:60] if isinstance(x, list) else x
+)
+def test_documented_commands_name_real_flags(page, argv):
+    """Each documented command's script exists and accepts every flag it is given (its --help)."""
+    script, flags = argv[0], [a.split("=")[0] for a in argv[1:] if a.startswith("--")]
+    assert (EXAMPLES.parent / script).is_file(), f"{page}: {script} does not exist"
+    text = _help_text(script)
+    unknown = [f for f in flags if not re.search(rf"{re.escape(f)}\b", text)]
+    assert not unknown, f"{page}: {script} has no flag {unknown}"
