@@ -14,7 +14,7 @@ import fira_jax  # noqa: E402
 
 project = "fira_jax"
 author = "The fira_jax authors"
-copyright = "2026, The fira_jax authors"  # noqa: A001
+copyright = "2026, The fira_jax authors"
 release = version = fira_jax.__version__
 
 extensions = [
