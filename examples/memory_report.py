@@ -220,24 +220,39 @@ def main(argv: list[str] | None = None) -> dict:
             )
             if not args.json:
                 print(f"{preset} {name}: compiled", file=sys.stderr, flush=True)
-    if args.save:
-        record = {"provenance": provenance.record(argv, __file__), "dtype": args.dtype, "platform": args.platform,
-                  "tokens": [args.batch_size, args.seq_len], "vocab_size": args.vocab_size, "report": out}  # fmt: skip
-        pathlib.Path(args.save).write_text(json.dumps(record, indent=1))
     if args.json:
         print(json.dumps(out))
-        return out
-    gib = 2**30
-    paper_col = args.dtype == "bfloat16"  # the paper's estimates are bf16: beside bf16 figures only
-    for preset, rows in out.items():
-        print(
-            f"\n{preset} ({args.dtype}, rank {RANKS.get(preset)}, {args.platform.upper()} compiler, "
-            f"peak for {args.batch_size} x {args.seq_len} tokens)"
-        )
+    saved = {"provenance": provenance.record(argv, __file__), "dtype": args.dtype, "platform": args.platform,
+             "tokens": [args.batch_size, args.seq_len], "vocab_size": args.vocab_size, "report": out}  # fmt: skip
+    if args.save:  # FILE.json and its page FILE.md, rendered from it
+        path = pathlib.Path(args.save)
+        path.write_text(json.dumps(saved, indent=1))
+        path.with_suffix(".md").write_text(render(saved))
+    if not args.json:
+        print(render(saved, heading=False))
+    return out
+
+
+def render(saved: dict, heading: bool = True) -> str:
+    """The tables of a ``--save`` file (its page, results/memory_<dtype>.md), from its JSON."""
+    gib, dtype, platform = 2**30, saved["dtype"], saved["platform"]
+    batch, seq = saved["tokens"]
+    lines = []
+    if heading:
+        prov = saved["provenance"]
+        lines += [f"# Train-step memory, {dtype}, {platform.upper()} compiler", "", f"`{prov['command']}`", "",
+                  f"Made on {provenance.describe(prov)}.", ""]  # fmt: skip
+    paper_col = dtype == "bfloat16"  # the paper's estimates are bf16: beside bf16 figures only
+    for preset, rows in saved["report"].items():
+        lines += [
+            f"{preset} ({dtype}, rank {RANKS.get(preset)}, {platform.upper()} compiler, "
+            f"peak for {batch} x {seq} tokens)",
+            "",
+            "| optimizer | params GiB | grads GiB | state GiB | params + state GiB |"
+            + (" paper GB |" if paper_col else "") + " peak GiB | (peak - state) / SGD peak |",
+            "|---|---|---|---|---|" + ("---|" if paper_col else "") + "---|---|",
+        ]  # fmt: skip
         floor = rows.get("sgd", {}).get("peak_bytes")
-        print("| optimizer | params GiB | grads GiB | state GiB | params + state GiB |"
-              + (" paper GB |" if paper_col else "") + " peak GiB | (peak - state) / SGD peak |")  # fmt: skip
-        print("|---|---|---|---|---|" + ("---|" if paper_col else "") + "---|---|")
         for name, r in rows.items():
             cells = [r["params_bytes"], r["grads_bytes"], r["state_bytes"], r["params_bytes"] + r["state_bytes"]]
             line = f"| {name} | " + " | ".join(f"{c / gib:.3f}" for c in cells) + " |"
@@ -246,13 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
             peak = r["peak_bytes"]
             line += " n/a |" if peak is None else f" {peak / gib:.2f} |"
             line += f" {(peak - r['state_bytes']) / floor:.3f} |" if peak is not None and floor else " |"
-            print(line)
+            lines.append(line)
         for name, r in rows.items():
             if r.get("largest_buffers"):
-                print(f"\n{preset} {name}: largest buffers of the step")
-                for size, shapes in r["largest_buffers"]:
-                    print(f"  {size / 2**20:9.1f} MiB  {shapes}")
-    return out
+                lines += ["", f"{preset} {name}: largest buffers of the step", ""]
+                lines += [f"    {size / 2**20:9.1f} MiB  {shapes}" for size, shapes in r["largest_buffers"]]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _finetune_main(args: argparse.Namespace, dtype: Any) -> dict:

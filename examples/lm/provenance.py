@@ -97,6 +97,6 @@ def describe(prov: dict[str, Any]) -> str:
     m, v = prov["machine"], prov["versions"]
     return (
         f"{m['cpu']} ({m['cores']} cores), {m['devices']} {m['backend']} device(s); JAX {v.get('jax', '?')}, "
-        f"optax {v.get('optax', '?')}, flax {v.get('flax', '?')}; commit {prov['commit'][:12]}; {prov['date']}"
+        f"optax {v.get('optax', '?')}, flax {v.get('flax', '?')}; commit {prov['commit'][:12]}{'+dirty' * prov['commit'].endswith('+dirty')}; {prov['date']}"
         + (" (provenance reconstructed afterwards: see the JSON file)" if "reconstructed" in prov else "")
     )
