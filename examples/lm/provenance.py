@@ -95,8 +95,9 @@ def same_origin(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def describe(prov: dict[str, Any]) -> str:
     """One line for a results page: machine, versions, commit and date."""
     m, v = prov["machine"], prov["versions"]
+    commit = prov["commit"][:12] + ("+dirty" if prov["commit"].endswith("+dirty") else "")
     return (
         f"{m['cpu']} ({m['cores']} cores), {m['devices']} {m['backend']} device(s); JAX {v.get('jax', '?')}, "
-        f"optax {v.get('optax', '?')}, flax {v.get('flax', '?')}; commit {prov['commit'][:12]}{'+dirty' * prov['commit'].endswith('+dirty')}; {prov['date']}"
+        f"optax {v.get('optax', '?')}, flax {v.get('flax', '?')}; commit {commit}; {prov['date']}"
         + (" (provenance reconstructed afterwards: see the JSON file)" if "reconstructed" in prov else "")
     )
