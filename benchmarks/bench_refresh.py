@@ -48,10 +48,11 @@ def lm_gradient(hidden: int, inter: int, steps: int = 2) -> np.ndarray:
     from flax import nnx
     from lm import data as data_lib
     from lm import model as model_lib
+    from lm import prepare as prepare_lib
 
     cfg = model_lib.ModelConfig(hidden=hidden, intermediate=inter, heads=max(1, hidden // 128), layers=1)
     model = model_lib.LLaMA(cfg, rngs=nnx.Rngs(0))
-    tokens = np.asarray(data_lib.load(None).train[:2_000_000])
+    tokens = np.asarray(prepare_lib.load(None).train[:2_000_000])
     batches = data_lib.Batches(tokens, 8, 128, seed=0)  # 1,024 tokens: gradients of rank up to 1,024
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
 

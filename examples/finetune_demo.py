@@ -32,9 +32,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import finetune
 import train_lm
-from lm import data as data_lib
 from lm import hf, instruct, provenance, pytasks
 from lm import model as model_lib
+from lm import prepare as prepare_lib
 from lm import tokenizer as tokenizer_lib
 
 # Each method's learning rate: of {3e-4, 1e-3, 3e-3, 1e-2} (full AdamW, GaLore, Fira) or {1e-3, 3e-3,
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning examples per step")
     p.add_argument("--train-examples", type=int, default=960, help="task records to fine-tune on")
     p.add_argument("--test-examples", type=int, default=300, help="task records to score")
-    p.add_argument("--cache", default=str(data_lib.cache_root().parent / "finetune_demo"),
+    p.add_argument("--cache", default=str(prepare_lib.cache_root().parent / "finetune_demo"),
                    help="where the pre-trained checkpoint is kept")  # fmt: skip
     p.add_argument("--runs", default="runs/finetune_demo", help="one folder per fine-tuning run")
     p.add_argument("--out", default="results", help="finetune.md, finetune.png and finetune.json go here")

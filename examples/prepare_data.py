@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import data as data_lib
+from lm import prepare as prepare_lib
 from lm import tokenizer as tokenizer_lib
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.data is not None and not pathlib.Path(args.data).expanduser().exists():
         p.error(f"--data {args.data}: no such file or folder")
     try:
-        meta = data_lib.prepare(args.data, args.tokenizer, args.out, val_fraction=args.val_fraction,
+        meta = prepare_lib.prepare(args.data, args.tokenizer, args.out, val_fraction=args.val_fraction,
                                 workers=args.workers, progress=args.progress)  # fmt: skip
     except (data_lib.DataError, tokenizer_lib.TokenizerError) as e:
         p.error(str(e))

@@ -31,6 +31,7 @@ from lm import config as config_lib
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import optim, provenance
+from lm import prepare as prepare_lib
 
 import fira_jax
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     rank = args.rank or cfg.hidden // 4
     model = model_lib.LLaMA(cfg, rngs=nnx.Rngs(args.seed))
     try:
-        corpus = data_lib.load(args.data)
+        corpus = prepare_lib.load(args.data)
         train_tokens, description = corpus.train, corpus.description
         batches = data_lib.Batches(train_tokens, args.batch_size, args.seq_len, args.seed)
     except data_lib.DataError as e:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 pytest.importorskip("tokenizers", reason="examples extra not installed")
 from lm import data as data_lib  # noqa: E402
+from lm import prepare as prepare_lib  # noqa: E402
 from lm import tokenizer as tokenizer_lib  # noqa: E402
 
 
@@ -79,7 +80,7 @@ def test_prepare_then_train_round_trip(tmp_path, kind, bpe, spm_model):
     with open(src, "w") as f:
         for i, text in enumerate(stdlib_text(30)):
             f.write(json.dumps({"text": text, "id": i}) + "\n")
-    meta = data_lib.prepare(str(src), spec, tmp_path / "prep", workers=2, progress=False, val_fraction=0.2)
+    meta = prepare_lib.prepare(str(src), spec, tmp_path / "prep", workers=2, progress=False, val_fraction=0.2)
     assert meta["dtype"] == "uint16" and meta["split_rule"].startswith("documents by a hash")
     corpus = data_lib.open_prepared(tmp_path / "prep")
     assert isinstance(corpus.train, np.memmap)
@@ -98,7 +99,7 @@ def test_prepare_then_train_round_trip(tmp_path, kind, bpe, spm_model):
 def test_single_file_is_split_by_position(tmp_path):
     text = "".join(f"line {i} of a long single document\n" for i in range(4000))
     (tmp_path / "book.txt").write_text(text)
-    meta = data_lib.prepare(str(tmp_path / "book.txt"), "bytes", tmp_path / "prep", workers=1, progress=False)
+    meta = prepare_lib.prepare(str(tmp_path / "book.txt"), "bytes", tmp_path / "prep", workers=1, progress=False)
     assert meta["split_rule"].startswith("one document: split by position")
     corpus = data_lib.open_prepared(tmp_path / "prep")
     train, val = (np.asarray(x).astype(np.uint8).tobytes() for x in (corpus.train, corpus.val))
@@ -115,7 +116,7 @@ def test_uint32_when_the_vocabulary_does_not_fit_uint16(tmp_path):
     tok.save(str(tmp_path / "big.json"))
     docs = [" ".join(f"w{(i * 7919 + j) % 70_000}" for j in range(50)) for i in range(40)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    meta = data_lib.prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "big.json"), tmp_path / "p", progress=False,
+    meta = prepare_lib.prepare(str(tmp_path / "d.jsonl"), str(tmp_path / "big.json"), tmp_path / "p", progress=False,
                             workers=1, val_fraction=0.2)  # fmt: skip
     assert meta["dtype"] == "uint32" and meta["model_vocab_size"] == 70_016
     corpus = data_lib.open_prepared(tmp_path / "p")
@@ -128,7 +129,7 @@ def test_c4_shards_are_the_two_splits(tmp_path):
             with gzip.open(tmp_path / f"c4-{split}.{shard:05d}-of-01024.json.gz", "wt") as f:
                 for i in range(5):
                     f.write(json.dumps({"text": f"{split} shard {shard} doc {i}. " * 5, "url": "u"}) + "\n")
-    meta = data_lib.prepare(str(tmp_path), "bytes", tmp_path / "prep", workers=1, progress=False)
+    meta = prepare_lib.prepare(str(tmp_path), "bytes", tmp_path / "prep", workers=1, progress=False)
     assert meta["split_rule"].startswith("C4 shards by name")
     assert meta["splits"]["train"]["documents"] == 15 and meta["splits"]["val"]["documents"] == 5
     val = np.asarray(data_lib.open_prepared(tmp_path / "prep").val).astype(np.uint8).tobytes()
@@ -138,30 +139,30 @@ def test_c4_shards_are_the_two_splits(tmp_path):
 def test_bad_files_are_named(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(data_lib.DataError, match=r"empty.txt: empty file"):
-        data_lib.prepare(str(tmp_path / "empty.txt"), "bytes", tmp_path / "p", workers=1, progress=False)
+        prepare_lib.prepare(str(tmp_path / "empty.txt"), "bytes", tmp_path / "p", workers=1, progress=False)
     (tmp_path / "blob.txt").write_bytes(b"\x00\x01binary\x00" * 10)
     with pytest.raises(data_lib.DataError, match=r"blob.txt: binary file"):
-        data_lib.prepare(str(tmp_path / "blob.txt"), "bytes", tmp_path / "p", workers=1, progress=False)
+        prepare_lib.prepare(str(tmp_path / "blob.txt"), "bytes", tmp_path / "p", workers=1, progress=False)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
     with pytest.raises(data_lib.DataError, match=r"latin1.txt: not UTF-8 text"):
-        data_lib.prepare(str(tmp_path / "latin1.txt"), "bytes", tmp_path / "p", workers=1, progress=False)
+        prepare_lib.prepare(str(tmp_path / "latin1.txt"), "bytes", tmp_path / "p", workers=1, progress=False)
 
 
 def test_raw_source_is_cached_by_path_size_mtime_and_tokenizer(tmp_path, bpe):
     src = tmp_path / "a.txt"
     src.write_text("some text to learn from\n" * 2000)
     logs = []
-    first = data_lib.load(str(src), "bytes", log=logs.append)
-    again = data_lib.load(str(src), "bytes", log=logs.append)
+    first = prepare_lib.load(str(src), "bytes", log=logs.append)
+    again = prepare_lib.load(str(src), "bytes", log=logs.append)
     assert len(logs) == 1 and np.array_equal(first.train, again.train)  # the second load tokenized nothing
-    data_lib.load(str(src), str(bpe), log=logs.append)
+    prepare_lib.load(str(src), str(bpe), log=logs.append)
     assert len(logs) == 2  # another tokenizer: another cache entry
     os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
-    data_lib.load(str(src), "bytes", log=logs.append)
+    prepare_lib.load(str(src), "bytes", log=logs.append)
     assert len(logs) == 3  # a newer mtime: tokenized again
     with pytest.raises(data_lib.DataError, match="prepared with tokenizer"):
-        data_lib.prepare(str(src), "bytes", tmp_path / "prep", workers=1, progress=False)
-        data_lib.load(str(tmp_path / "prep"), str(bpe))
+        prepare_lib.prepare(str(src), "bytes", tmp_path / "prep", workers=1, progress=False)
+        prepare_lib.load(str(tmp_path / "prep"), str(bpe))
 
 
 def test_gradient_accumulation_matches_one_batch(tmp_path):

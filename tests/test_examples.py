@@ -18,6 +18,7 @@ sys.path.insert(0, str(EXAMPLES))
 pytest.importorskip("tqdm", reason="examples extra not installed")
 import train_lm  # noqa: E402
 from lm import data as data_lib  # noqa: E402
+from lm import prepare as prepare_lib  # noqa: E402
 
 
 @pytest.mark.parametrize("optimizer", ["fira", "galore", "adamw"])
@@ -44,7 +45,7 @@ def test_data_formats(tmp_path):
     with gzip.open(tmp_path / "c.json.gz", "wt") as f:
         for d in docs[45:]:
             f.write(json.dumps({"text": d, "url": "x"}) + "\n")
-    meta = data_lib.prepare(str(tmp_path), "bytes", tmp_path / "prep", val_fraction=0.3, workers=1, progress=False)
+    meta = prepare_lib.prepare(str(tmp_path), "bytes", tmp_path / "prep", val_fraction=0.3, workers=1, progress=False)
     corpus = data_lib.open_prepared(tmp_path / "prep")
     train, val = np.asarray(corpus.train), np.asarray(corpus.val)
     assert "3 files" in corpus.description and meta["splits"]["val"]["documents"] > 0
@@ -56,12 +57,12 @@ def test_data_formats(tmp_path):
     assert batches(3).shape == (4, 33)
     with pytest.raises(data_lib.DataError, match=r"bad.jsonl:1: .*'text'"):
         (tmp_path / "bad.jsonl").write_text('{"content": "no text field"}\n')
-        data_lib.prepare(str(tmp_path / "bad.jsonl"), "bytes", tmp_path / "p1", workers=1, progress=False)
+        prepare_lib.prepare(str(tmp_path / "bad.jsonl"), "bytes", tmp_path / "p1", workers=1, progress=False)
     with pytest.raises(data_lib.DataError, match=r"broken.jsonl:2: not a JSON record"):
         (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
-        data_lib.prepare(str(tmp_path / "broken.jsonl"), "bytes", tmp_path / "p2", workers=1, progress=False)
+        prepare_lib.prepare(str(tmp_path / "broken.jsonl"), "bytes", tmp_path / "p2", workers=1, progress=False)
     with pytest.raises(data_lib.DataError, match="no such file"):
-        data_lib.load(str(tmp_path / "missing"))
+        prepare_lib.load(str(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize(

@@ -7,18 +7,18 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-from lm import data as data_lib
 from lm import instruct, pytasks
+from lm import prepare as prepare_lib
 
 
 def test_held_out_files_are_the_pretraining_validation_split():
-    root, files, _ = data_lib.source_files(None)
+    root, files, _ = prepare_lib.source_files(None)
     held = pytasks.held_out_files()
     assert 0 < len(held) < 0.1 * len(files)
-    items, _ = data_lib.split_items(root, [p for _, p in held], 0.05, builtin=True)
+    items, _ = prepare_lib.split_items(root, [p for _, p in held], 0.05, builtin=True)
     assert {split for split, _, _ in items} == {"val"}  # pre-training sends every one of them to validation
     others = [p for p in files if p not in {p for _, p in held}][:50]
-    items, _ = data_lib.split_items(root, others, 0.05, builtin=True)
+    items, _ = prepare_lib.split_items(root, others, 0.05, builtin=True)
     assert {split for split, _, _ in items} == {"train"}
 
 

@@ -12,14 +12,14 @@ import pathlib
 import random
 import warnings
 
-from lm import data as data_lib
+from lm import prepare as prepare_lib
 
 
 def held_out_files(val_fraction: float = 0.05) -> list[tuple[str, pathlib.Path]]:
     """(relative path, path) of the built-in corpus's validation files, in sorted order."""
-    root, files, _ = data_lib.source_files(None)
+    root, files, _ = prepare_lib.source_files(None)
     rel = [(str(p.relative_to(root)), p) for p in files]
-    return [(r, p) for r, p in rel if data_lib._in_validation(f"{r}#0", val_fraction)]
+    return [(r, p) for r, p in rel if prepare_lib._in_validation(f"{r}#0", val_fraction)]
 
 
 def _task_split(rel: str, test_fraction: float) -> str:

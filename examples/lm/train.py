@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import optim
+from lm import prepare as prepare_lib
 from lm import step as step_lib
 from lm.config import TrainConfig
 
@@ -122,7 +123,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     lead = jax.process_index() == 0
     if not lead:
         log = lambda msg: None  # noqa: E731
-    corpus = data_lib.load(cfg.data, cfg.tokenizer, log=log)
+    corpus = prepare_lib.load(cfg.data, cfg.tokenizer, log=log)
     vocab = corpus.meta["model_vocab_size"]
     micro = cfg.batch_size // cfg.grad_accum
     batches = data_lib.Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)
