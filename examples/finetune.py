@@ -38,18 +38,19 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from lm import config as config_lib
 from lm import data as data_lib
-from lm import hf, instruct, lora, optim
+from lm import hf, instruct, lora, optim, runlog
 from lm import step as step_lib
 from lm import tokenizer as tokenizer_lib
 from lm.train import plot, state_mib
 
 import fira_jax
 
-METHODS = ("full-adamw", "lora", "galore", "fira", "lora-fira")
+METHODS = config_lib.FINETUNE_METHODS
 
 
-def make_optimizer(method: str, model: nnx.Module, schedule: optax.Schedule, args: argparse.Namespace) -> tuple:
+def make_optimizer(method: str, model: nnx.Module, schedule: optax.Schedule, args: config_lib.FinetuneConfig) -> tuple:
     """(what is trained, optimizer) for ``method``; LoRA methods put adapters on the model first."""
     if method in ("lora", "lora-fira"):
         lora.apply(model, args.lora_rank, args.lora_alpha, args.lora_dropout, seed=args.seed)
@@ -64,77 +65,16 @@ def make_optimizer(method: str, model: nnx.Module, schedule: optax.Schedule, arg
     return nnx.Param, tx
 
 
-def _count_or_fraction(text: str) -> int | float:
-    """``--val-size``: an integer count (>= 0) or a fraction in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction") from None
-    if value.is_integer() and value >= 0:
-        return int(value)
-    if 0 < value < 1:
-        return value
-    raise argparse.ArgumentTypeError(f"{text!r}: a count >= 0 or a fraction between 0 and 1 is expected")
-
-
 def parser() -> argparse.ArgumentParser:
-    """The command line (its defaults are the authors' fine-tuning settings)."""
+    """The command line, derived from :class:`lm.config.FinetuneConfig` (its defaults are the authors')."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Hugging Face LLaMA folder (config.json, *.safetensors)")
-    p.add_argument("--tokenizer", default="bytes", help="bytes, a tokenizer.json (or its folder), or a .model")
-    p.add_argument("--data", help="training records: a JSON list or JSON lines of instruction/input/output")
-    p.add_argument(
-        "--eval",
-        nargs="*",
-        default=[],
-        help='task files to score: JSON records {"instruction", "answer"}, the instruction ending with '
-        '"Answer format: a/b/c" or the record holding a "choices" list (an example above)',
-    )
-    p.add_argument("--eval-mode", choices=("loglik", "generate"), default="loglik")
-    p.add_argument("--method", choices=METHODS, default="fira")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=None,
-        help="warmup steps (default: the authors' 100, or 10%% of a shorter run); must be shorter than the run",
-    )
-    p.add_argument("--cutoff", type=int, default=256, help="tokens per example at most")
-    p.add_argument(
-        "--val-size",
-        type=_count_or_fraction,
-        default=120,
-        help="records held out for the validation loss: a count (default 120, the authors'), or a fraction "
-        "of --data below 1 (e.g. 0.05)",
-    )
-    p.add_argument(
-        "--template",
-        choices=sorted(instruct.TEMPLATES),
-        default="alpaca",
-        help="prompt template: alpaca (the authors') or plain (its sections without the preamble)",
-    )
-    p.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=True,
-                   help="loss on the prompt too (the authors' default)")  # fmt: skip
-    p.add_argument("--rank", type=int, default=16, help="GaLore/Fira rank (authors' lora-fira: 16)")
-    p.add_argument("--update-proj-gap", type=int, default=200)
-    p.add_argument("--scale", type=float, default=1.0, help="GaLore/Fira scale (alpha; authors' lora-fira: 1.0)")
-    p.add_argument("--lora-rank", type=int, default=32)
-    p.add_argument("--lora-alpha", type=float, default=64.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/finetune")
-    p.add_argument("--export", default=None, help="save the fine-tuned model here (Hugging Face format)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    config_lib.add_flags(p, config=config_lib.FinetuneConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = parser()
-    args = p.parse_args(argv)
+    args = config_lib.from_args(p.parse_args(argv), config_lib.FinetuneConfig)
     for name in ("batch_size", "cutoff", "rank", "lora_rank", "update_proj_gap", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -199,13 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     records_out, rng, t0 = [], np.random.default_rng(args.seed), time.perf_counter()
     order = np.array([], int)
-    bar = None
-    if args.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, unit="step", dynamic_ncols=True)
-    say = bar.write if bar is not None else print
-    with open(out / "metrics.jsonl", "w") as metrics:
+    with runlog.RunLog(out, steps, progress=args.progress) as run:
         for step in range(steps):
             if len(order) < args.batch_size:
                 order = np.concatenate([order, rng.permutation(len(train))])
@@ -215,14 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
             if (step + 1) % args.eval_every == 0 or step + 1 == steps:
                 record["val_loss"] = validate()
                 model.train()
-                say(f"step {step + 1}: train {loss:.4f}  val {record['val_loss']:.4f} nats/token")
+                run.say(f"step {step + 1}: train {loss:.4f}  val {record['val_loss']:.4f} nats/token")
+            finite = run.finite(step + 1, loss)
             records_out.append(record)
-            metrics.write(json.dumps(record) + "\n")
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}")
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            run.write(record, loss=f"{loss:.3f}")
+            if not finite:
+                break
+            run.advance()
     model.eval()
     summary = {"method": args.method, "trainable_params": trainable, "optimizer_state_mib": opt_mib, "steps": steps,
                "wall_s": time.perf_counter() - t0, "final_val_loss": validate() if val else None}  # fmt: skip

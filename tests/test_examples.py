@@ -267,3 +267,14 @@ def test_documented_commands_name_real_flags(page, argv):
     text = _help_text(script)
     unknown = [f for f in flags if not re.search(rf"{re.escape(f)}\b", text)]
     assert not unknown, f"{page}: {script} has no flag {unknown}"
+
+
+def test_a_non_finite_loss_stops_pre_training(tmp_path, capsys):
+    """The shared run log (lm/runlog.py) stops a diverging run and says so."""
+    out = tmp_path / "run"
+    train_lm.main(["--preset", "micro", "--steps", "8", "--batch-size", "2", "--seq-len", "16", "--eval-every", "8",
+                   "--eval-batches", "1", "--log-every", "1", "--optimizer", "adamw", "--lr", "1e30", "--warmup", "0",
+                   "--out", str(out), "--no-progress"])  # fmt: skip
+    losses = [json.loads(x)["train_loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) < 8 and not np.isfinite(losses[-1]) and np.isfinite(losses[0])
+    assert f"step {len(losses)}: non-finite training loss" in capsys.readouterr().out

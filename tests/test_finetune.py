@@ -157,3 +157,14 @@ def test_memory_report_finetune_is_what_the_optimizer_allocates(method):
     assert row["state_bytes"] == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(optimizer.opt_state))
     assert row["trainable_params"] == sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
     assert row["weights_bytes"] == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_a_non_finite_loss_stops_fine_tuning(tmp_path, checkpoint, capsys):
+    (tmp_path / "train.json").write_text(json.dumps(RECORDS))
+    flags = ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "train.json"), "--method", "full-adamw",
+             "--max-steps", "8", "--batch-size", "2", "--val-size", "2", "--lr", "1e30", "--warmup", "0",
+             "--eval-every", "100", "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    finetune.main(flags)
+    losses = [json.loads(x)["train_loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) < 8 and not np.isfinite(losses[-1]) and np.isfinite(losses[0])
+    assert f"step {len(losses)}: non-finite training loss" in capsys.readouterr().out

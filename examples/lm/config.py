@@ -1,8 +1,9 @@
-"""The one training configuration, and the command-line flags derived from it.
+"""The training configurations, and the command-line flags derived from them.
 
-Every script (``train_lm.py``, ``compare.py``, ``similarity.py``) builds its flags from
-:class:`TrainConfig` with :func:`add_flags`, so names, types, defaults and help are declared once,
-here. A command-line mistake is reported by :func:`check` as a one-line usage error.
+Pre-training (``train_lm.py``, ``compare.py``, ``similarity.py``) builds its flags from
+:class:`TrainConfig`, fine-tuning (``finetune.py``) from :class:`FinetuneConfig`, both with
+:func:`add_flags`, so names, types, defaults and help are declared once, here, a comment per
+field. A command-line mistake is reported as a one-line usage error.
 """
 
 import argparse
@@ -78,6 +79,67 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+
+def count_or_fraction(text: str) -> int | float:
+    """``--val-size``: an integer count (>= 0) or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction") from None
+    if value.is_integer() and value >= 0:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: a count >= 0 or a fraction between 0 and 1 is expected")
+
+
+FINETUNE_METHODS = ("full-adamw", "lora", "galore", "fira", "lora-fira")
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Fine-tuning (``finetune.py``); the defaults are the authors' fine-tuning settings."""
+
+    # model and data
+    checkpoint: str = _field(None, "Hugging Face LLaMA folder (config.json, *.safetensors)", required=True)
+    tokenizer: str = _field("bytes", "bytes, a tokenizer.json (or its folder), or a SentencePiece .model")
+    data: str | None = _field(None, "training records: a JSON list or JSON lines of instruction/input/output")
+    eval: tuple[str, ...] = _field(
+        (), 'task files to score: JSON records {"instruction", "answer"}, the instruction ending with '
+        '"Answer format: a/b/c" or the record holding a "choices" list (an example above)', nargs="*",
+    )  # fmt: skip
+    eval_mode: str = _field("loglik", "score each option by log-likelihood, or generate greedily and match",
+                            choices=("loglik", "generate"))  # fmt: skip
+    template: str = _field("alpaca", "prompt template: alpaca (the authors') or plain (its sections without the "
+                           "preamble)", choices=("alpaca", "plain"))  # fmt: skip
+    train_on_inputs: bool = _field(True, "loss on the prompt too (the authors' default)")
+    cutoff: int = _field(256, "tokens per example at most")
+    val_size: int | float = _field(
+        120, "records held out for the validation loss: a count (the authors' 120), or a fraction of --data "
+        "below 1 (e.g. 0.05)", type=count_or_fraction,
+    )  # fmt: skip
+    # method and optimizer
+    method: str = _field("fira", "what is trained, and how", choices=FINETUNE_METHODS)
+    epochs: float = _field(3.0, "passes over the training records")
+    batch_size: int = _field(16, "examples per step")
+    lr: float = _field(1e-4, "peak learning rate")
+    warmup: int | None = _field(None, "warmup steps (default: the authors' 100, or 10%% of a shorter run); must be "
+                                "shorter than the run")  # fmt: skip
+    max_steps: int | None = _field(None, "stop after this many steps")
+    rank: int = _field(16, "GaLore/Fira rank (authors' lora-fira: 16)")
+    update_proj_gap: int = _field(200, "steps between refreshes of the projection")
+    scale: float = _field(1.0, "GaLore/Fira scale (alpha; authors' lora-fira: 1.0)")
+    lora_rank: int = _field(32, "LoRA rank (the authors': 32)")
+    lora_alpha: float = _field(64.0, "LoRA alpha: the adapters are scaled by alpha / rank")
+    lora_dropout: float = _field(0.05, "dropout on the LoRA adapters' input")
+    # run
+    eval_every: int = _field(50, "validate every this many steps")
+    seed: int = _field(0, "seed of the data order and of LoRA's initialization")
+    out: str = _field("runs/finetune", "output folder (metrics.jsonl, loss.png, summary.json)")
+    export: str | None = _field(None, "save the fine-tuned model here (Hugging Face format; LoRA merged)")
+    progress: bool = _field(True, "show a progress bar")
+
+
 # The authors' pre-training recipes (Fira's pre_training_c4/scripts/llama_*.sh): C4 with T5's
 # tokenizer (vocabulary 32,000; the user supplies spiece.model), sequences of 256, global batch
 # 512, warmup 10% then cosine to 10%, weight decay 0, bf16, projection on the attention and MLP
@@ -115,11 +177,15 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
     return args
 
 
-def add_flags(parser: argparse.ArgumentParser, names: list[str] | None = None, **defaults: Any) -> None:
-    """Adds ``--<name>`` flags for ``names`` (default: every field), with ``defaults`` overriding the config's."""
-    group = parser.add_argument_group("training configuration (lm/config.py)")
-    for name in names or list(FIELDS):
-        f = FIELDS[name]
+def add_flags(parser: argparse.ArgumentParser, names: list[str] | None = None, config: type | None = None,
+              **defaults: Any) -> None:  # fmt: skip
+    """Adds ``--<name>`` flags for ``names`` (default: every field) of ``config`` (default
+    :class:`TrainConfig`), with ``defaults`` overriding the config's."""
+    config = config or TrainConfig
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    group = parser.add_argument_group(f"configuration (lm/config.py: {config.__name__})")
+    for name in names or list(fields):
+        f = fields[name]
         flag = "--" + name.replace("_", "-")
         default = defaults.get(name, f.default)
         meta = dict(f.metadata)
@@ -128,13 +194,15 @@ def add_flags(parser: argparse.ArgumentParser, names: list[str] | None = None, *
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, **meta)
             continue
         typ = next(t for t in typing.get_args(f.type) if t is not type(None)) if typing.get_args(f.type) else f.type
-        group.add_argument(flag, dest=name, type=typ, default=default, **meta)
+        meta.setdefault("type", typ)  # a field may name its own parser (e.g. a count or a fraction)
+        group.add_argument(flag, dest=name, default=default, **meta)
 
 
-def from_args(args: argparse.Namespace, **changes: Any) -> TrainConfig:
-    """The config with every field the parser declared taken from ``args``."""
-    given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    return TrainConfig(**(given | changes))
+def from_args(args: argparse.Namespace, config: type | None = None, **changes: Any) -> Any:
+    """The ``config`` (default :class:`TrainConfig`) with every field the parser declared taken from ``args``."""
+    config = config or TrainConfig
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if hasattr(args, f.name)}
+    return config(**(given | changes))
 
 
 def check(cfg: TrainConfig) -> None:

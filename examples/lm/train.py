@@ -10,7 +10,6 @@ every process runs the same steps, and only process 0 writes metrics, plots and 
 """
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -27,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from lm import data as data_lib
 from lm import model as model_lib
-from lm import optim
+from lm import optim, runlog
 from lm import prepare as prepare_lib
 from lm import step as step_lib
 from lm.config import TrainConfig
@@ -206,24 +205,14 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         + (f", rank {cfg.resolved_rank()}" if cfg.optimizer != "adamw" else "")
     )
 
-    def say(msg: str) -> None:
-        (bar.write if bar is not None else log)(msg)
-
     def bits_per_byte(nats_per_token: float) -> float:
         return nats_per_token / bpt / math.log(2)
 
-    metrics_path = out / "metrics.jsonl"
     records: list[dict] = []
     step_times: list[float] = []
     tokens_per_step = cfg.batch_size * cfg.seq_len
     t_start = time.perf_counter()
-    bar = None
-    if cfg.progress and lead:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
-    metrics_file = open(metrics_path, "a" if start_step else "w") if lead else None  # noqa: SIM115
-    try:
+    with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log) as run:
         running = []
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
@@ -242,35 +231,24 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
                 if (step + 1) % cfg.eval_every == 0 or last:
                     val_loss = evaluate()
                     record |= {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": bits_per_byte(val_loss)}
-                    say(
+                    run.say(
                         f"step {step + 1}: train {train_loss:.4f}  val {val_loss:.4f} nats/token  "
                         f"ppl {math.exp(val_loss):.2f}  {bits_per_byte(val_loss):.3f} bits/byte"
                     )
-                if not math.isfinite(train_loss):
-                    say(f"step {step + 1}: non-finite training loss {train_loss}; stopping")
+                finite = run.finite(step + 1, train_loss)
                 records.append(record)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
-                if not math.isfinite(train_loss):
+                run.write(record, loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
+                if not finite:
                     break
             else:
                 jax.block_until_ready(loss)
             step_times.append(time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
+            run.advance()
             if manager is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 import orbax.checkpoint as ocp
 
                 state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
                 manager.save(step + 1, args=ocp.args.StandardSave(state))
-    finally:
-        if metrics_file is not None:
-            metrics_file.close()
-        if bar is not None:
-            bar.close()
     if manager is not None:
         manager.wait_until_finished()
     if cfg.export:

@@ -1,0 +1,67 @@
+"""What a training run reports as it goes, the same for pre-training and fine-tuning.
+
+:class:`RunLog` writes ``metrics.jsonl`` (one JSON object per logged step, flushed as it goes),
+keeps a progress bar, prints messages without breaking the bar, and says when a non-finite loss
+stops the run. Only the process that writes (process 0) gets a folder; the others pass None.
+"""
+
+import json
+import math
+import pathlib
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+
+class RunLog:
+    """``with RunLog(out, total) as run:`` then ``run.write(record)``, ``run.say(msg)``, ``run.advance()``.
+
+    Args:
+      out: the run's folder (``metrics.jsonl`` goes there), or None to write nothing.
+      total: the run's steps (the bar's length).
+      initial: steps already done (a resumed run appends to its ``metrics.jsonl``).
+      progress: show a tqdm bar.
+      log: where messages go without a bar.
+    """
+
+    def __init__(self, out: pathlib.Path | None, total: int, initial: int = 0, progress: bool = True,
+                 log: Callable[[str], None] = print) -> None:  # fmt: skip
+        self.log = log
+        self.file = open(out / "metrics.jsonl", "a" if initial else "w") if out is not None else None  # noqa: SIM115
+        self.bar = None
+        if progress and out is not None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+
+    def say(self, message: str) -> None:
+        """Prints ``message`` above the bar."""
+        (self.bar.write if self.bar is not None else self.log)(message)
+
+    def write(self, record: dict[str, Any], **postfix: Any) -> None:
+        """Appends ``record`` to ``metrics.jsonl``; ``postfix`` goes beside the bar."""
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.bar is not None and postfix:
+            self.bar.set_postfix(**postfix)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def finite(self, step: int, loss: float) -> bool:
+        """False, after saying so, when the training loss is not finite (the run should stop)."""
+        if math.isfinite(loss):
+            return True
+        self.say(f"step {step}: non-finite training loss {loss}; stopping")
+        return False
