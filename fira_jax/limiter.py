@@ -15,8 +15,7 @@ import optax
 from fira_jax import projection as proj
 from fira_jax import sharding
 from fira_jax._validation import check_float
-
-NORM_EPS = 1e-8  # the reference's constant in the limiter's denominator
+from fira_jax.residual import NORM_EPS
 
 
 class ClipByNormGrowthState(NamedTuple):

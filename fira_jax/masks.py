@@ -10,8 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 Mask = Any  # a pytree of bools, or a callable from params to one, or None
+
+
+def is_float(x: Any) -> bool:
+    """Whether a leaf is trained at all: floating point (integer and boolean leaves get a zero update)."""
+    return bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact))
 
 
 def path_str(path: tuple[Any, ...]) -> str:

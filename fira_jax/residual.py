@@ -18,7 +18,7 @@ from fira_jax import sharding
 from fira_jax._validation import check_choice
 
 GRANULARITIES = ("column", "matrix", "none")
-NORM_EPS = 1e-8  # the reference's constant in the scaling factor's denominator
+NORM_EPS = 1e-8  # the reference's constant in the denominators of the scaling factor and the limiter
 
 
 @dataclasses.dataclass(frozen=True)

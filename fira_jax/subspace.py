@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fira_jax import masks, sharding
 from fira_jax import projection as proj
-from fira_jax import sharding
 from fira_jax._validation import check_float, is_traced
 
 
@@ -185,13 +185,12 @@ def scale_by_adam(
     check_float("eps", eps, low=0.0, high=float("inf"), high_open=False)
     correction = adam_bias_correction(b1, b2)
 
-    def is_float(x: Any) -> bool:
-        return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
     def init_fn(params: Any) -> ScaleByAdamState:
         # Integer and boolean leaves are not trained: no moments, and a zero update.
-        mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype) if is_float(p) else optax.MaskedNode(), params)
-        nu = jax.tree.map(lambda p: jnp.zeros_like(p) if is_float(p) else optax.MaskedNode(), params)
+        mu = jax.tree.map(
+            lambda p: jnp.zeros_like(p, dtype=mu_dtype) if masks.is_float(p) else optax.MaskedNode(), params
+        )
+        nu = jax.tree.map(lambda p: jnp.zeros_like(p) if masks.is_float(p) else optax.MaskedNode(), params)
         return ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
     def update_fn(updates: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, ScaleByAdamState]:
@@ -201,7 +200,7 @@ def scale_by_adam(
         mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
         out, new_mu, new_nu = [], [], []
         for g, m, v in zip(leaves, mus, nus, strict=True):
-            if not is_float(g) or not hasattr(m, "dtype"):
+            if not masks.is_float(g) or not hasattr(m, "dtype"):
                 out.append(jnp.zeros_like(g))
                 new_mu.append(m)
                 new_nu.append(v)

@@ -9,10 +9,6 @@ import optax
 from fira_jax import masks
 
 
-def _is_float(x: Any) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
 class AddDecayedWeightsAfterStepState(NamedTuple):
     """State of :func:`add_decayed_weights_after_step`: the step count for schedules."""
 
@@ -72,7 +68,7 @@ def add_decayed_weights_after_step(
         selected = masks.resolve_per_leaf(updates, mask, lambda x: True, "mask")
         param_leaves = treedef.flatten_up_to(params)
         out = [
-            (u - lr * weight_decay * (p + u)).astype(u.dtype) if sel and _is_float(p) else u
+            (u - lr * weight_decay * (p + u)).astype(u.dtype) if sel and masks.is_float(p) else u
             for u, p, sel in zip(leaves, param_leaves, selected, strict=True)
         ]
         return treedef.unflatten(out), AddDecayedWeightsAfterStepState(optax.safe_int32_increment(state.count))
