@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
                           optax.scale_by_learning_rate(sched))  # fmt: skip
     # The shadow: low-rank Adam on the same gradients.
     project = fira_jax.project_gradients(rank, args.update_proj_gap, mask=mask)
-    shadow = optax.chain(project, fira_jax.in_subspace(fira_jax.scale_by_adam(), project))
+    shadow = optax.chain(project, fira_jax.in_subspace(fira_jax.scale_by_adam(), projection=project))
 
     pure = nnx.to_pure_dict(params)
     graphdef, _ = nnx.split(model, nnx.Param)

@@ -37,7 +37,7 @@ def _low_rank_adamw(
     # and a tracer at update: it must be in the chain both times).
     if not (isinstance(weight_decay, int | float) and weight_decay == 0):
         tail.append(add_decayed_weights_after_step(weight_decay, learning_rate, mask=weight_decay_mask))
-    return optax.chain(project, in_subspace(inner, project), *residual, project_back(scale), *tail)
+    return optax.chain(project, in_subspace(inner, projection=project), *residual, project_back(scale), *tail)
 
 
 def _check_common(b1: float, b2: float, eps: float, weight_decay: float) -> None:

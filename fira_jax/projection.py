@@ -26,7 +26,7 @@ from fira_jax.layout import PROJ_TYPES, Layout, layouts
 COMPOSITION_HINT = (
     "Between fira_jax.project_gradients and fira_jax.project_back, ordinary optax transformations act "
     "on the low-rank update only and cannot keep state shaped like the parameters: wrap a stateful "
-    "one in fira_jax.in_subspace(inner, project)."
+    "one in fira_jax.in_subspace(inner, projection=project)."
 )
 
 

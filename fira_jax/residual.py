@@ -173,7 +173,7 @@ def scale_residual_by_norm_ratio(scale: float = 1.0, granularity: str = "column"
             raise ValueError(
                 f"Leaf '{u.layout.path}' reached fira_jax.scale_residual_by_norm_ratio before "
                 "fira_jax.in_subspace: the scaling factor ||N|| / ||R|| needs the subspace optimizer's "
-                "output N. Put in_subspace(inner, project) before scale_residual_by_norm_ratio."
+                "output N. Put in_subspace(inner, projection=project) before scale_residual_by_norm_ratio."
             )
         return u.replace(residual=Residual(scaling_factor(u, granularity), jnp.asarray(scale, jnp.float32)))
 

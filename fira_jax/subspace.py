@@ -21,7 +21,7 @@ from fira_jax._validation import check_float, is_traced
 
 
 def in_subspace(
-    inner: optax.GradientTransformation, projection: optax.GradientTransformation
+    inner: optax.GradientTransformation, *, projection: optax.GradientTransformation
 ) -> optax.GradientTransformationExtraArgs:
     """Applies ``inner`` to the low-rank coefficients of every :class:`LowRank` node.
 
@@ -47,7 +47,7 @@ def in_subspace(
     Example:
       >>> import jax.numpy as jnp, optax, fira_jax
       >>> project = fira_jax.project_gradients(rank=2, update_proj_gap=10)
-      >>> tx = optax.chain(project, fira_jax.in_subspace(optax.scale_by_lion(), project),
+      >>> tx = optax.chain(project, fira_jax.in_subspace(optax.scale_by_lion(), projection=project),
       ...                  fira_jax.project_back(scale=1.0))
       >>> state = tx.init({"w": jnp.ones((4, 3))})
       >>> state[1].mu["w"].shape  # Lion's momentum lives in the 4 x 2 subspace

@@ -183,7 +183,7 @@ def test_hand_built_chain_equals_fira():
     project = fira_jax.project_gradients(rank=3, update_proj_gap=4)
     by_hand = optax.chain(
         project,
-        fira_jax.in_subspace(fira_jax.scale_by_adam(b1, b2, eps), project),
+        fira_jax.in_subspace(fira_jax.scale_by_adam(b1, b2, eps), projection=project),
         fira_jax.scale_residual_by_norm_ratio(scale),
         fira_jax.clip_by_norm_growth(1.01, projection=project),
         fira_jax.project_back(scale),

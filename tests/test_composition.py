@@ -26,7 +26,7 @@ def problem(steps=5, seed=0):
 def chain(middle, fira=True):
     """Fira (or GaLore) built from the pieces with ``middle`` inserted right after in_subspace."""
     project = fira_jax.project_gradients(2, update_proj_gap=2)
-    adam = fira_jax.in_subspace(fira_jax.scale_by_adam(), project)
+    adam = fira_jax.in_subspace(fira_jax.scale_by_adam(), projection=project)
     residual = [fira_jax.scale_residual_by_norm_ratio(0.25), fira_jax.clip_by_norm_growth(1.01, projection=project)]
     if not fira:
         residual = []
@@ -68,7 +68,7 @@ def test_clip_by_global_norm_clips_the_low_rank_update(jit):
     params, grads = problem(steps=3)
     max_norm = 0.5
     project = fira_jax.project_gradients(2, update_proj_gap=2)
-    head = optax.chain(project, fira_jax.in_subspace(fira_jax.scale_by_adam(), project))
+    head = optax.chain(project, fira_jax.in_subspace(fira_jax.scale_by_adam(), projection=project))
 
     def coeffs_norms(grads_list):  # NumPy transcription: the global norm of the coefficients
         state, norms = head.init(params), []
@@ -100,7 +100,7 @@ def test_residual_before_in_subspace_raises():
     tx = optax.chain(
         project,
         fira_jax.scale_residual_by_norm_ratio(0.25),
-        fira_jax.in_subspace(fira_jax.scale_by_adam(), project),
+        fira_jax.in_subspace(fira_jax.scale_by_adam(), projection=project),
         fira_jax.project_back(0.25),
     )
     with pytest.raises(ValueError, match=r"Leaf '[vw]' reached .* before fira_jax.in_subspace"):
@@ -112,7 +112,7 @@ def test_limiter_before_residual_raises():
     project = fira_jax.project_gradients(2, 2)
     tx = optax.chain(
         project,
-        fira_jax.in_subspace(fira_jax.scale_by_adam(), project),
+        fira_jax.in_subspace(fira_jax.scale_by_adam(), projection=project),
         fira_jax.clip_by_norm_growth(1.01, projection=project),
         fira_jax.scale_residual_by_norm_ratio(0.25),
         fira_jax.project_back(0.25),

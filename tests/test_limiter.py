@@ -28,7 +28,7 @@ def chain(gamma, shape=(6, 4)):
     project = fira_jax.project_gradients(2, 100)
     tx = optax.chain(
         project,
-        fira_jax.in_subspace(optax.identity(), project),  # N = R, so phi = 1
+        fira_jax.in_subspace(optax.identity(), projection=project),  # N = R, so phi = 1
         fira_jax.scale_residual_by_norm_ratio(1.0),
         fira_jax.clip_by_norm_growth(gamma, projection=project),
     )

@@ -61,7 +61,7 @@ def test_inner_sees_coefficients_and_unselected_leaves(variant):
     params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
     project = fira_jax.project_gradients(2, 5)
     inner = optax.scale_by_rms(decay=0.5)
-    tx = optax.chain(project, fira_jax.in_subspace(inner, project))
+    tx = optax.chain(project, fira_jax.in_subspace(inner, projection=project))
     state = tx.init(params)
     chex.assert_trees_all_equal_shapes(state[1].nu, {"w": jnp.zeros((6, 2)), "b": jnp.zeros(4)})
     rng = np.random.default_rng(1)
@@ -78,14 +78,14 @@ def test_inner_sees_coefficients_and_unselected_leaves(variant):
 
 
 def test_projection_argument_is_checked():
-    tx = fira_jax.in_subspace(fira_jax.scale_by_adam(), optax.identity())
+    tx = fira_jax.in_subspace(fira_jax.scale_by_adam(), projection=optax.identity())
     with pytest.raises(TypeError, match="project_gradients"):
         tx.init({"w": jnp.zeros((3, 3))})
 
 
 def test_inner_needing_params_fails_clearly():
     project = fira_jax.project_gradients(2, 5)
-    tx = optax.chain(project, fira_jax.in_subspace(optax.add_decayed_weights(0.1), project))
+    tx = optax.chain(project, fira_jax.in_subspace(optax.add_decayed_weights(0.1), projection=project))
     params = {"w": jnp.zeros((4, 3))}
     with pytest.raises(ValueError, match="params"):
         tx.update(params, tx.init(params), params)
