@@ -154,7 +154,7 @@ def fira(
         axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, stagger=stagger,
     )  # fmt: skip
     residual = [
-        scale_residual_by_norm_ratio(scale if residual_scale is None else residual_scale, granularity),
+        scale_residual_by_norm_ratio(scale if residual_scale is None else residual_scale, granularity=granularity),
         clip_by_norm_growth(gamma, projection=project),
     ]
     return _low_rank_adamw(

@@ -28,7 +28,7 @@ class Residual:
     ``phi`` broadcasts against the canonical gradient: ``batch + (m, 1)`` (one
     factor per row, right side), ``batch + (1, n)`` (per column, left side) or
     ``batch + (1, 1)`` (per matrix); :func:`fira_jax.clip_by_norm_growth`
-    folds its limiter into it. ``scale`` is ``s``.
+    folds its limiter into it. ``residual_scale`` is ``s``.
 
     When ``phi`` runs along the axis that the basis does not touch (always,
     except for the reference's per-row factor of a square left-side
@@ -41,7 +41,7 @@ class Residual:
     """
 
     phi: jax.Array
-    scale: jax.Array
+    residual_scale: jax.Array
 
     def replace(self, **changes: Any) -> "Residual":
         return dataclasses.replace(self, **changes)
@@ -54,7 +54,7 @@ class Residual:
     def materialize(self, node: proj.LowRank) -> jax.Array:
         """S itself, in canonical ``batch + (m, n)`` form and the gradient's dtype."""
         g = node.grad
-        s = self.scale.astype(g.dtype)
+        s = self.residual_scale.astype(g.dtype)
         return self._phi_like_grad(node).astype(g.dtype) * (g - s * node.basis.back(node.low, like=g))
 
     def norm(self, node: proj.LowRank) -> jax.Array:
@@ -63,18 +63,18 @@ class Residual:
         precise = all(jnp.finfo(b.dtype).bits >= 32 for b in bases)
         if not (self.factored(node) and precise):
             return jnp.linalg.norm(self.materialize(node).astype(jnp.float32), axis=(-2, -1))
-        s = self.scale.astype(jnp.float32)
+        s = self.residual_scale.astype(jnp.float32)
         phi_g2 = jnp.square(self._phi_like_grad(node).astype(jnp.float32))
         g2 = jnp.sum(phi_g2 * jnp.square(node.grad.astype(jnp.float32)), axis=(-2, -1))
         r2 = jnp.sum(jnp.square(self.phi.astype(jnp.float32)) * jnp.square(node.low.astype(jnp.float32)), axis=(-2, -1))
         return jnp.sqrt(jnp.maximum(g2 - (2 * s - s * s) * r2, 0.0))
 
-    def add_to_update(self, node: proj.LowRank, update_scale: Any) -> jax.Array:
-        """``update_scale · back(N) + S`` in canonical form."""
+    def add_to_update(self, node: proj.LowRank, scale: Any) -> jax.Array:
+        """``scale · back(N) + S`` in canonical form (``scale``: :func:`fira_jax.project_back`'s)."""
         g = node.grad
         if not self.factored(node):
-            return update_scale * node.basis.back(node.coeffs, like=g) + self.materialize(node)
-        inner = update_scale * node.coeffs - self.scale.astype(g.dtype) * self.phi.astype(g.dtype) * node.low
+            return scale * node.basis.back(node.coeffs, like=g) + self.materialize(node)
+        inner = scale * node.coeffs - self.residual_scale.astype(g.dtype) * self.phi.astype(g.dtype) * node.low
         return self._phi_like_grad(node).astype(g.dtype) * g + node.basis.back(inner.astype(g.dtype), like=g)
 
     def _phi_like_grad(self, node: proj.LowRank) -> jax.Array:
@@ -87,7 +87,7 @@ class Residual:
         )
 
 
-jax.tree_util.register_dataclass(Residual, data_fields=["phi", "scale"], meta_fields=[])
+jax.tree_util.register_dataclass(Residual, data_fields=["phi", "residual_scale"], meta_fields=[])
 
 
 def _phi_axis(node: proj.LowRank) -> int:
@@ -125,19 +125,21 @@ def scaling_factor(node: proj.LowRank, granularity: str = "column") -> jax.Array
     return jnp.linalg.norm(n, axis=axes, keepdims=True) / (jnp.linalg.norm(r, axis=axes, keepdims=True) + NORM_EPS)
 
 
-def scale_residual_by_norm_ratio(scale: float = 1.0, granularity: str = "column") -> optax.GradientTransformation:
+def scale_residual_by_norm_ratio(
+    residual_scale: float = 1.0, granularity: str = "column"
+) -> optax.GradientTransformation:
     r"""Sets each :class:`LowRank` node's residual to the norm-scaled remainder of G.
 
     .. math::
-      S = \phi \odot (G - \text{scale} \cdot \text{back}(R)), \qquad
+      S = \phi \odot (G - s \cdot \text{back}(R)), \qquad
       \phi = \frac{\|N\|}{\|R\| + 10^{-8}}
 
     where ``R`` is the low-rank gradient, ``N`` the subspace optimizer's
     output, and ``back`` the projection back to the full space (see
-    :func:`scaling_factor` for the axes). With ``scale=1`` the residual is the
+    :func:`scaling_factor` for the axes), and ``s`` is ``residual_scale``. With ``s = 1`` the residual is the
     orthogonal complement ``(I - P P^T) G`` of the paper's equations. The
     reference implementation subtracts ``scale * P P^T G`` with the same
-    ``scale`` as the update (0.25 in its runs), so that with scale 0.25 the
+    ``scale`` as the update (0.25 in its runs), so that with s = 0.25 the
     residual keeps 75% of the in-subspace gradient; :func:`fira_jax.fira`
     does the same by default.
 
@@ -147,7 +149,8 @@ def scale_residual_by_norm_ratio(scale: float = 1.0, granularity: str = "column"
     leaves pass through.
 
     Args:
-      scale: the multiple of the in-subspace gradient removed from G.
+      residual_scale: ``s``, the multiple of the in-subspace gradient removed
+        from G.
       granularity: ``"column"`` (Fira), ``"matrix"`` (the paper's
         matrix-level ablation) or ``"none"`` (``phi = 1``: the residual is
         added unscaled, the paper's "w/o scaling" ablation).
@@ -175,7 +178,7 @@ def scale_residual_by_norm_ratio(scale: float = 1.0, granularity: str = "column"
                 "fira_jax.in_subspace: the scaling factor ||N|| / ||R|| needs the subspace optimizer's "
                 "output N. Put in_subspace(inner, projection=project) before scale_residual_by_norm_ratio."
             )
-        return u.replace(residual=Residual(scaling_factor(u, granularity), jnp.asarray(scale, jnp.float32)))
+        return u.replace(residual=Residual(scaling_factor(u, granularity), jnp.asarray(residual_scale, jnp.float32)))
 
     def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
         del params

@@ -184,7 +184,7 @@ def test_hand_built_chain_equals_fira():
     by_hand = optax.chain(
         project,
         fira_jax.in_subspace(fira_jax.scale_by_adam(b1, b2, eps), projection=project),
-        fira_jax.scale_residual_by_norm_ratio(scale),
+        fira_jax.scale_residual_by_norm_ratio(residual_scale=scale),
         fira_jax.clip_by_norm_growth(1.01, projection=project),
         fira_jax.project_back(scale),
         optax.scale_by_schedule(fira_jax.adam_bias_correction(b1, b2)),
