@@ -168,3 +168,14 @@ def test_a_non_finite_loss_stops_fine_tuning(tmp_path, checkpoint, capsys):
     losses = [json.loads(x)["train_loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) < 8 and not np.isfinite(losses[-1]) and np.isfinite(losses[0])
     assert f"step {len(losses)}: non-finite training loss" in capsys.readouterr().out
+
+
+def test_config_declares_every_template_and_method():
+    """FinetuneConfig's choices (lm/config.py) are the ones lm/instruct.py and finetune.py implement."""
+    import dataclasses
+
+    from lm import config as config_lib
+
+    fields = {f.name: f for f in dataclasses.fields(config_lib.FinetuneConfig)}
+    assert set(fields["template"].metadata["choices"]) == set(instruct.TEMPLATES)
+    assert tuple(fields["method"].metadata["choices"]) == finetune.METHODS
