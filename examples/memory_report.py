@@ -222,9 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{preset} {name}: compiled", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(out))
-    saved = {"provenance": provenance.record(argv, __file__), "dtype": args.dtype, "platform": args.platform,
-             "tokens": [args.batch_size, args.seq_len], "vocab_size": args.vocab_size, "report": out}  # fmt: skip
-    if args.save:  # FILE.json and its page FILE.md, rendered from it
+    saved = {"dtype": args.dtype, "platform": args.platform, "tokens": [args.batch_size, args.seq_len],
+             "vocab_size": args.vocab_size, "report": out}  # fmt: skip
+    if args.save:  # FILE.json and its page FILE.md, rendered from it; only a saved file needs its provenance
+        saved = {"provenance": provenance.record(argv, __file__)} | saved
         path = pathlib.Path(args.save)
         path.write_text(json.dumps(saved, indent=1))
         path.with_suffix(".md").write_text(render(saved))
