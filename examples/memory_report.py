@@ -13,9 +13,10 @@ papers' memory estimates assume.
   python examples/memory_report.py --preset 60m 130m 350m 1b 7b
   python examples/memory_report.py --preset 7b --dtype bfloat16 --json
 
-``--platform tpu`` compiles for a TPU v5e chip without one (libtpu's deviceless compilation; needs
-``pip install "jax[tpu]"`` at the installed jax's version): the CPU compiler upcasts bf16 matmuls
-to float32 and schedules differently, so its bf16 peaks overstate an accelerator's.
+``--platform tpu-v5e`` (16 GiB chips) or ``tpu-v5p`` (95 GiB) compiles for one TPU chip without
+one (libtpu's deviceless compilation; needs ``pip install "jax[tpu]"`` at the installed jax's
+version): the CPU compiler upcasts bf16 matmuls to float32 and schedules differently, so its bf16
+peaks overstate an accelerator's. Each row records its compile time.
 ``--breakdown K`` lists the K largest buffers of each compiled step (XLA's memory-usage report of
 its buffer assignment), to see where the peak goes.
 
@@ -35,6 +36,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import time
 from typing import Any
 
 import jax
@@ -59,8 +61,10 @@ PAPER_GB = {
     "350m": {"adamw": 2.06, "galore": 1.22, "fira": 1.22},
     "1b": {"adamw": 7.80, "galore": 4.38, "fira": 4.38},
 }
-# A TPU v5e chip for deviceless compilation (--platform tpu): libtpu reads these instead of a host.
-TPU_ENV = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_SKIP_MDS_QUERY": "1"}
+# TPU chips for deviceless compilation (--platform tpu-v5e / tpu-v5p): the topology, and what libtpu
+# reads instead of a host. v5e has 16 GiB of HBM per chip, v5p 95 GiB.
+TPU_CHIPS = {"tpu-v5e": ("v5e:2x2", "v5litepod-4"), "tpu-v5p": ("v5p:2x2x1", "v5p-8")}
+PLATFORMS = ("cpu", *TPU_CHIPS)
 
 
 def nbytes(tree: Any) -> int:
@@ -74,16 +78,19 @@ def optimizer(name: str, preset: str, hidden: int) -> optax.GradientTransformati
     return optim.make_optimizer(name, 1e-3, rank=RANKS.get(preset, hidden // 4), scale=SCALES.get(preset, 0.25))
 
 
-def tpu_device() -> Any:
-    """One chip of a TPU v5e topology, compiled for without a TPU (needs libtpu: ``jax[tpu]``)."""
+def tpu_device(platform: str) -> Any:
+    """One chip of a TPU topology, compiled for without a TPU (needs libtpu: ``jax[tpu]``)."""
     from jax.experimental import topologies
 
-    for key, val in TPU_ENV.items():
+    topology, accelerator = TPU_CHIPS[platform]
+    env = {"TPU_ACCELERATOR_TYPE": accelerator, "TPU_WORKER_HOSTNAMES": "localhost", "TPU_SKIP_MDS_QUERY": "1"}
+    for key, val in env.items():
         os.environ.setdefault(key, val)
     try:
-        return topologies.get_topology_desc("v5e:2x2", platform="tpu").devices[0]
+        return topologies.get_topology_desc(topology, platform="tpu").devices[0]
     except Exception as e:  # libtpu missing or unusable: one line, not a traceback
-        raise SystemExit(f"--platform tpu needs libtpu (pip install 'jax[tpu]=={jax.__version__}'): {e}") from None
+        need = f"pip install 'jax[tpu]=={jax.__version__}'"
+        raise SystemExit(f"--platform {platform} needs libtpu ({need}): {e}") from None
 
 
 def largest_buffers(dump: str, k: int) -> list[tuple[int, str]]:
@@ -134,12 +141,13 @@ def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vo
     model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab))
     graphdef, state = nnx.split((model, opt))
     batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
-    if platform == "tpu":
-        sharding = jax.sharding.SingleDeviceSharding(tpu_device())
+    if platform != "cpu":
+        sharding = jax.sharding.SingleDeviceSharding(tpu_device(platform))
         place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
         state, batch = jax.tree.map(place, state), place(batch)
     lowered = step_lib.make_train_step(model_lib.loss_fn).lower(graphdef, state, batch)
     buffers = None
+    start = time.perf_counter()
     if breakdown:  # compiled afresh (a persistent compilation cache would skip the dump)
         cache = jax.config.jax_enable_compilation_cache
         jax.config.update("jax_enable_compilation_cache", False)
@@ -151,13 +159,14 @@ def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vo
             jax.config.update("jax_enable_compilation_cache", cache)
     else:
         compiled = _compile(lowered, f"{preset} {name}", None)
+    seconds = time.perf_counter() - start
     mem = compiled.memory_analysis() if compiled is not None else None
     peak = None
     if mem is not None:
         peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     params = nnx.state(model, nnx.Param)
     out = {"params_bytes": nbytes(params), "grads_bytes": nbytes(params), "state_bytes": nbytes(opt.opt_state),
-           "peak_bytes": peak}  # fmt: skip
+           "peak_bytes": peak, "compile_seconds": round(seconds, 1)}  # fmt: skip
     if buffers is not None:
         out["largest_buffers"] = buffers
     return out
@@ -198,8 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vocab-size", type=int, default=VOCAB, help="default T5's 32,000, as in the papers")
     p.add_argument("--optimizer", nargs="+", default=list(ROWS), choices=ROWS, help="rows to report")
     p.add_argument(
-        "--platform", choices=("cpu", "tpu"), default="cpu",
-        help="compile for this machine's CPU or, deviceless, for a TPU v5e chip (needs jax[tpu])",
+        "--platform", choices=PLATFORMS, default="cpu",
+        help="compile for this machine's CPU or, deviceless, for one TPU v5e or v5p chip (needs jax[tpu])",
     )  # fmt: skip
     p.add_argument("--breakdown", type=int, default=0, metavar="K", help="list each step's K largest buffers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

@@ -118,7 +118,7 @@ def fira(
         :func:`fira_jax.project_gradients`).
       mu_dtype: dtype of Adam's first moment.
       basis_dtype: dtype of the stored bases.
-      svd: ``"exact"`` or ``"randomized"`` (see :func:`fira_jax.project_gradients`).
+      svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.project_gradients`).
       stagger: spread the leaves' refreshes over the gap.
       weight_decay_mask: which leaves are decayed, with :func:`optax.adamw`'s
         ``mask`` semantics (a pytree of bools or a callable from the params to
@@ -207,7 +207,7 @@ def galore(
       canonical_signs: fix the singular vectors' signs.
       mu_dtype: dtype of Adam's first moment.
       basis_dtype: dtype of the stored bases.
-      svd: ``"exact"`` or ``"randomized"`` (see :func:`fira_jax.project_gradients`).
+      svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.project_gradients`).
       stagger: spread the leaves' refreshes over the gap.
       weight_decay_mask: which leaves are decayed (as in :func:`fira_jax.fira`).
 

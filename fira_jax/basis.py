@@ -69,20 +69,25 @@ def default_basis(layout: Layout, dtype: Any) -> Basis:
     return Basis(left, right, layout)
 
 
-def canonical_signs(u: jax.Array, vh: jax.Array, side: str) -> tuple[jax.Array, jax.Array]:
+def _signs(x: jax.Array, axis: int) -> jax.Array:
+    """+1 or -1 per vector of ``x`` along ``axis``: the sign of its largest-magnitude entry."""
+    idx = jnp.argmax(jnp.abs(x), axis=axis, keepdims=True)
+    sign = jnp.squeeze(jnp.take_along_axis(x, idx, axis=axis), axis)
+    return jnp.where(sign < 0, -1.0, 1.0).astype(x.dtype)
+
+
+def canonical_signs(u: jax.Array | None, vh: jax.Array | None, side: str) -> tuple[jax.Array, jax.Array]:
     """Makes the largest-magnitude entry of each basis vector positive.
 
     The sign is read from the vectors that form the basis (Vh's rows on the
     right side, U's columns otherwise) and applied to both U and Vh, so
-    ``U diag(s) Vh`` is unchanged.
+    ``U diag(s) Vh`` is unchanged. A side given as None (the Gram eigenvectors
+    compute only the sides they need) gets its own signs.
     """
-    if side == "right":
-        idx = jnp.argmax(jnp.abs(vh), axis=-1, keepdims=True)
-        sign = jnp.take_along_axis(vh, idx, axis=-1)[..., 0]
-    else:
-        idx = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)
-        sign = jnp.take_along_axis(u, idx, axis=-2)[..., 0, :]
-    sign = jnp.where(sign < 0, -1.0, 1.0).astype(u.dtype)
+    if u is None or vh is None:
+        return (None if u is None else u * _signs(u, -2)[..., None, :],
+                None if vh is None else vh * _signs(vh, -1)[..., :, None])  # fmt: skip
+    sign = _signs(vh, -1) if side == "right" else _signs(u, -2)
     return u * sign[..., None, :], vh * sign[..., :, None]
 
 
@@ -112,6 +117,37 @@ def randomized_svd(
     return u_a, vh_a
 
 
+def gram_top_vectors(g: jax.Array, rank: int, side: str) -> tuple[jax.Array | None, jax.Array | None]:
+    r"""Top-``rank`` singular vectors of ``g`` from the eigenvectors of its Gram matrix.
+
+    .. math::
+      G^\top G = V \Sigma^2 V^\top \ (\text{right side}), \qquad
+      G G^\top = U \Sigma^2 U^\top \ (\text{left side})
+
+    The Gram matrix of the basis side is as small as the basis's vectors are long, and its
+    symmetric eigendecomposition compiles in seconds on TPU (one-sided Jacobi), where the TPU's
+    SVD is a program that takes minutes to compile per matrix shape (jax-ml/jax#28315); CPU and
+    GPU use LAPACK / cuSOLVER. Squaring the singular values makes the vectors near the rank
+    cutoff less accurate than an SVD's (by about ``s_1 / s_r``); the subspace of a gradient whose
+    spectrum decays is unaffected in practice. Returns ``(U[..., :, :r], None)`` (left),
+    ``(None, Vh[..., :r, :])`` (right) or both (full), largest first.
+    """
+
+    def eigh(a: jax.Array) -> jax.Array:
+        def jacobi(a: jax.Array) -> jax.Array:
+            return jax.lax.linalg.eigh(a, implementation=jax.lax.linalg.EighImplementation.JACOBI)[0]
+
+        vecs = jax.lax.platform_dependent(a, tpu=jacobi, default=lambda a: jax.lax.linalg.eigh(a)[0])
+        return vecs[..., ::-1][..., :rank]  # ascending eigenvalues: the last ones, largest first
+
+    gt = jnp.swapaxes(g, -1, -2)
+    u = eigh(g @ gt) if side in ("left", "full") else None
+    vh = jnp.swapaxes(eigh(gt @ g), -1, -2) if side in ("right", "full") else None
+    if u is not None and vh is not None:  # two eigendecompositions: each side gets its own signs
+        return canonical_signs(u, None, side)[0], canonical_signs(None, vh, side)[1]
+    return u, vh
+
+
 def _top_vectors(
     g32: jax.Array, layout: Layout, signs: bool, svd: str, key: jax.Array | None, oversample: int, power_iters: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -119,6 +155,8 @@ def _top_vectors(
     r = layout.rank
     if svd == "randomized":
         u, vh = randomized_svd(g32, r, layout.side, key, oversample, power_iters)
+    elif svd == "gram":
+        u, vh = gram_top_vectors(g32, r, layout.side)
     else:
         u, _, vh = jnp.linalg.svd(g32, full_matrices=False)
         u, vh = u[..., :, :r], vh[..., :r, :]
@@ -127,48 +165,84 @@ def _top_vectors(
     return u, vh
 
 
-def top_singular_basis(
-    g: jax.Array,
-    old: Basis,
+def top_singular_bases(
+    grads: list[jax.Array],
+    olds: list[Basis],
     *,
     signs: bool = False,
     svd: str = "exact",
-    key: jax.Array | None = None,
+    keys: list[jax.Array] | None = None,
     oversample: int = 8,
     power_iters: int = 2,
-) -> Basis:
-    """Top-r singular vectors of the canonical gradient ``g``, in float32.
+) -> list[Basis]:
+    """Top-r singular vectors of canonical gradients of one matrix shape, in float32.
 
-    The matrices of a stacked leaf (``batch + (m, n)``) are decomposed one after another
-    (``lax.map``), so the refresh's float32 workspace is one matrix's, not the stack's; under
-    explicit sharding of the stacking axes they are decomposed where they live, as one batch.
-    Matrices whose gradient or new basis is not finite (a NaN/Inf gradient, or an SVD that
-    failed) keep their previous basis ``old``.
+    ``grads[i]`` (``batch + (m, n)``, the same ``m``, ``n``, rank and side for all) gets a new
+    basis from ``olds[i]``. Every matrix, of every leaf and of every stacked leaf, goes through
+    one ``lax.map`` body, one after another: the SVD is compiled once for the shape (the TPU
+    compiler expands every SVD call site into its own program) and its float32 workspace is one
+    matrix's. Explicitly sharded leaves are decomposed where they live, one leaf at a time, as
+    one batch. Matrices whose gradient or new basis is not finite (a NaN/Inf gradient, or an SVD
+    that failed) keep their previous basis.
+
+    Args:
+      grads: the gradients, canonical layout.
+      olds: their current bases (the same layouts' shapes).
+      signs: canonical signs (see :func:`canonical_signs`).
+      svd: ``"exact"`` or ``"randomized"``.
+      keys: one PRNG key per gradient (randomized SVD only).
+      oversample: extra probes of the randomized SVD.
+      power_iters: power iterations of the randomized SVD.
+
+    Returns:
+      The new bases, in order.
     """
-    layout = old.layout
-    g32 = sharding.gather_matrix(g.astype(jnp.float32))
-    spec = sharding.explicit_spec(g32)
-    stacked_here = layout.batch and (spec is None or all(a is None for a in tuple(spec)[: len(layout.batch)]))
-    if stacked_here:
-        flat = g32.reshape(-1, layout.m, layout.n)
-        keys = None if key is None else jax.random.split(key, flat.shape[0])
+    layout = olds[0].layout
+    spec = sharding.explicit_spec(grads[0])
+    if spec is not None and any(a is not None for a in tuple(spec)[: len(layout.batch)]):
+        if len(grads) > 1:
+            raise ValueError("leaves sharded along their stacking axes are refreshed one leaf at a time")
+        u, vh = _top_vectors(sharding.gather_matrix(grads[0].astype(jnp.float32)), layout, signs, svd,
+                             None if keys is None else keys[0], oversample, power_iters)  # fmt: skip
+        return [_keep_finite(grads[0], u, vh, olds[0])]
+    flats = [sharding.gather_matrix(g).reshape(-1, layout.m, layout.n) for g in grads]
+    sizes = [f.shape[0] for f in flats]
+    leaf_ids = jnp.concatenate([jnp.full(k, i, jnp.int32) for i, k in enumerate(sizes)])
+    matrix_ids = jnp.concatenate([jnp.arange(k, dtype=jnp.int32) for k in sizes])
+    item_keys = None
+    if keys is not None:
+        item_keys = jnp.concatenate([jax.random.split(k, n) if g.ndim > 2 else k[None]
+                                     for k, n, g in zip(keys, sizes, grads, strict=True)])  # fmt: skip
+    takes = [lambda j, f=f: jax.lax.dynamic_index_in_dim(f, j, keepdims=False) for f in flats]
+    wants_u, wants_vh = layout.side in ("left", "full"), layout.side in ("right", "full")
 
-        def one(args: tuple[jax.Array, Any]) -> tuple[jax.Array, jax.Array]:
-            x, k = args
-            return _top_vectors(x, layout, signs, svd, k, oversample, power_iters)
+    def one(item: tuple[jax.Array, jax.Array, Any]) -> tuple[jax.Array | None, jax.Array | None]:
+        leaf, j, key = item
+        x = jax.lax.switch(leaf, takes, j) if len(takes) > 1 else takes[0](j)
+        u, vh = _top_vectors(x.astype(jnp.float32), layout, signs, svd, key, oversample, power_iters)
+        return (u if wants_u else None), (vh if wants_vh else None)
 
-        u, vh = jax.lax.map(one, (flat, keys))
-        u = u.reshape(*layout.batch, *u.shape[1:])
-        vh = vh.reshape(*layout.batch, *vh.shape[1:])
-    else:
-        u, vh = _top_vectors(g32, layout, signs, svd, key, oversample, power_iters)
+    u, vh = jax.lax.map(one, (leaf_ids, matrix_ids, item_keys))
+    out, start = [], 0
+    for g, old, k in zip(grads, olds, sizes, strict=True):
+        out.append(_keep_finite(g, _rows(u, start, k, g), _rows(vh, start, k, g), old))
+        start += k
+    return out
 
+
+def _rows(x: jax.Array | None, start: int, k: int, g: jax.Array) -> jax.Array | None:
+    """Rows ``start : start + k`` of the stacked vectors ``x``, shaped for ``g``'s stacking axes."""
+    return None if x is None else x[start : start + k].reshape(*g.shape[:-2], *x.shape[1:])
+
+
+def _keep_finite(g: jax.Array, u: jax.Array | None, vh: jax.Array | None, old: Basis) -> Basis:
+    """The new basis where the gradient and the new vectors are finite, else the old one, per matrix."""
     finite_g = jnp.all(jnp.isfinite(g), axis=(-2, -1), keepdims=True)
 
-    def keep_finite(new: jax.Array, prev: jax.Array) -> jax.Array:
+    def keep(new: jax.Array, prev: jax.Array) -> jax.Array:
         ok = finite_g & jnp.all(jnp.isfinite(new), axis=(-2, -1), keepdims=True)
         return jnp.where(ok, new.astype(prev.dtype), prev)
 
-    left = keep_finite(u, old.left) if old.left is not None else None
-    right = keep_finite(vh, old.right) if old.right is not None else None
-    return Basis(left, right, layout)
+    left = keep(u, old.left) if old.left is not None else None
+    right = keep(vh, old.right) if old.right is not None else None
+    return Basis(left, right, old.layout)

@@ -20,7 +20,7 @@ import optax
 
 from fira_jax import masks, sharding
 from fira_jax._validation import check_choice, check_int
-from fira_jax.basis import Basis, default_basis, top_singular_basis
+from fira_jax.basis import Basis, default_basis, top_singular_bases
 from fira_jax.layout import PROJ_TYPES, Layout, layouts
 
 COMPOSITION_HINT = (
@@ -153,6 +153,22 @@ def refresh_groups(n_leaves: int, update_proj_gap: Any, stagger: bool) -> list[t
     return list(groups.items())
 
 
+def shape_groups(members: list[int], grads: list[jax.Array], bases: list[Basis]) -> list[list[int]]:
+    """``members`` grouped by what one compiled SVD can serve: matrix shape, rank, side and dtypes.
+
+    A leaf under explicit sharding forms its own group (it is decomposed where it lives).
+    """
+    groups: dict[Any, list[int]] = {}
+    for j in members:
+        lay, g, b = bases[j].layout, grads[j], bases[j]
+        dtypes = (g.dtype, None if b.left is None else b.left.dtype, None if b.right is None else b.right.dtype)
+        key = (lay.m, lay.n, lay.rank, lay.side, dtypes)
+        if sharding.explicit_spec(g) is not None:
+            key = ("explicit", j)
+        groups.setdefault(key, []).append(j)
+    return list(groups.values())
+
+
 def refresh_due(count: jax.Array, offset: Any, update_proj_gap: Any) -> jax.Array:
     """Whether a group at ``offset`` refreshes at step ``count`` (always at step 0)."""
     return ((count + offset) % update_proj_gap == 0) | (count == 0)
@@ -185,11 +201,12 @@ def project_gradients(
     ``proj_type`` chooses the side: ``"std"`` is right if m ≥ n else left (the
     smaller state), ``"reverse_std"`` the opposite, ``"right"``, ``"left"`` and
     ``"full"`` are fixed. The effective rank is ``min(rank, m, n)``. Between
-    refreshes the basis is kept. The refresh is one ``lax.cond`` on the step
-    count per leaf, so one compiled update serves every step, and the refresh
-    costs one matrix's SVD workspace at a time: a leaf's refresh depends only on
-    its own gradient, and the matrices of a stacked leaf are decomposed one
-    after another.
+    refreshes the basis is kept. The refresh is a ``lax.cond`` on the step
+    count, so one compiled update serves every step: one cond per matrix shape,
+    whose branch decomposes that shape's matrices (of every leaf, and of every
+    stacked leaf) one after another with one compiled SVD. The refresh thus
+    costs one matrix's SVD workspace at a time, and the number of SVD programs
+    the compiler builds is the number of distinct shapes, not of matrices.
 
     Each selected leaf of the output is a :class:`LowRank` node; follow this
     transformation with :func:`fira_jax.in_subspace` (the optimizer in the
@@ -219,7 +236,10 @@ def project_gradients(
         ``power_iters`` power iterations and QR re-orthonormalization, then
         the SVD of a small matrix. Much cheaper for large matrices; the basis
         is orthonormal, and it captures nearly the exact basis's energy when
-        the spectrum decays (see README's Performance section).
+        the spectrum decays (see README's Performance section). ``"gram"``:
+        the top eigenvectors of ``G^T G`` (right) or ``G G^T`` (left), whose
+        eigendecomposition compiles in seconds on TPU where the exact SVD
+        takes minutes per matrix shape (``fira_jax.basis.gram_top_vectors``).
       oversample: extra probes of the randomized SVD.
       power_iters: power iterations of the randomized SVD.
       stagger: spread the leaves' refreshes over the gap (see
@@ -252,7 +272,7 @@ def project_gradients(
     check_int("rank", rank, 1, static=True)
     check_int("update_proj_gap", update_proj_gap, 1)
     check_choice("proj_type", proj_type, PROJ_TYPES)
-    check_choice("svd", svd, ("exact", "randomized"))
+    check_choice("svd", svd, ("exact", "randomized", "gram"))
     check_int("oversample", oversample, 0)
     check_int("power_iters", power_iters, 0)
 
@@ -299,22 +319,24 @@ def project_gradients(
         ]
         key = jax.random.fold_in(jax.random.key(seed), state.count) if svd == "randomized" else None
 
-        def new_basis(j: int) -> Basis:
-            leaf_key = None if key is None else jax.random.fold_in(key, j)
-            return top_singular_basis(
-                grads[j], old[j], signs=canonical_signs, svd=svd, key=leaf_key, oversample=oversample,
-                power_iters=power_iters,
+        def refreshed(members: list[int]) -> list[Basis]:
+            keys = None if key is None else [jax.random.fold_in(key, j) for j in members]
+            return top_singular_bases(
+                [grads[j] for j in members], [old[j] for j in members], signs=canonical_signs, svd=svd, keys=keys,
+                oversample=oversample, power_iters=power_iters,
             )  # fmt: skip
 
-        # One cond per leaf, each depending on that leaf's gradient only: a leaf refreshes as
-        # soon as its gradient exists, and its SVD workspace is free before the next one's (one
-        # cond for the whole tree would wait for every gradient and hold every workspace at
-        # once). A cond is never vmapped (that would run every SVD).
+        # One cond per group of same-shaped matrices that refresh at the same step; its branch
+        # decomposes them one after another with one compiled SVD (see top_singular_bases), so
+        # the refresh holds one matrix's SVD workspace at a time. A cond is never vmapped (that
+        # would run every SVD).
         new = list(old)
         for offset, members in refresh_groups(len(picked), update_proj_gap, stagger):
             due = refresh_due(state.count, offset, update_proj_gap)
-            for j in members:
-                new[j] = jax.lax.cond(due, lambda j=j: new_basis(j), lambda j=j: old[j])
+            for group in shape_groups(members, grads, old):
+                bases = jax.lax.cond(due, lambda g=group: refreshed(g), lambda g=group: [old[j] for j in g])
+                for j, b in zip(group, bases, strict=True):
+                    new[j] = b
         out: list[Any] = list(leaves)
         bases: list[Basis | None] = [None] * len(leaves)
         for i, g, basis in zip(picked, grads, new, strict=True):

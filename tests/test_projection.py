@@ -239,3 +239,45 @@ def test_stagger_spreads_refreshes():
     assert refreshed == [["w0", "w1", "w2", "w3"], ["w3"], ["w2"], ["w1"], ["w0"], ["w3"], ["w2"], ["w1"], ["w0"]]
     jaxpr = str(jax.make_jaxpr(tx.update)(params, state))
     assert jaxpr.count("= cond[") == 4
+
+
+def test_one_svd_program_per_matrix_shape(variant):
+    """Same-shaped matrices (separate leaves and a stacked leaf) share one SVD call site.
+
+    The TPU compiler expands every SVD call site into its own program, so the compile time grows
+    with the number of sites; the bases are still each matrix's own.
+    """
+    rng = np.random.default_rng(0)
+    shapes = {"a": (6, 4), "b": (6, 4), "stack": (3, 6, 4), "c": (4, 6), "d": (4, 6), "e": (5, 5)}
+    grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+    tx = fira_jax.project_gradients(2, update_proj_gap=4)
+    state = tx.init(grads)
+    jaxpr = str(jax.make_jaxpr(tx.update)(grads, state))
+    assert jaxpr.count("svd[") == 3  # (6, 4) right, (4, 6) left, (5, 5) right
+    _, state = variant(tx.update)(grads, state)
+    for k, g in grads.items():
+        u, _, vh = np.linalg.svd(np.asarray(g), full_matrices=False)
+        side = "left" if g.shape[-2] < g.shape[-1] else "right"
+        got = state.left[k] if side == "left" else state.right[k]
+        want = u[..., :, :2] if side == "left" else vh[..., :2, :]
+        assert_same_subspace(np.asarray(got), want, side)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+@pytest.mark.parametrize("shape", [(48, 30), (30, 48), (2, 30, 20)])
+@pytest.mark.parametrize("signs", [False, True])
+def test_gram_basis_is_the_exact_subspace(variant, proj_type, shape, signs):
+    """svd="gram" (eigenvectors of the Gram matrix) spans the SVD's subspace, vector by vector."""
+    g = np.stack([decaying(shape[-2:], i) for i in range(shape[0])]) if len(shape) == 3 else decaying(shape, 0)
+    states = {}
+    for svd in ("exact", "gram"):
+        tx = fira_jax.project_gradients(6, 5, proj_type=proj_type, svd=svd, canonical_signs=signs)
+        _, states[svd] = variant(tx.update)({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros(shape)}))
+    for side, attr in (("left", "left"), ("right", "right")):
+        want, got = getattr(states["exact"], attr)["w"], getattr(states["gram"], attr)["w"]
+        if isinstance(want, jax.Array):
+            assert_same_subspace(np.asarray(got), np.asarray(want), side)
+            # Canonical signs make the vectors equal, not only equal up to sign (two-sided: the
+            # exact SVD's V takes U's signs, the Gram's V its own).
+            if signs and (proj_type != "full" or side == "left"):
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
