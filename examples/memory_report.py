@@ -71,11 +71,12 @@ def nbytes(tree: Any) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def optimizer(name: str, preset: str, hidden: int) -> optax.GradientTransformation:
+def optimizer(name: str, preset: str, hidden: int, svd: str = "exact") -> optax.GradientTransformation:
     """The row's optimizer at the authors' rank and scale for ``preset``."""
     if name == "sgd":
         return optax.sgd(1e-3)
-    return optim.make_optimizer(name, 1e-3, rank=RANKS.get(preset, hidden // 4), scale=SCALES.get(preset, 0.25))
+    rank, scale = RANKS.get(preset, hidden // 4), SCALES.get(preset, 0.25)
+    return optim.make_optimizer(name, 1e-3, rank=rank, scale=scale, svd=svd)
 
 
 def tpu_device(platform: str) -> Any:
@@ -117,11 +118,13 @@ def _bytes(text: str) -> int:
     raise ValueError(f"unknown size {text!r} in XLA's memory-usage report")
 
 
-def build(preset: str, name: str, dtype: Any, vocab: int = VOCAB) -> tuple[model_lib.LLaMA, nnx.Optimizer]:
+def build(
+    preset: str, name: str, dtype: Any, vocab: int = VOCAB, svd: str = "exact"
+) -> tuple[model_lib.LLaMA, nnx.Optimizer]:
     """The preset's model (parameters and compute in ``dtype``) and the row's ``nnx.Optimizer``."""
     mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=vocab)
     model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-    return model, nnx.Optimizer(model, optimizer(name, preset, mcfg.hidden), wrt=nnx.Param)
+    return model, nnx.Optimizer(model, optimizer(name, preset, mcfg.hidden, svd), wrt=nnx.Param)
 
 
 def _compile(lowered: Any, label: str, dump: str | None) -> Any:
@@ -136,9 +139,9 @@ def _compile(lowered: Any, label: str, dump: str | None) -> Any:
 
 
 def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vocab: int = VOCAB,
-           platform: str = "cpu", breakdown: int = 0) -> dict:  # fmt: skip
+           platform: str = "cpu", breakdown: int = 0, svd: str = "exact") -> dict:  # fmt: skip
     """Bytes of parameters, gradients, state, and the compiled train step's peak, for one optimizer."""
-    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab))
+    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab, svd))
     graphdef, state = nnx.split((model, opt))
     batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
     if platform != "cpu":
@@ -210,6 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--platform", choices=PLATFORMS, default="cpu",
         help="compile for this machine's CPU or, deviceless, for one TPU v5e or v5p chip (needs jax[tpu])",
     )  # fmt: skip
+    p.add_argument(
+        "--svd", choices=("exact", "randomized", "gram"), default="exact",
+        help="how GaLore and Fira compute the basis (on TPU, gram compiles in seconds)",
+    )  # fmt: skip
     p.add_argument("--breakdown", type=int, default=0, metavar="K", help="list each step's K largest buffers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--save", metavar="FILE", help="also write the figures and their provenance to FILE (JSON)")
@@ -225,13 +232,14 @@ def main(argv: list[str] | None = None) -> dict:
         out[preset] = {}
         for name in args.optimizer:
             out[preset][name] = report(
-                preset, name, dtype, args.batch_size, args.seq_len, args.vocab_size, args.platform, args.breakdown
-            )
+                preset, name, dtype, args.batch_size, args.seq_len, args.vocab_size, args.platform, args.breakdown,
+                args.svd,
+            )  # fmt: skip
             if not args.json:
                 print(f"{preset} {name}: compiled", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(out))
-    saved = {"dtype": args.dtype, "platform": args.platform, "tokens": [args.batch_size, args.seq_len],
+    saved = {"dtype": args.dtype, "platform": args.platform, "svd": args.svd, "tokens": [args.batch_size, args.seq_len],
              "vocab_size": args.vocab_size, "report": out}  # fmt: skip
     if args.save:  # FILE.json and its page FILE.md, rendered from it; only a saved file needs its provenance
         saved = {"provenance": provenance.record(argv, __file__)} | saved
@@ -255,12 +263,12 @@ def render(saved: dict, heading: bool = True) -> str:
     paper_col = dtype == "bfloat16"  # the paper's estimates are bf16: beside bf16 figures only
     for preset, rows in saved["report"].items():
         lines += [
-            f"{preset} ({dtype}, rank {RANKS.get(preset)}, {platform.upper()} compiler, "
-            f"peak for {batch} x {seq} tokens)",
+            f"{preset} ({dtype}, rank {RANKS.get(preset)}, svd={saved.get('svd', 'exact')!r}, "
+            f"{platform.upper()} compiler, peak for {batch} x {seq} tokens)",
             "",
             "| optimizer | params GiB | grads GiB | state GiB | params + state GiB |"
-            + (" paper GB |" if paper_col else "") + " peak GiB | (peak - state) / SGD peak |",
-            "|---|---|---|---|---|" + ("---|" if paper_col else "") + "---|---|",
+            + (" paper GB |" if paper_col else "") + " peak GiB | (peak - state) / SGD peak | compile s |",
+            "|---|---|---|---|---|" + ("---|" if paper_col else "") + "---|---|---|",
         ]  # fmt: skip
         floor = rows.get("sgd", {}).get("peak_bytes")
         for name, r in rows.items():
@@ -271,6 +279,7 @@ def render(saved: dict, heading: bool = True) -> str:
             peak = r["peak_bytes"]
             line += " n/a |" if peak is None else f" {peak / gib:.2f} |"
             line += f" {(peak - r['state_bytes']) / floor:.3f} |" if peak is not None and floor else " |"
+            line += f" {r['compile_seconds']:.0f} |"
             lines.append(line)
         for name, r in rows.items():
             if r.get("largest_buffers"):

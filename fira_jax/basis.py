@@ -215,12 +215,16 @@ def top_singular_bases(
                                      for k, n, g in zip(keys, sizes, grads, strict=True)])  # fmt: skip
     takes = [lambda j, f=f: jax.lax.dynamic_index_in_dim(f, j, keepdims=False) for f in flats]
     wants_u, wants_vh = layout.side in ("left", "full"), layout.side in ("right", "full")
+    # The stacked vectors are stored in the bases' dtype: a bf16 basis needs no float32 stack.
+    u_dtype = olds[0].left.dtype if wants_u else None
+    vh_dtype = olds[0].right.dtype if wants_vh else None
 
     def one(item: tuple[jax.Array, jax.Array, Any]) -> tuple[jax.Array | None, jax.Array | None]:
         leaf, j, key = item
         x = jax.lax.switch(leaf, takes, j) if len(takes) > 1 else takes[0](j)
         u, vh = _top_vectors(x.astype(jnp.float32), layout, signs, svd, key, oversample, power_iters)
-        return (u if wants_u else None), (vh if wants_vh else None)
+        # Non-finite vectors stay non-finite in the basis dtype (and are then rejected below).
+        return (u.astype(u_dtype) if wants_u else None), (vh.astype(vh_dtype) if wants_vh else None)
 
     u, vh = jax.lax.map(one, (leaf_ids, matrix_ids, item_keys))
     out, start = [], 0

@@ -34,8 +34,9 @@ def make_optimizer(
     gamma: float = 1.01,
     weight_decay: float = 0.0,
     ablation: str = "none",
+    svd: str = "exact",
 ) -> optax.GradientTransformation:
-    """Builds one of :data:`OPTIMIZERS`; ``ablation`` applies to Fira only."""
+    """Builds one of :data:`OPTIMIZERS`; ``ablation`` applies to Fira only, ``svd`` to Fira and GaLore."""
     mask = fira_jax.mask_by_path(*TARGET_MODULES)
     decay_mask = fira_jax.mask_by_path(*DECAY_MODULES)
     if name == "adamw":
@@ -43,7 +44,7 @@ def make_optimizer(
     if name == "galore":
         return fira_jax.galore(
             learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
-            mask=mask, weight_decay_mask=decay_mask,
+            mask=mask, weight_decay_mask=decay_mask, svd=svd,
         )  # fmt: skip
     if name != "fira":
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
@@ -54,7 +55,7 @@ def make_optimizer(
         gamma = float("inf")
     tx = fira_jax.fira(
         learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
-        gamma=gamma, mask=mask, granularity=granularity, weight_decay_mask=decay_mask,
+        gamma=gamma, mask=mask, granularity=granularity, weight_decay_mask=decay_mask, svd=svd,
     )  # fmt: skip
     if ablation == "grad-clip":
         tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
