@@ -53,10 +53,10 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
       python benchmarks/measure_peak_rss.py --preset 60m --json results/memory_rss_60m.json ;;
     memory-tpu)  # the TPU compiler's peaks and compile times, without a TPU (needs jax[tpu] in this python)
       python examples/memory_report.py --platform tpu-v5e --preset 60m 130m 350m 1b --dtype bfloat16 --svd gram \
-        --save results/memory_tpu_v5e_bfloat16.json
-      python examples/memory_report.py --platform tpu-v5e --preset 60m --save results/memory_tpu_v5e_exact_60m.json
+        --refresh-by-shape --save results/memory_tpu_v5e_bfloat16.json
       python examples/memory_report.py --platform tpu-v5p --preset 7b --dtype bfloat16 --svd gram \
-        --save results/memory_tpu_v5p_bfloat16.json ;;
+        --refresh-by-shape --save results/memory_tpu_v5p_bfloat16.json
+      python examples/memory_report.py --platform tpu-v5e --preset 60m --save results/memory_tpu_v5e_exact_60m.json ;;
     *)
       echo "regenerate_results.sh: unknown part '$part' (compare seed1 sweep similarity finetune memory memory-tpu)" >&2
       exit 2 ;;

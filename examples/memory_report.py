@@ -71,12 +71,14 @@ def nbytes(tree: Any) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def optimizer(name: str, preset: str, hidden: int, svd: str = "exact") -> optax.GradientTransformation:
+def optimizer(
+    name: str, preset: str, hidden: int, svd: str = "exact", by_shape: bool = False
+) -> optax.GradientTransformation:
     """The row's optimizer at the authors' rank and scale for ``preset``."""
     if name == "sgd":
         return optax.sgd(1e-3)
     rank, scale = RANKS.get(preset, hidden // 4), SCALES.get(preset, 0.25)
-    return optim.make_optimizer(name, 1e-3, rank=rank, scale=scale, svd=svd)
+    return optim.make_optimizer(name, 1e-3, rank=rank, scale=scale, svd=svd, refresh_by_shape=by_shape)
 
 
 def tpu_device(platform: str) -> Any:
@@ -119,12 +121,12 @@ def _bytes(text: str) -> int:
 
 
 def build(
-    preset: str, name: str, dtype: Any, vocab: int = VOCAB, svd: str = "exact"
+    preset: str, name: str, dtype: Any, vocab: int = VOCAB, svd: str = "exact", by_shape: bool = False
 ) -> tuple[model_lib.LLaMA, nnx.Optimizer]:
     """The preset's model (parameters and compute in ``dtype``) and the row's ``nnx.Optimizer``."""
     mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=vocab)
     model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-    return model, nnx.Optimizer(model, optimizer(name, preset, mcfg.hidden, svd), wrt=nnx.Param)
+    return model, nnx.Optimizer(model, optimizer(name, preset, mcfg.hidden, svd, by_shape), wrt=nnx.Param)
 
 
 def _compile(lowered: Any, label: str, dump: str | None) -> Any:
@@ -139,9 +141,9 @@ def _compile(lowered: Any, label: str, dump: str | None) -> Any:
 
 
 def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vocab: int = VOCAB,
-           platform: str = "cpu", breakdown: int = 0, svd: str = "exact") -> dict:  # fmt: skip
+           platform: str = "cpu", breakdown: int = 0, svd: str = "exact", by_shape: bool = False) -> dict:  # fmt: skip
     """Bytes of parameters, gradients, state, and the compiled train step's peak, for one optimizer."""
-    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab, svd))
+    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab, svd, by_shape))
     graphdef, state = nnx.split((model, opt))
     batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
     if platform != "cpu":
@@ -217,6 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--svd", choices=("exact", "randomized", "gram"), default="exact",
         help="how GaLore and Fira compute the basis (on TPU, gram compiles in seconds)",
     )  # fmt: skip
+    p.add_argument(
+        "--refresh-by-shape", action="store_true",
+        help="GaLore and Fira refresh same-shaped matrices together, one compiled SVD per shape (for TPU)",
+    )  # fmt: skip
     p.add_argument("--breakdown", type=int, default=0, metavar="K", help="list each step's K largest buffers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--save", metavar="FILE", help="also write the figures and their provenance to FILE (JSON)")
@@ -233,13 +239,14 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.optimizer:
             out[preset][name] = report(
                 preset, name, dtype, args.batch_size, args.seq_len, args.vocab_size, args.platform, args.breakdown,
-                args.svd,
+                args.svd, args.refresh_by_shape,
             )  # fmt: skip
             if not args.json:
                 print(f"{preset} {name}: compiled", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(out))
-    saved = {"dtype": args.dtype, "platform": args.platform, "svd": args.svd, "tokens": [args.batch_size, args.seq_len],
+    saved = {"dtype": args.dtype, "platform": args.platform, "svd": args.svd,
+             "refresh_by_shape": args.refresh_by_shape, "tokens": [args.batch_size, args.seq_len],
              "vocab_size": args.vocab_size, "report": out}  # fmt: skip
     if args.save:  # FILE.json and its page FILE.md, rendered from it; only a saved file needs its provenance
         saved = {"provenance": provenance.record(argv, __file__)} | saved
@@ -263,7 +270,8 @@ def render(saved: dict, heading: bool = True) -> str:
     paper_col = dtype == "bfloat16"  # the paper's estimates are bf16: beside bf16 figures only
     for preset, rows in saved["report"].items():
         lines += [
-            f"{preset} ({dtype}, rank {RANKS.get(preset)}, svd={saved.get('svd', 'exact')!r}, "
+            f"{preset} ({dtype}, rank {RANKS.get(preset)}, svd={saved.get('svd', 'exact')!r}"
+            + (", refresh by shape" if saved.get("refresh_by_shape") else "") + ", "
             f"{platform.upper()} compiler, peak for {batch} x {seq} tokens)",
             "",
             "| optimizer | params GiB | grads GiB | state GiB | params + state GiB |"

@@ -70,6 +70,7 @@ def fira(
     basis_dtype: Any = None,
     svd: str = "exact",
     stagger: bool = False,
+    refresh_by_shape: bool = False,
     weight_decay_mask: masks.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Fira: full-rank training under a low-rank optimizer state.
@@ -120,6 +121,8 @@ def fira(
       basis_dtype: dtype of the stored bases.
       svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.project_gradients`).
       stagger: spread the leaves' refreshes over the gap.
+      refresh_by_shape: one compiled SVD per matrix shape (for TPU; see
+        :func:`fira_jax.project_gradients`).
       weight_decay_mask: which leaves are decayed, with :func:`optax.adamw`'s
         ``mask`` semantics (a pytree of bools or a callable from the params to
         one); default every floating-point leaf. Independent of ``mask``
@@ -152,6 +155,7 @@ def fira(
     project = project_gradients(
         rank, update_proj_gap, proj_type, mask,
         axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, stagger=stagger,
+        refresh_by_shape=refresh_by_shape,
     )  # fmt: skip
     residual = [
         scale_residual_by_norm_ratio(scale if residual_scale is None else residual_scale, granularity=granularity),
@@ -183,6 +187,7 @@ def galore(
     basis_dtype: Any = None,
     svd: str = "exact",
     stagger: bool = False,
+    refresh_by_shape: bool = False,
     weight_decay_mask: masks.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GaLore with AdamW, as the authors' ``GaLoreAdamW`` (``galore-torch`` 1.0).
@@ -209,6 +214,8 @@ def galore(
       basis_dtype: dtype of the stored bases.
       svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.project_gradients`).
       stagger: spread the leaves' refreshes over the gap.
+      refresh_by_shape: one compiled SVD per matrix shape (for TPU; see
+        :func:`fira_jax.project_gradients`).
       weight_decay_mask: which leaves are decayed (as in :func:`fira_jax.fira`).
 
     Returns:
@@ -229,6 +236,7 @@ def galore(
     project = project_gradients(
         rank, update_proj_gap, proj_type, mask,
         axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, stagger=stagger,
+        refresh_by_shape=refresh_by_shape,
     )  # fmt: skip
     return _low_rank_adamw(
         project=project, residual=[], learning_rate=learning_rate, scale=scale, b1=b1, b2=b2, eps=eps,

@@ -226,7 +226,10 @@ def top_singular_bases(
         # Non-finite vectors stay non-finite in the basis dtype (and are then rejected below).
         return (u.astype(u_dtype) if wants_u else None), (vh.astype(vh_dtype) if wants_vh else None)
 
-    u, vh = jax.lax.map(one, (leaf_ids, matrix_ids, item_keys))
+    if len(grads) == 1 and grads[0].ndim == 2:  # one matrix: no loop
+        u, vh = jax.tree.map(lambda x: x[None], one((0, 0, None if item_keys is None else item_keys[0])))
+    else:
+        u, vh = jax.lax.map(one, (leaf_ids, matrix_ids, item_keys))
     out, start = [], 0
     for g, old, k in zip(grads, olds, sizes, strict=True):
         out.append(_keep_finite(g, _rows(u, start, k, g), _rows(vh, start, k, g), old))

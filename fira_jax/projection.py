@@ -187,6 +187,7 @@ def project_gradients(
     oversample: int = 8,
     power_iters: int = 2,
     stagger: bool = False,
+    refresh_by_shape: bool = False,
     seed: int = 0,
 ) -> Projection:
     r"""Projects each selected gradient onto its top-``rank`` singular subspace.
@@ -202,11 +203,14 @@ def project_gradients(
     smaller state), ``"reverse_std"`` the opposite, ``"right"``, ``"left"`` and
     ``"full"`` are fixed. The effective rank is ``min(rank, m, n)``. Between
     refreshes the basis is kept. The refresh is a ``lax.cond`` on the step
-    count, so one compiled update serves every step: one cond per matrix shape,
-    whose branch decomposes that shape's matrices (of every leaf, and of every
-    stacked leaf) one after another with one compiled SVD. The refresh thus
-    costs one matrix's SVD workspace at a time, and the number of SVD programs
-    the compiler builds is the number of distinct shapes, not of matrices.
+    count, so one compiled update serves every step: one cond per leaf, which
+    waits only for that leaf's gradient and decomposes its matrices (those of
+    a stacked leaf one after another), so the refresh holds one matrix's SVD
+    workspace at a time and gradients can be freed as they are used. With
+    ``refresh_by_shape=True``, one cond per matrix shape decomposes the
+    matrices of every leaf of that shape with one compiled SVD: the compiler
+    builds one SVD program per shape instead of per leaf (on TPU, minutes
+    each), but every gradient of that shape stays alive until the refresh.
 
     Each selected leaf of the output is a :class:`LowRank` node; follow this
     transformation with :func:`fira_jax.in_subspace` (the optimizer in the
@@ -245,6 +249,10 @@ def project_gradients(
       stagger: spread the leaves' refreshes over the gap (see
         :func:`refresh_groups`), so that no later step computes every SVD.
         Off by default, as in the reference.
+      refresh_by_shape: refresh same-shaped matrices together, one compiled
+        SVD per shape (see above): for the TPU compiler, whose SVD takes
+        minutes to compile per call site; it costs memory, since the step
+        then keeps every gradient of that shape alive until the refresh.
       seed: seed of the randomized SVD's probes (folded with the step and leaf).
 
     Returns:
@@ -326,14 +334,14 @@ def project_gradients(
                 oversample=oversample, power_iters=power_iters,
             )  # fmt: skip
 
-        # One cond per group of same-shaped matrices that refresh at the same step; its branch
-        # decomposes them one after another with one compiled SVD (see top_singular_bases), so
-        # the refresh holds one matrix's SVD workspace at a time. A cond is never vmapped (that
-        # would run every SVD).
+        # One cond per leaf (each waits only for its own gradient) or, refresh_by_shape, per
+        # group of same-shaped matrices; a branch decomposes its matrices one after another
+        # (top_singular_bases). A cond is never vmapped (that would run every SVD).
         new = list(old)
         for offset, members in refresh_groups(len(picked), update_proj_gap, stagger):
             due = refresh_due(state.count, offset, update_proj_gap)
-            for group in shape_groups(members, grads, old):
+            groups = shape_groups(members, grads, old) if refresh_by_shape else [[j] for j in members]
+            for group in groups:
                 bases = jax.lax.cond(due, lambda g=group: refreshed(g), lambda g=group: [old[j] for j in g])
                 for j, b in zip(group, bases, strict=True):
                     new[j] = b

@@ -241,19 +241,20 @@ def test_stagger_spreads_refreshes():
     assert jaxpr.count("= cond[") == 4
 
 
-def test_one_svd_program_per_matrix_shape(variant):
-    """Same-shaped matrices (separate leaves and a stacked leaf) share one SVD call site.
+@pytest.mark.parametrize("by_shape", [False, True])
+def test_svd_call_sites_per_leaf_or_per_shape(variant, by_shape):
+    """One SVD call site per leaf (a stacked leaf's matrices in one loop), or per matrix shape.
 
     The TPU compiler expands every SVD call site into its own program, so the compile time grows
-    with the number of sites; the bases are still each matrix's own.
+    with the number of sites; the bases are each matrix's own either way.
     """
     rng = np.random.default_rng(0)
     shapes = {"a": (6, 4), "b": (6, 4), "stack": (3, 6, 4), "c": (4, 6), "d": (4, 6), "e": (5, 5)}
     grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
-    tx = fira_jax.project_gradients(2, update_proj_gap=4)
+    tx = fira_jax.project_gradients(2, update_proj_gap=4, refresh_by_shape=by_shape)
     state = tx.init(grads)
-    jaxpr = str(jax.make_jaxpr(tx.update)(grads, state))
-    assert jaxpr.count("svd[") == 3  # (6, 4) right, (4, 6) left, (5, 5) right
+    hlo = jax.jit(tx.update).lower(grads, state).compile().as_text()  # LAPACK's gesdd on CPU
+    assert hlo.count("custom_call_target=\"lapack_sgesdd") == (3 if by_shape else 6)  # (6, 4), (4, 6), (5, 5)
     _, state = variant(tx.update)(grads, state)
     for k, g in grads.items():
         u, _, vh = np.linalg.svd(np.asarray(g), full_matrices=False)

@@ -35,8 +35,10 @@ def make_optimizer(
     weight_decay: float = 0.0,
     ablation: str = "none",
     svd: str = "exact",
+    refresh_by_shape: bool = False,
 ) -> optax.GradientTransformation:
-    """Builds one of :data:`OPTIMIZERS`; ``ablation`` applies to Fira only, ``svd`` to Fira and GaLore."""
+    """Builds one of :data:`OPTIMIZERS`; ``ablation`` applies to Fira only, ``svd`` and
+    ``refresh_by_shape`` to Fira and GaLore."""
     mask = fira_jax.mask_by_path(*TARGET_MODULES)
     decay_mask = fira_jax.mask_by_path(*DECAY_MODULES)
     if name == "adamw":
@@ -44,7 +46,7 @@ def make_optimizer(
     if name == "galore":
         return fira_jax.galore(
             learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
-            mask=mask, weight_decay_mask=decay_mask, svd=svd,
+            mask=mask, weight_decay_mask=decay_mask, svd=svd, refresh_by_shape=refresh_by_shape,
         )  # fmt: skip
     if name != "fira":
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
@@ -56,6 +58,7 @@ def make_optimizer(
     tx = fira_jax.fira(
         learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
         gamma=gamma, mask=mask, granularity=granularity, weight_decay_mask=decay_mask, svd=svd,
+        refresh_by_shape=refresh_by_shape,
     )  # fmt: skip
     if ablation == "grad-clip":
         tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
