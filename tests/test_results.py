@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import compare  # noqa: E402
 import finetune_demo  # noqa: E402
+import memory_report  # noqa: E402
 import similarity  # noqa: E402
 from lm import sweep  # noqa: E402
 
@@ -42,12 +43,19 @@ def test_results_file_records_where_it_came_from(path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", prov["date"])
 
 
-@pytest.mark.parametrize(
-    "path", [p for p in result_files() if p.name in RENDER], ids=lambda p: str(p.relative_to(RESULTS))
-)
+def renderer(path: pathlib.Path):
+    """The function that renders ``path``'s page: by name, or memory_report's for its ``--save`` files."""
+    if path.name in RENDER:
+        return RENDER[path.name]
+    if path.name.startswith("memory_") and "report" in json.loads(path.read_text()):
+        return memory_report.render
+    return None
+
+
+@pytest.mark.parametrize("path", [p for p in result_files() if renderer(p)], ids=lambda p: str(p.relative_to(RESULTS)))
 def test_page_is_rendered_from_its_json(path):
     page = path.with_suffix(".md")
-    assert RENDER[path.name](json.loads(path.read_text())) == page.read_text(), f"{page} differs from {path}"
+    assert renderer(path)(json.loads(path.read_text())) == page.read_text(), f"{page} differs from {path}"
 
 
 def readme_tables(text: str) -> list[tuple[str, list[str]]]:
