@@ -22,12 +22,16 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 PACKAGES = ("jax", "jaxlib", "optax", "flax", "numpy")
 
 
+# What can change a result: edits elsewhere (README, docs/, tests/, results/) do not make a run "+dirty".
+CODE_PATHS = ("fira_jax", "examples", "benchmarks", "pyproject.toml")
+
+
 def commit() -> str:
-    """The repository's commit, with ``+dirty`` when tracked files other than results/ differ from it
-    ("unknown" outside git)."""
+    """The repository's commit, with ``+dirty`` when tracked files under :data:`CODE_PATHS` differ
+    from it ("unknown" outside git)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
                                cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
