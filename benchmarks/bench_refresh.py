@@ -1,8 +1,8 @@
 """The cost of a projection refresh: exact vs randomized SVD, and staggered refreshes.
 
 Part 1 (``--part svd``): for 512x1376 (LLaMA 60M's MLP), 2048x5461 (1B) and 4096x11008 (7B),
-times the exact SVD and ``svd="randomized"`` (jitted, median of ``--repeats``) and reports the
-captured energy ||P^T G||^2 / ||G||^2 of both bases on two kinds of matrices:
+times the exact SVD, ``svd="randomized"`` and ``svd="gram"`` (jitted, median of ``--repeats``)
+and reports the captured energy ||P^T G||^2 / ||G||^2 of the bases on two kinds of matrices:
 
 * gradients from the example LM: a one-layer model of ``examples/lm/model.py`` with that
   hidden/intermediate size, two Adam steps on 1,024 tokens of the built-in corpus, then the
@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 import fira_jax
+from fira_jax.basis import gram_top_vectors as _gram_top_vectors
 from fira_jax.basis import randomized_svd as _randomized_svd
 
 SHAPES = {"512x1376": (512, 1376, 128), "2048x5461": (2048, 5461, 256), "4096x11008": (4096, 11008, 512)}
@@ -75,8 +76,8 @@ def energy(g: jax.Array, u: jax.Array) -> float:
 
 def part_svd(args: argparse.Namespace) -> None:
     exact = jax.jit(lambda g: jnp.linalg.svd(g, full_matrices=False)[0])
-    print(f"{'shape':>11} {'rank':>5} {'exact s':>9} {'random s':>9} {'speedup':>8} "
-          f"{'matrix':>9} {'E exact':>8} {'E random':>9} {'ratio':>8}")  # fmt: skip
+    print(f"{'shape':>11} {'rank':>5} {'exact s':>9} {'random s':>9} {'speedup':>8} {'gram s':>8} "
+          f"{'matrix':>9} {'E exact':>8} {'E random':>9} {'ratio':>8} {'E gram':>9}")  # fmt: skip
     for name in args.shapes:
         m, n, r = SHAPES[name]
         rand = jax.jit(lambda g, key, r=r: _randomized_svd(g, r, "left", key, args.oversample, args.power_iters)[0])
@@ -84,14 +85,18 @@ def part_svd(args: argparse.Namespace) -> None:
         gauss = jax.random.normal(jax.random.key(1), (m, n))
         t_exact = timed(exact, gauss, repeats=args.repeats)
         t_rand = timed(rand, gauss, key, repeats=args.repeats)
+        gram = jax.jit(lambda g, r=r: _gram_top_vectors(g, r, "left")[0])
+        t_gram = timed(gram, gauss, repeats=args.repeats)
         mats = {"gaussian": gauss}
         if not args.no_lm:
             mats["LM grad"] = jnp.asarray(lm_gradient(m, n))
         for label, g in mats.items():
             e_exact = energy(g, exact(g)[:, :r])
             e_rand = energy(g, rand(g, key))
-            print(f"{name:>11} {r:5d} {t_exact:9.3f} {t_rand:9.3f} {t_exact / t_rand:7.1f}x "
-                  f"{label:>9} {e_exact:8.6f} {e_rand:9.6f} {e_rand / e_exact:8.6f}", flush=True)  # fmt: skip
+            e_gram = energy(g, gram(g))
+            times = f"{t_exact:9.3f} {t_rand:9.3f} {t_exact / t_rand:7.1f}x {t_gram:8.3f}"
+            energies = f"{e_exact:8.6f} {e_rand:9.6f} {e_rand / e_exact:8.6f} {e_gram:9.6f}"
+            print(f"{name:>11} {r:5d} {times} {label:>9} {energies}", flush=True)
 
 
 def part_stagger(args: argparse.Namespace) -> None:
