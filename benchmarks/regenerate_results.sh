@@ -11,6 +11,7 @@
 # decimal (results/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The paths that can change a result: examples/lm/provenance.py's CODE_PATHS.
 if [ -n "$(git status --porcelain --untracked-files=no -- fira_jax examples benchmarks pyproject.toml)" ]; then
   echo "regenerate_results.sh: commit or stash your changes first (results name the commit that made them)" >&2
   exit 2

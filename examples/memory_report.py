@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fira_jax.basis import SVD_METHODS
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import model as model_lib
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="compile for this machine's CPU or, deviceless, for one TPU v5e or v5p chip (needs jax[tpu])",
     )  # fmt: skip
     p.add_argument(
-        "--svd", choices=("exact", "randomized", "gram"), default="exact",
+        "--svd", choices=SVD_METHODS, default="exact",
         help="how GaLore and Fira compute the basis (on TPU, gram compiles in seconds)",
     )  # fmt: skip
     p.add_argument(

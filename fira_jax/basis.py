@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from fira_jax import sharding
 from fira_jax.layout import Layout
 
+SVD_METHODS = ("exact", "randomized", "gram")  # how a refresh computes the top singular vectors
+
 
 @dataclasses.dataclass(frozen=True)
 class Basis:
@@ -143,8 +145,6 @@ def gram_top_vectors(g: jax.Array, rank: int, side: str) -> tuple[jax.Array | No
     gt = jnp.swapaxes(g, -1, -2)
     u = eigh(g @ gt) if side in ("left", "full") else None
     vh = jnp.swapaxes(eigh(gt @ g), -1, -2) if side in ("right", "full") else None
-    if u is not None and vh is not None:  # two eigendecompositions: each side gets its own signs
-        return canonical_signs(u, None, side)[0], canonical_signs(None, vh, side)[1]
     return u, vh
 
 
@@ -189,7 +189,7 @@ def top_singular_bases(
       grads: the gradients, canonical layout.
       olds: their current bases (the same layouts' shapes).
       signs: canonical signs (see :func:`canonical_signs`).
-      svd: ``"exact"`` or ``"randomized"``.
+      svd: one of :data:`SVD_METHODS`.
       keys: one PRNG key per gradient (randomized SVD only).
       oversample: extra probes of the randomized SVD.
       power_iters: power iterations of the randomized SVD.
@@ -207,8 +207,6 @@ def top_singular_bases(
         return [_keep_finite(grads[0], u, vh, olds[0])]
     flats = [sharding.gather_matrix(g).reshape(-1, layout.m, layout.n) for g in grads]
     sizes = [f.shape[0] for f in flats]
-    leaf_ids = jnp.concatenate([jnp.full(k, i, jnp.int32) for i, k in enumerate(sizes)])
-    matrix_ids = jnp.concatenate([jnp.arange(k, dtype=jnp.int32) for k in sizes])
     item_keys = None
     if keys is not None:
         item_keys = jnp.concatenate([jax.random.split(k, n) if g.ndim > 2 else k[None]
@@ -228,7 +226,9 @@ def top_singular_bases(
 
     if len(grads) == 1 and grads[0].ndim == 2:  # one matrix: no loop
         u, vh = jax.tree.map(lambda x: x[None], one((0, 0, None if item_keys is None else item_keys[0])))
-    else:
+    else:  # item i is matrix matrix_ids[i] of leaf leaf_ids[i]
+        leaf_ids = jnp.concatenate([jnp.full(k, i, jnp.int32) for i, k in enumerate(sizes)])
+        matrix_ids = jnp.concatenate([jnp.arange(k, dtype=jnp.int32) for k in sizes])
         u, vh = jax.lax.map(one, (leaf_ids, matrix_ids, item_keys))
     out, start = [], 0
     for g, old, k in zip(grads, olds, sizes, strict=True):

@@ -20,7 +20,7 @@ import optax
 
 from fira_jax import masks, sharding
 from fira_jax._validation import check_choice, check_int
-from fira_jax.basis import Basis, default_basis, top_singular_bases
+from fira_jax.basis import SVD_METHODS, Basis, default_basis, top_singular_bases
 from fira_jax.layout import PROJ_TYPES, Layout, layouts
 
 COMPOSITION_HINT = (
@@ -160,11 +160,12 @@ def shape_groups(members: list[int], grads: list[jax.Array], bases: list[Basis])
     """
     groups: dict[Any, list[int]] = {}
     for j in members:
-        lay, g, b = bases[j].layout, grads[j], bases[j]
-        dtypes = (g.dtype, None if b.left is None else b.left.dtype, None if b.right is None else b.right.dtype)
-        key = (lay.m, lay.n, lay.rank, lay.side, dtypes)
+        g, b = grads[j], bases[j]
         if sharding.explicit_spec(g) is not None:
-            key = ("explicit", j)
+            key: Any = ("explicit", j)
+        else:
+            dtypes = (g.dtype, None if b.left is None else b.left.dtype, None if b.right is None else b.right.dtype)
+            key = (b.layout.m, b.layout.n, b.layout.rank, b.layout.side, dtypes)
         groups.setdefault(key, []).append(j)
     return list(groups.values())
 
@@ -280,7 +281,7 @@ def project_gradients(
     check_int("rank", rank, 1, static=True)
     check_int("update_proj_gap", update_proj_gap, 1)
     check_choice("proj_type", proj_type, PROJ_TYPES)
-    check_choice("svd", svd, ("exact", "randomized", "gram"))
+    check_choice("svd", svd, SVD_METHODS)
     check_int("oversample", oversample, 0)
     check_int("power_iters", power_iters, 0)
 
