@@ -51,6 +51,7 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
     memory)  # the compiled step's peak, CPU compiler (results/memory_*.json), and a real run's (60m)
       python examples/memory_report.py --preset "${presets[@]}" --save results/memory_float32.json
       python examples/memory_report.py --preset "${presets[@]}" --dtype bfloat16 --save results/memory_bfloat16.json
+      python examples/memory_report.py --preset "${presets[@]}" --refresh-by-shape --save results/memory_float32_by_shape.json
       python benchmarks/measure_peak_rss.py --preset 60m --json results/memory_rss_60m.json ;;
     memory-tpu)  # the TPU compiler's peaks and compile times, without a TPU (needs jax[tpu] in this python)
       python examples/memory_report.py --platform tpu-v5e --preset 60m 130m 350m 1b --dtype bfloat16 --svd gram \
