@@ -123,12 +123,23 @@ def _bytes(text: str) -> int:
 
 
 def build(
-    preset: str, name: str, dtype: Any, vocab: int = VOCAB, svd: str = "exact", by_shape: bool = False
-) -> tuple[model_lib.LLaMA, nnx.Optimizer]:
-    """The preset's model (parameters and compute in ``dtype``) and the row's ``nnx.Optimizer``."""
+    preset: str, name: str, dtype: Any, vocab: int = VOCAB, svd: str = "exact", by_shape: bool = False,
+    per_layer: bool = False,
+) -> tuple[model_lib.LLaMA, nnx.Optimizer | step_lib.LayerwiseOptimizer]:  # fmt: skip
+    """The preset's model (parameters and compute in ``dtype``) and the row's optimizer: an
+    ``nnx.Optimizer``, or with ``per_layer`` one per stage (``step_lib.LayerwiseOptimizer``)."""
     mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=vocab)
     model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-    return model, nnx.Optimizer(model, optimizer(name, preset, mcfg.hidden, svd, by_shape), wrt=nnx.Param)
+    tx = optimizer(name, preset, mcfg.hidden, svd, by_shape)
+    if per_layer:
+        return model, step_lib.LayerwiseOptimizer(model, tx, model_lib.stages)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def state_bytes(opt: nnx.Optimizer | step_lib.LayerwiseOptimizer) -> int:
+    """Bytes of the optimizer's state (every stage's, for a ``LayerwiseOptimizer``)."""
+    parts = opt.parts if isinstance(opt, step_lib.LayerwiseOptimizer) else [opt]
+    return sum(nbytes(part.opt_state) for part in parts)
 
 
 def _compile(lowered: Any, label: str, dump: str | None) -> Any:
@@ -143,16 +154,21 @@ def _compile(lowered: Any, label: str, dump: str | None) -> Any:
 
 
 def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vocab: int = VOCAB,
-           platform: str = "cpu", breakdown: int = 0, svd: str = "exact", by_shape: bool = False) -> dict:  # fmt: skip
+           platform: str = "cpu", breakdown: int = 0, svd: str = "exact", by_shape: bool = False,
+           per_layer: bool = False) -> dict:  # fmt: skip
     """Bytes of parameters, gradients, state, and the compiled train step's peak, for one optimizer."""
-    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab, svd, by_shape))
+    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab, svd, by_shape, per_layer))
     graphdef, state = nnx.split((model, opt))
     batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
     if platform != "cpu":
         sharding = jax.sharding.SingleDeviceSharding(tpu_device(platform))
         place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
         state, batch = jax.tree.map(place, state), place(batch)
-    lowered = step_lib.make_train_step(model_lib.loss_fn).lower(graphdef, state, batch)
+    if per_layer:
+        train_step = step_lib.make_layerwise_train_step(model_lib.stages)
+    else:
+        train_step = step_lib.make_train_step(model_lib.loss_fn)
+    lowered = train_step.lower(graphdef, state, batch)
     buffers = None
     start = time.perf_counter()
     if breakdown:  # compiled afresh (a persistent compilation cache would skip the dump)
@@ -172,7 +188,7 @@ def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vo
     if mem is not None:
         peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     params = nnx.state(model, nnx.Param)
-    out = {"params_bytes": nbytes(params), "grads_bytes": nbytes(params), "state_bytes": nbytes(opt.opt_state),
+    out = {"params_bytes": nbytes(params), "grads_bytes": nbytes(params), "state_bytes": state_bytes(opt),
            "peak_bytes": peak, "compile_seconds": round(seconds, 1)}  # fmt: skip
     if buffers is not None:
         out["largest_buffers"] = buffers
@@ -225,6 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--refresh-by-shape", action="store_true",
         help="GaLore and Fira refresh same-shaped matrices together, one compiled SVD per shape (for TPU)",
     )  # fmt: skip
+    p.add_argument(
+        "--per-layer", action="store_true",
+        help="the step with per-layer updates (lm/step.py's make_layerwise_train_step): each stage's update "
+        "applied as soon as its gradient exists",
+    )  # fmt: skip
     p.add_argument("--breakdown", type=int, default=0, metavar="K", help="list each step's K largest buffers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--save", metavar="FILE", help="also write the figures and their provenance to FILE (JSON)")
@@ -241,14 +262,14 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.optimizer:
             out[preset][name] = report(
                 preset, name, dtype, args.batch_size, args.seq_len, args.vocab_size, args.platform, args.breakdown,
-                args.svd, args.refresh_by_shape,
+                args.svd, args.refresh_by_shape, args.per_layer,
             )  # fmt: skip
             if not args.json:
                 print(f"{preset} {name}: compiled", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(out))
     saved = {"dtype": args.dtype, "platform": args.platform, "svd": args.svd,
-             "refresh_by_shape": args.refresh_by_shape, "tokens": [args.batch_size, args.seq_len],
+             "refresh_by_shape": args.refresh_by_shape, "per_layer": args.per_layer, "tokens": [args.batch_size, args.seq_len],
              "vocab_size": args.vocab_size, "report": out}  # fmt: skip
     if args.save:  # FILE.json and its page FILE.md, rendered from it; only a saved file needs its provenance
         saved = {"provenance": provenance.record(argv, __file__)} | saved
@@ -273,7 +294,8 @@ def render(saved: dict, heading: bool = True) -> str:
     for preset, rows in saved["report"].items():
         lines += [
             f"{preset} ({dtype}, rank {RANKS.get(preset)}, svd={saved.get('svd', 'exact')!r}"
-            + (", refresh by shape" if saved.get("refresh_by_shape") else "") + ", "
+            + (", refresh by shape" if saved.get("refresh_by_shape") else "")
+            + (", per-layer updates" if saved.get("per_layer") else "") + ", "
             f"{platform.upper()} compiler, peak for {batch} x {seq} tokens)",
             "",
             "| optimizer | params GiB | grads GiB | state GiB | params + state GiB |"

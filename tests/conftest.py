@@ -57,6 +57,7 @@ MARKERS = {
     "test_multihost": ("examples", "slow"),
     "test_pytasks": ("examples",),
     "test_results": ("examples",),
+    "test_step": ("examples",),
 }
 
 

@@ -71,6 +71,7 @@ def test_data_formats(tmp_path):
         ("train_lm", ["--data", "/nonexistent/path"], "--data /nonexistent/path: no such file or folder"),
         ("train_lm", ["--steps", "0"], "--steps must be >= 1"),
         ("train_lm", ["--optimizer", "sgd"], "invalid choice"),
+        ("train_lm", ["--per-layer-updates", "--grad-clip", "1"], "--per-layer-updates applies each layer's"),
         ("compare", ["--data", "/nonexistent/path"], "no such file or folder"),
         ("similarity", ["--measure-every", "0"], "--measure-every must be >= 1"),
     ],
@@ -86,11 +87,13 @@ def test_command_line_mistakes_are_one_line_usage_errors(script, flags, message,
     assert ": error: " in last and message in last, err
 
 
-def test_resume_continues_identically(tmp_path):
-    """Checkpoints hold the whole optimizer state: resuming at step 2 reproduces steps 3-4 exactly."""
+@pytest.mark.parametrize("per_layer", [False, True], ids=["whole-model-step", "per-layer-updates"])
+def test_resume_continues_identically(tmp_path, per_layer):
+    """Checkpoints hold the whole optimizer state (one per stage with per-layer updates): resuming at
+    step 2 reproduces steps 3-4 exactly."""
     flags = ["--preset", "micro", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
              "--eval-every", "2", "--log-every", "1", "--rank", "4", "--update-proj-gap", "3", "--no-progress",
-             "--checkpoint-every", "2"]  # fmt: skip
+             "--checkpoint-every", "2"] + (["--per-layer-updates"] if per_layer else [])  # fmt: skip
     out = tmp_path / "run"
     train_lm.main([*flags, "--out", str(out)])
     full = (out / "metrics.jsonl").read_text().splitlines()

@@ -52,6 +52,10 @@ class TrainConfig:
     steps: int = _field(1000, "training steps")
     batch_size: int = _field(16, "sequences per step (global, over all devices and accumulation steps)")
     grad_accum: int = _field(1, "split each step's batch into this many sequential micro-batches")
+    per_layer_updates: bool = _field(
+        False, "apply each layer's update as soon as its gradient exists (less memory; no --grad-accum above 1, "
+        "no --grad-clip)"
+    )  # fmt: skip
     seq_len: int = _field(128, "tokens per sequence")
     seed: int = _field(0, "seed of the initialization and of the data order")
     out: str = _field("runs/lm", "output folder (metrics.jsonl, loss.png, checkpoints)")
@@ -226,6 +230,11 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"--grad-accum {cfg.grad_accum} must be >= 1 and divide --batch-size {cfg.batch_size}")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise ValueError(f"--grad-clip must be > 0, got {cfg.grad_clip}")
+    if cfg.per_layer_updates and (cfg.grad_accum > 1 or cfg.grad_clip is not None or cfg.ablation == "grad-clip"):
+        raise ValueError(
+            "--per-layer-updates applies each layer's update before the next layer's gradient exists: it cannot "
+            "accumulate gradients (--grad-accum) or clip their global norm (--grad-clip, --ablation grad-clip)"
+        )
     multi = (cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     if any(x is not None for x in multi) and not all(x is not None for x in multi):
         raise ValueError("--coordinator-address, --num-processes and --process-id go together")

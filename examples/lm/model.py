@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm.step import Stage
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -140,13 +142,41 @@ class LLaMA(nnx.Module):
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x)
+        return self.logits(x)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """The final norm and the output head, in float32."""
         x = self.norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32)
 
 
-def loss_fn(model: LLaMA, batch: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy of a (batch, seq_len + 1) token array."""
-    logits = model(batch[:, :-1])
+def next_token_loss(logits: jax.Array, batch: jax.Array) -> jax.Array:
+    """Mean cross-entropy of ``logits`` (for ``batch[:, :-1]``) against the next tokens ``batch[:, 1:]``."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1))
+
+
+def loss_fn(model: LLaMA, batch: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy of a (batch, seq_len + 1) token array."""
+    return next_token_loss(model(batch[:, :-1]), batch)
+
+
+def stages(model: LLaMA) -> list[Stage]:
+    """``loss_fn`` as a chain of stages for per-layer updates (``step.make_layerwise_train_step``):
+    the embedding, each block, then the norm and head with the loss. Each stage owns its modules
+    under their paths in the model, so path masks (``fira_jax.mask_by_path``) select the same leaves."""
+    if model.lm_head is None:
+        raise ValueError(
+            "per-layer updates need each parameter in one stage; with tie_embeddings the embedding is used by "
+            "the first and the last stage: train this model with the ordinary step"
+        )
+    embed = Stage({"embed": model.embed}, lambda m, _, batch: m["embed"](batch[:, :-1]))
+    blocks = [Stage({"layers": {i: block}}, lambda m, x, _, i=i: m["layers"][i](x)) for i, block in enumerate(model.layers)]
+    head = Stage(
+        {"norm": model.norm, "lm_head": model.lm_head},
+        lambda m, x, batch: next_token_loss(
+            m["lm_head"](m["norm"](x)).astype(jnp.float32), batch
+        ),
+    )
+    return [embed, *blocks, head]

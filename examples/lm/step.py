@@ -10,12 +10,22 @@ With ``grad_accum == 1`` the step is a plain ``value_and_grad`` and update: no a
 full-size gradient has to outlive its use, and XLA may apply each leaf's update as soon as its
 gradient exists. With ``grad_accum > 1`` each batch array carries a leading axis of micro-batches;
 a ``lax.scan`` sums their gradients into one accumulator (one more gradient-sized buffer).
+
+:func:`make_layerwise_train_step` is the same step with per-layer updates (GaLore's §5.5): the
+model runs as a chain of :class:`Stage` s (embedding, each block, head and loss), the backward
+pass goes through them one at a time with ``jax.vjp``, and each stage's update is applied, by its
+own ``nnx.Optimizer`` (a :class:`LayerwiseOptimizer`), as soon as its gradient exists. Then no
+step needs more than one stage's gradients at once, whatever the compiler's schedule. It cannot
+clip by the global gradient norm or accumulate gradients (both need every gradient before any
+update); Fira's limiter, which bounds each matrix's residual by its own past, needs neither.
 """
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 
@@ -64,3 +74,107 @@ def run_step(step: Any, model: nnx.Module, optimizer: nnx.Optimizer, *batch: jax
     state, loss = step(graphdef, state, *batch)
     nnx.update((model, optimizer), state)
     return loss
+
+
+class Stage(NamedTuple):
+    """One stage of a model split for per-layer updates.
+
+    Attributes:
+      modules: the NNX modules this stage owns, in a dict keyed by their paths in the model (e.g.
+        ``{"layers": {3: block}}``), so the optimizer's path masks see the same paths as for the
+        whole model.
+      apply: ``apply(modules, x, *batch)``: the stage's output from the previous stage's ``x``
+        (None for the first stage); the last stage returns the scalar loss.
+    """
+
+    modules: dict
+    apply: Callable[..., Any]
+
+
+class LayerwiseOptimizer(nnx.Pytree):
+    """One ``nnx.Optimizer`` per stage of ``stages(model)``, for :func:`make_layerwise_train_step`.
+
+    Every stage's optimizer takes one step per train step, so an optimizer whose update is per
+    leaf (AdamW, GaLore, Fira) gives the same parameters as one ``nnx.Optimizer`` for the whole
+    model, except where it numbers the leaves (``svd="randomized"``'s probes, ``stagger``).
+    """
+
+    def __init__(
+        self, model: nnx.Module, tx: optax.GradientTransformation, stages: Callable[[Any], list[Stage]],
+        wrt: Any = nnx.Param,
+    ) -> None:  # fmt: skip
+        parts = stages(model)
+        _check_partition(model, parts, wrt)
+        self.parts = nnx.List([nnx.Optimizer(part.modules, tx, wrt=wrt) for part in parts])
+
+
+def _check_partition(model: nnx.Module, parts: list[Stage], wrt: Any) -> None:
+    """Every trainable variable of ``model`` in exactly one stage, else a ValueError naming one."""
+    owner: dict[int, int] = {}
+    for k, part in enumerate(parts):
+        for path, leaf in nnx.to_flat_state(nnx.state(part.modules, wrt)):
+            if id(leaf) in owner:
+                raise ValueError(f"stage {k} and stage {owner[id(leaf)]} both own {'/'.join(map(str, path))}")
+            owner[id(leaf)] = k
+    for path, leaf in nnx.to_flat_state(nnx.state(model, wrt)):
+        if id(leaf) not in owner:
+            raise ValueError(f"no stage owns {'/'.join(map(str, path))}: it would never be trained")
+
+
+def make_layerwise_train_step(stages: Callable[[Any], list[Stage]], wrt: Any = nnx.Param) -> Any:
+    """The jitted train step with per-layer updates: ``(graphdef, state, *batch) -> (state, loss)``.
+
+    ``graphdef, state = nnx.split((model, optimizer))`` with ``optimizer`` a
+    :class:`LayerwiseOptimizer` built with the same ``stages``. The forward pass runs the stages
+    in order (``jax.vjp`` of each keeps what its backward needs, as ordinary backpropagation
+    does); the backward pass runs them in reverse, and applies each stage's update as soon as
+    its gradient is computed.
+
+    Args:
+      stages: a function from the model to its :class:`Stage` s (e.g. ``lm.model.stages``).
+      wrt: the NNX filter of the trainable variables.
+
+    Returns:
+      A ``jax.jit`` function (``graphdef`` static, ``state`` donated), like :func:`make_train_step`'s.
+    """
+
+    def step(graphdef: nnx.GraphDef, state: nnx.State, *batch: jax.Array) -> tuple[nnx.State, jax.Array]:
+        model, optimizer = nnx.merge(graphdef, state)
+        parts = stages(model)
+        if len(parts) != len(optimizer.parts):
+            raise ValueError(f"the model has {len(parts)} stages, its LayerwiseOptimizer {len(optimizer.parts)}")
+        x, backward = None, []
+        for k, part in enumerate(parts):
+            module_def, params, rest = nnx.split(part.modules, wrt, ...)
+
+            def run(p: Any, x: Any, module_def: Any = module_def, rest: Any = rest, part: Stage = part) -> Any:
+                modules = nnx.merge(module_def, p, rest, copy=True)
+                y = part.apply(modules, x, *batch)
+                _check_unchanged(rest, nnx.state(modules, nnx.Not(wrt)), k)
+                return y
+
+            if x is None:
+                x, vjp = jax.vjp(lambda p, run=run: run(p, None), params)
+            else:
+                x, vjp = jax.vjp(run, params, x)
+            backward.append(vjp)
+        loss = x
+        cotangent = jnp.ones_like(loss)
+        for part, opt, vjp in reversed(list(zip(parts, optimizer.parts, backward, strict=True))):
+            grads, *rest_ct = vjp(cotangent)
+            opt.update(part.modules, grads)
+            cotangent = rest_ct[0] if rest_ct else None
+        return nnx.state((model, optimizer)), loss
+
+    return jax.jit(step, static_argnums=0, donate_argnums=1)
+
+
+def _check_unchanged(before: nnx.State, after: nnx.State, k: int) -> None:
+    """Per-layer updates do not carry a stage's non-trainable state out of its ``jax.vjp``: refuse a change."""
+    old = dict(nnx.to_flat_state(before))
+    for path, var in nnx.to_flat_state(after):
+        if path not in old or var.get_value() is not old[path].get_value():
+            raise ValueError(
+                f"stage {k} changes {'/'.join(map(str, path))} (not trainable: RNG or statistics), which per-layer "
+                "updates cannot carry; use make_train_step"
+            )

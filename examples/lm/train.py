@@ -157,7 +157,12 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     else:
         specs = jax.tree.map(lambda x: NamedSharding(mesh, P()), params)
     nnx.update(model, _place(params, specs))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    if cfg.per_layer_updates:  # one optimizer per stage, each stage's update applied in the backward pass
+        optimizer = step_lib.LayerwiseOptimizer(model, tx, model_lib.stages)
+        train_step = step_lib.make_layerwise_train_step(model_lib.stages)
+    else:
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        train_step = step_lib.make_train_step(model_lib.loss_fn, nnx.Param, cfg.grad_accum)
     adamw_mib = state_mib(jax.eval_shape(optax.adamw(1e-3).init, nnx.to_pure_dict(params)))
     opt_mib = state_mib(nnx.state(optimizer))
 
@@ -176,8 +181,6 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
             nnx.update(optimizer, restored["optimizer"])
             start_step = manager.latest_step()
             log(f"resumed from step {start_step}")
-
-    train_step = step_lib.make_train_step(model_lib.loss_fn, nnx.Param, cfg.grad_accum)
 
     @nnx.jit
     def eval_step(model: model_lib.LLaMA, batch: jax.Array) -> jax.Array:
@@ -201,6 +204,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         f"{cfg.optimizer} on {cfg.preset} ({n_params / 1e6:.2f}M params), {n} {devices[0].platform} device(s) "
         f"in {jax.process_count()} process(es), {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
         + (f" ({cfg.grad_accum} accumulation steps)" if cfg.grad_accum > 1 else "")
+        + (", per-layer updates" if cfg.per_layer_updates else "")
         + f", lr {cfg.lr}"
         + (f", rank {cfg.resolved_rank()}" if cfg.optimizer != "adamw" else "")
     )
