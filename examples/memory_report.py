@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(out))
     saved = {"dtype": args.dtype, "platform": args.platform, "svd": args.svd,
-             "refresh_by_shape": args.refresh_by_shape, "per_layer": args.per_layer, "tokens": [args.batch_size, args.seq_len],
-             "vocab_size": args.vocab_size, "report": out}  # fmt: skip
+             "refresh_by_shape": args.refresh_by_shape, "per_layer": args.per_layer,
+             "tokens": [args.batch_size, args.seq_len], "vocab_size": args.vocab_size, "report": out}  # fmt: skip
     if args.save:  # FILE.json and its page FILE.md, rendered from it; only a saved file needs its provenance
         saved = {"provenance": provenance.record(argv, __file__)} | saved
         path = pathlib.Path(args.save)

@@ -15,9 +15,9 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
-from lm import model as model_lib  # noqa: E402
-from lm import optim  # noqa: E402
-from lm import step as step_lib  # noqa: E402
+from lm import model as model_lib
+from lm import optim
+from lm import step as step_lib
 
 CFG = dataclasses.replace(model_lib.PRESETS["micro"], layers=2)
 

@@ -172,11 +172,9 @@ def stages(model: LLaMA) -> list[Stage]:
             "the first and the last stage: train this model with the ordinary step"
         )
     embed = Stage({"embed": model.embed}, lambda m, _, batch: m["embed"](batch[:, :-1]))
-    blocks = [Stage({"layers": {i: block}}, lambda m, x, _, i=i: m["layers"][i](x)) for i, block in enumerate(model.layers)]
+    blocks = [Stage({"layers": {i: b}}, lambda m, x, _, i=i: m["layers"][i](x)) for i, b in enumerate(model.layers)]
     head = Stage(
         {"norm": model.norm, "lm_head": model.lm_head},
-        lambda m, x, batch: next_token_loss(
-            m["lm_head"](m["norm"](x)).astype(jnp.float32), batch
-        ),
+        lambda m, x, batch: next_token_loss(m["lm_head"](m["norm"](x)).astype(jnp.float32), batch),
     )
     return [embed, *blocks, head]

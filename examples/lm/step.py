@@ -147,7 +147,9 @@ def make_layerwise_train_step(stages: Callable[[Any], list[Stage]], wrt: Any = n
         for k, part in enumerate(parts):
             module_def, params, rest = nnx.split(part.modules, wrt, ...)
 
-            def run(p: Any, x: Any, module_def: Any = module_def, rest: Any = rest, part: Stage = part) -> Any:
+            def run(
+                p: Any, x: Any, module_def: Any = module_def, rest: Any = rest, part: Stage = part, k: int = k
+            ) -> Any:
                 modules = nnx.merge(module_def, p, rest, copy=True)
                 y = part.apply(modules, x, *batch)
                 _check_unchanged(rest, nnx.state(modules, nnx.Not(wrt)), k)
