@@ -36,7 +36,7 @@ def _reset_peak() -> None:
     pathlib.Path("/proc/self/clear_refs").write_text("5")
 
 
-def measure(preset: str, name: str, dtype_name: str, seq_len: int) -> dict:
+def measure(preset: str, name: str, dtype_name: str, seq_len: int, per_layer: bool = False) -> dict:
     """One optimizer's refresh and plain step, in this process."""
     import gc
 
@@ -48,11 +48,15 @@ def measure(preset: str, name: str, dtype_name: str, seq_len: int) -> dict:
     from lm import model as model_lib
     from lm import step as step_lib
 
-    graphdef, state = nnx.split(memory_report.build(preset, name, jnp.dtype(dtype_name)))
+    graphdef, state = nnx.split(memory_report.build(preset, name, jnp.dtype(dtype_name), per_layer=per_layer))
     vocab = memory_report.VOCAB
     rng = jax.random.key(0)
     batches = [jax.random.randint(jax.random.fold_in(rng, i), (1, seq_len + 1), 0, vocab) for i in range(2)]
-    compiled = step_lib.make_train_step(model_lib.loss_fn).lower(graphdef, state, batches[0]).compile()
+    if per_layer:
+        train_step = step_lib.make_layerwise_train_step(model_lib.stages)
+    else:
+        train_step = step_lib.make_train_step(model_lib.loss_fn)
+    compiled = train_step.lower(graphdef, state, batches[0]).compile()
     mem = compiled.memory_analysis()
     analysed = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     out = {"analysed_peak_bytes": analysed, "analysed_over_arguments_bytes": analysed - mem.argument_size_in_bytes}
@@ -76,11 +80,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--optimizer", nargs="+", choices=ROWS, default=list(ROWS))
+    p.add_argument("--per-layer", action="store_true", help="the step with per-layer updates (as memory_report's)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)  # run one optimizer in this process
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.preset, args.child, args.dtype, args.seq_len)))
+        print(json.dumps(measure(args.preset, args.child, args.dtype, args.seq_len, args.per_layer)))
         return {}
     if not pathlib.Path("/proc/self/clear_refs").exists():
         p.error("needs Linux's /proc (the resident-set high-water mark)")
@@ -88,13 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     for name in args.optimizer:
         cmd = [sys.executable, __file__, "--preset", args.preset, "--dtype", args.dtype, "--seq-len", str(args.seq_len),
-               "--child", name]  # fmt: skip
+               "--child", name] + (["--per-layer"] if args.per_layer else [])  # fmt: skip
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if done.returncode:
             sys.exit(f"{name}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
     gib = 2**30
-    print(f"{args.preset} {args.dtype}, 1 x {args.seq_len} tokens; GiB added to the resident set by the step")
+    step = "the step with per-layer updates" if args.per_layer else "the step"
+    print(f"{args.preset} {args.dtype}, 1 x {args.seq_len} tokens; GiB added to the resident set by {step}")
     print("| optimizer | analysed (peak - args) | refresh step | plain step | refresh step s | plain step s |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         from lm import provenance
 
         record = {"provenance": provenance.record(argv, __file__), "preset": args.preset, "dtype": args.dtype,
-                  "seq_len": args.seq_len, "results": results}  # fmt: skip
+                  "seq_len": args.seq_len, "per_layer": args.per_layer, "results": results}  # fmt: skip
         pathlib.Path(args.json).write_text(json.dumps(record, indent=1))
     return results
 

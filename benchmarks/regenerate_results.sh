@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/regenerate_results.sh            # everything (about 2.5 hours on 2 CPU cores)
 #   bash benchmarks/regenerate_results.sh compare    # one part: compare seed1 sweep similarity finetune memory memory-tpu
+#                                                    memory-tpu-per-layer
 #
 # On CPU a run is bit-for-bit reproducible for one commit, software stack and machine; another
 # processor or core count changes the rounding, and the final losses then differ in the third
@@ -17,7 +18,7 @@ if [ -n "$(git status --porcelain --untracked-files=no -- fira_jax examples benc
   exit 2
 fi
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(compare seed1 sweep similarity finetune memory)  # memory-tpu: on request
+[ ${#parts[@]} -eq 0 ] && parts=(compare seed1 sweep similarity finetune memory)  # memory-tpu*: on request
 presets=(60m 130m 350m 1b 7b)
 
 for part in "${parts[@]}"; do
@@ -52,15 +53,22 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
       python examples/memory_report.py --preset "${presets[@]}" --save results/memory_float32.json
       python examples/memory_report.py --preset "${presets[@]}" --dtype bfloat16 --save results/memory_bfloat16.json
       python examples/memory_report.py --preset "${presets[@]}" --refresh-by-shape --save results/memory_float32_by_shape.json
-      python benchmarks/measure_peak_rss.py --preset 60m --json results/memory_rss_60m.json ;;
+      python benchmarks/measure_peak_rss.py --preset 60m --json results/memory_rss_60m.json
+      python benchmarks/measure_peak_rss.py --preset 350m --json results/memory_rss_350m.json
+      python benchmarks/measure_peak_rss.py --preset 350m --per-layer --json results/memory_rss_350m_per_layer.json ;;
     memory-tpu)  # the TPU compiler's peaks and compile times, without a TPU (needs jax[tpu] in this python)
       python examples/memory_report.py --platform tpu-v5e --preset 60m 130m 350m 1b --dtype bfloat16 --svd gram \
         --refresh-by-shape --save results/memory_tpu_v5e_bfloat16.json
       python examples/memory_report.py --platform tpu-v5p --preset 7b --dtype bfloat16 --svd gram \
         --refresh-by-shape --save results/memory_tpu_v5p_bfloat16.json
       python examples/memory_report.py --platform tpu-v5e --preset 60m --save results/memory_tpu_v5e_exact_60m.json ;;
+    memory-tpu-per-layer)  # the same with per-layer updates (lm/step.py's make_layerwise_train_step)
+      python examples/memory_report.py --platform tpu-v5e --preset 60m 130m 350m 1b --dtype bfloat16 --svd gram \
+        --refresh-by-shape --per-layer --save results/memory_tpu_v5e_bfloat16_per_layer.json
+      python examples/memory_report.py --platform tpu-v5p --preset 7b --dtype bfloat16 --svd gram \
+        --refresh-by-shape --per-layer --save results/memory_tpu_v5p_bfloat16_per_layer.json ;;
     *)
-      echo "regenerate_results.sh: unknown part '$part' (compare seed1 sweep similarity finetune memory memory-tpu)" >&2
+      echo "regenerate_results.sh: unknown part '$part' (compare seed1 sweep similarity finetune memory memory-tpu memory-tpu-per-layer)" >&2
       exit 2 ;;
   esac
 done

@@ -165,7 +165,10 @@ def make_layerwise_train_step(stages: Callable[[Any], list[Stage]], wrt: Any = n
         for part, opt, vjp in reversed(list(zip(parts, optimizer.parts, backward, strict=True))):
             grads, *rest_ct = vjp(cotangent)
             opt.update(part.modules, grads)
-            cotangent = rest_ct[0] if rest_ct else None
+            # The previous stage's backward waits for this stage's update: else the compiler may
+            # postpone the updates, keeping every stage's gradients alive after all.
+            done = (nnx.state(part.modules, wrt), nnx.state(opt))
+            cotangent, _ = jax.lax.optimization_barrier((rest_ct[0] if rest_ct else None, done))
         return nnx.state((model, optimizer)), loss
 
     return jax.jit(step, static_argnums=0, donate_argnums=1)
