@@ -54,7 +54,7 @@ def main() -> None:
     print(f"{'step':>6} {'loss':>10} {'limiter min':>12} {'limiter max':>12} finite")
     for t in range(args.steps):
         params, state, loss, finite = step(params, state, jnp.asarray(t))
-        norms = np.concatenate([np.ravel(n) for n in jax.tree.leaves(state[3].norms)])
+        norms = np.concatenate([np.ravel(n) for n in jax.tree.leaves(state[0].norms)])
         all_finite &= bool(finite)
         if t > 0:
             lo, hi = min(lo, norms.min()), max(hi, norms.max())

@@ -94,14 +94,17 @@ def main(argv: list[str] | None = None) -> dict:
     full_adam = fira_jax.scale_by_adam()  # N = m / (sqrt(v) + eps), uncorrected: the factor's numerator
     trainer = optax.chain(optax.scale_by_schedule(fira_jax.adam_bias_correction(0.9, 0.999)),
                           optax.scale_by_learning_rate(sched))  # fmt: skip
-    # The shadow: low-rank Adam on the same gradients.
-    project = fira_jax.project_gradients(rank, args.update_proj_gap, mask=mask)
-    shadow = optax.chain(project, fira_jax.in_subspace(fira_jax.scale_by_adam(), projection=project))
+    # The shadow: GaLore's projection of the same gradients (rank r, the same refreshes), without
+    # and with low-rank Adam: back(R) and back(N). P is orthonormal, so their norms along G's
+    # other axis, and their Frobenius norms, are those of R and N.
+    shadow_r = fira_jax.scale_by_galore(rank, args.update_proj_gap, 1.0, optax.identity(), mask=mask)
+    shadow_n = fira_jax.scale_by_galore(rank, args.update_proj_gap, 1.0, fira_jax.scale_by_adam(), mask=mask)
 
     pure = nnx.to_pure_dict(params)
     graphdef, _ = nnx.split(model, nnx.Param)
-    states = (full_adam.init(pure), trainer.init(pure), shadow.init(pure))
+    states = (full_adam.init(pure), trainer.init(pure), shadow_r.init(pure), shadow_n.init(pure))
     selected = jax.tree.leaves(mask(pure))
+    layouts = fira_jax.layout.layouts(pure, rank, "std", mask)
 
     def loss_of(p: dict, batch: jax.Array) -> jax.Array:
         state = nnx.State(params)
@@ -113,23 +116,23 @@ def main(argv: list[str] | None = None) -> dict:
         loss, grads = jax.value_and_grad(loss_of)(p, batch)
         n_full, s_full = full_adam.update(grads, states[0])
         upd, s_train = trainer.update(n_full, states[1])
-        low_nodes, s_shadow = shadow.update(grads, states[2])
+        back_r, s_shadow_r = shadow_r.update(grads, states[2])
+        back_n, s_shadow_n = shadow_n.update(grads, states[3])
         factors = []
-        for node, n, g in zip(jax.tree.leaves(low_nodes, is_leaf=fira_jax.projection.is_low_rank),
-                              jax.tree.leaves(n_full), jax.tree.leaves(grads), strict=True):  # fmt: skip
-            if not fira_jax.projection.is_low_rank(node):
+        for lay, n, g, br, bn in zip(layouts, *(jax.tree.leaves(t) for t in (n_full, grads, back_r, back_n)),
+                                     strict=True):  # fmt: skip
+            if lay is None:
                 continue
-            lay = node.layout
-            n_c, g_c = lay.canonical(n), lay.canonical(g)
+            n_c, g_c, r_c, nl_c = (lay.canonical(x) for x in (n, g, br, bn))
             # Column level: norms over the axis the projection reduces (rows of G on the left side).
             axis = -2 if lay.side == "left" else -1
             factors.append({
                 "matrix_full": jnp.linalg.norm(n_c) / (jnp.linalg.norm(g_c) + 1e-8),
-                "matrix_low": fira_jax.scaling_factor(node, "matrix").reshape(()),
+                "matrix_low": jnp.linalg.norm(nl_c) / (jnp.linalg.norm(r_c) + 1e-8),
                 "column_full": (jnp.linalg.norm(n_c, axis=axis) / (jnp.linalg.norm(g_c, axis=axis) + 1e-8)).ravel(),
-                "column_low": fira_jax.scaling_factor(node, "column").ravel(),
+                "column_low": (jnp.linalg.norm(nl_c, axis=axis) / (jnp.linalg.norm(r_c, axis=axis) + 1e-8)).ravel(),
             })  # fmt: skip
-        return optax.apply_updates(p, upd), (s_full, s_train, s_shadow), loss, factors
+        return optax.apply_updates(p, upd), (s_full, s_train, s_shadow_r, s_shadow_n), loss, factors
 
     print(f"{description}; {args.preset}, rank {rank}, {sum(selected)} projected matrices, lr {args.lr}")
     table = []

@@ -1,4 +1,4 @@
-"""Ready-made optimizers: Fira and GaLore as ``optax.chain`` s of the public pieces."""
+"""Ready-made optimizers: Fira and GaLore with AdamW's schedule, as ``optax.chain`` s."""
 
 from typing import Any
 
@@ -6,29 +6,20 @@ import optax
 
 from fira_jax import masks
 from fira_jax._validation import check_float
-from fira_jax.limiter import clip_by_norm_growth
-from fira_jax.projection import Projection, project_back, project_gradients
-from fira_jax.residual import scale_residual_by_norm_ratio
-from fira_jax.subspace import adam_bias_correction, in_subspace, scale_by_adam
+from fira_jax.adam import adam_bias_correction, scale_by_adam
+from fira_jax.low_rank import scale_by_fira, scale_by_galore
 from fira_jax.weight_decay import add_decayed_weights_after_step
 
 
-def _low_rank_adamw(
-    *,
-    project: Projection,
-    residual: list[optax.GradientTransformation],
+def _adamw_tail(
     learning_rate: optax.ScalarOrSchedule,
-    scale: float,
     b1: float,
     b2: float,
-    eps: float,
     weight_decay: float,
     weight_decay_mask: masks.Mask,
     base_optimizer: optax.GradientTransformation | None,
-    mu_dtype: Any,
-) -> optax.GradientTransformationExtraArgs:
-    """project → optimizer in the subspace → (Fira's residual pieces) → back → c_t, lr, decay."""
-    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+) -> list[optax.GradientTransformation]:
+    """What follows the low-rank update: Adam's bias correction c_t, the learning rate, the decay."""
     tail = []
     if base_optimizer is None:  # the reference's bias correction, on the whole update
         tail.append(optax.scale_by_schedule(adam_bias_correction(b1, b2)))
@@ -37,7 +28,7 @@ def _low_rank_adamw(
     # and a tracer at update: it must be in the chain both times).
     if not (isinstance(weight_decay, int | float) and weight_decay == 0):
         tail.append(add_decayed_weights_after_step(weight_decay, learning_rate, mask=weight_decay_mask))
-    return optax.chain(project, in_subspace(inner, projection=project), *residual, project_back(scale), *tail)
+    return tail
 
 
 def _check_common(b1: float, b2: float, eps: float, weight_decay: float) -> None:
@@ -79,16 +70,20 @@ def fira(
     Algorithm 1, as the authors' ``FiraAdamW`` implements it):
 
     1. every ``update_proj_gap`` steps, P ← top-``rank`` singular vectors of G;
-       ``R = P^T G`` or ``G P^T`` (:func:`fira_jax.project_gradients`);
+       ``R = P^T G`` or ``G P^T`` (:func:`fira_jax.projection.refresh_bases`);
     2. ``N = m / (sqrt(v) + eps)`` with Adam's moments kept in the subspace and
-       never reset (:func:`fira_jax.in_subspace` of :func:`fira_jax.scale_by_adam`);
+       never reset (:func:`fira_jax.scale_by_adam`);
     3. ``S = phi * (G - scale * back(R))`` with ``phi = ||N|| / (||R|| + 1e-8)``
-       per column (:func:`fira_jax.scale_residual_by_norm_ratio`);
+       per column (:func:`fira_jax.scaling_factor`, :func:`fira_jax.residual_norm`);
     4. ``||S||`` may grow at most by ``gamma`` per step
-       (:func:`fira_jax.clip_by_norm_growth`);
-    5. ``U = scale * back(N) + S`` (:func:`fira_jax.project_back`);
+       (:func:`fira_jax.limit_norm_growth`);
+    5. ``U = scale * back(N) + S`` (:func:`fira_jax.fira_update`);
     6. ``W ← W - lr c_t U`` with ``c_t = sqrt(1 - b2^(t+1)) / (1 - b1^(t+1))``,
        then ``W ← W - lr wd W`` (:func:`fira_jax.add_decayed_weights_after_step`).
+
+    Steps 1-5 are :func:`fira_jax.scale_by_fira`; the whole optimizer is
+    ``optax.chain(scale_by_fira(...), optax.scale_by_schedule(adam_bias_correction(b1, b2)),
+    optax.scale_by_learning_rate(learning_rate), add_decayed_weights_after_step(...))``.
 
     Unselected leaves get the same Adam (step 2 and 6) on their full gradient.
 
@@ -116,13 +111,13 @@ def fira(
         default ``scale`` as in the reference; 1.0 gives the paper's
         orthogonal residual.
       canonical_signs: fix the singular vectors' signs (see
-        :func:`fira_jax.project_gradients`).
+        :func:`fira_jax.scale_by_fira`).
       mu_dtype: dtype of Adam's first moment.
       basis_dtype: dtype of the stored bases.
-      svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.project_gradients`).
+      svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.scale_by_fira`).
       stagger: spread the leaves' refreshes over the gap.
       refresh_by_shape: one compiled SVD per matrix shape (for TPU; see
-        :func:`fira_jax.project_gradients`).
+        :func:`fira_jax.scale_by_fira`).
       weight_decay_mask: which leaves are decayed, with :func:`optax.adamw`'s
         ``mask`` semantics (a pytree of bools or a callable from the params to
         one); default every floating-point leaf. Independent of ``mask``
@@ -147,25 +142,13 @@ def fira(
       Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024.
     """
     _check_common(b1, b2, eps, weight_decay)
-    if proj_type == "full":
-        raise ValueError(
-            "`proj_type` 'full' (two-sided projection) is GaLore-only: Fira's column-wise "
-            "scaling of the residual is undefined there. Use fira_jax.galore, or a one-sided proj_type."
-        )
-    project = project_gradients(
-        rank, update_proj_gap, proj_type, mask,
-        axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, stagger=stagger,
-        refresh_by_shape=refresh_by_shape,
+    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    low_rank = scale_by_fira(
+        rank, update_proj_gap, scale, inner, proj_type, mask, gamma=gamma, granularity=granularity,
+        residual_scale=residual_scale, axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype,
+        svd=svd, stagger=stagger, refresh_by_shape=refresh_by_shape,
     )  # fmt: skip
-    residual = [
-        scale_residual_by_norm_ratio(scale if residual_scale is None else residual_scale, granularity=granularity),
-        clip_by_norm_growth(gamma, projection=project),
-    ]
-    return _low_rank_adamw(
-        project=project, residual=residual, learning_rate=learning_rate, scale=scale, b1=b1, b2=b2, eps=eps,
-        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask, base_optimizer=base_optimizer,
-        mu_dtype=mu_dtype,
-    )  # fmt: skip
+    return optax.chain(low_rank, *_adamw_tail(learning_rate, b1, b2, weight_decay, weight_decay_mask, base_optimizer))
 
 
 def galore(
@@ -212,10 +195,10 @@ def galore(
       canonical_signs: fix the singular vectors' signs.
       mu_dtype: dtype of Adam's first moment.
       basis_dtype: dtype of the stored bases.
-      svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.project_gradients`).
+      svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.scale_by_fira`).
       stagger: spread the leaves' refreshes over the gap.
       refresh_by_shape: one compiled SVD per matrix shape (for TPU; see
-        :func:`fira_jax.project_gradients`).
+        :func:`fira_jax.scale_by_fira`).
       weight_decay_mask: which leaves are decayed (as in :func:`fira_jax.fira`).
 
     Returns:
@@ -225,7 +208,7 @@ def galore(
       >>> import jax.numpy as jnp, fira_jax
       >>> tx = fira_jax.galore(learning_rate=1e-2, rank=2)
       >>> state = tx.init({"w": jnp.ones((8, 4))})
-      >>> state[1].mu["w"].shape  # Adam's moments live in the 8 x 2 subspace
+      >>> state[0].inner.mu["w"].shape  # Adam's moments live in the 8 x 2 subspace
       (8, 2)
 
     References:
@@ -233,13 +216,9 @@ def galore(
       Projection <https://arxiv.org/abs/2403.03507>`_, 2024.
     """
     _check_common(b1, b2, eps, weight_decay)
-    project = project_gradients(
-        rank, update_proj_gap, proj_type, mask,
-        axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, stagger=stagger,
-        refresh_by_shape=refresh_by_shape,
+    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    low_rank = scale_by_galore(
+        rank, update_proj_gap, scale, inner, proj_type, mask, axes=axes, canonical_signs=canonical_signs,
+        basis_dtype=basis_dtype, svd=svd, stagger=stagger, refresh_by_shape=refresh_by_shape,
     )  # fmt: skip
-    return _low_rank_adamw(
-        project=project, residual=[], learning_rate=learning_rate, scale=scale, b1=b1, b2=b2, eps=eps,
-        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask, base_optimizer=base_optimizer,
-        mu_dtype=mu_dtype,
-    )  # fmt: skip
+    return optax.chain(low_rank, *_adamw_tail(learning_rate, b1, b2, weight_decay, weight_decay_mask, base_optimizer))

@@ -59,7 +59,7 @@ def mask_by_path(*patterns: str) -> Callable[[Any], Any]:
     Returns:
       A callable from a params pytree to a pytree of bools with its structure,
       usable as the ``mask`` of :func:`fira_jax.fira`,
-      :func:`fira_jax.galore` and :func:`fira_jax.project_gradients`. Leaves
+      :func:`fira_jax.galore` and :func:`fira_jax.scale_by_fira`. Leaves
       with fewer than two dimensions (biases, norm scales) are never selected.
 
     Example:

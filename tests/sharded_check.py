@@ -54,7 +54,7 @@ def rel_err(a, b):
 
 def check_state(state, layout):
     """No m x n array, and each selected leaf's moments carry a mesh axis."""
-    adam = state[1]
+    adam = state[0].inner
     for k in ("w", "v", "stack"):
         mu = adam.mu[k]
         assert mu.shape != SHAPES[k], (k, mu.shape)

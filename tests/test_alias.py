@@ -177,16 +177,11 @@ def test_default_signs_match_within_first_gap(kind):
 
 
 def test_hand_built_chain_equals_fira():
-    """The chain shown in README is fira(...) exactly."""
+    """The chain shown in README and docs is fira(...) exactly."""
     params, grad_fn = make_problem(2)
     lr, b1, b2, eps, wd, scale = 1e-2, 0.9, 0.999, 1e-6, 0.1, 0.25
-    project = fira_jax.project_gradients(rank=3, update_proj_gap=4)
     by_hand = optax.chain(
-        project,
-        fira_jax.in_subspace(fira_jax.scale_by_adam(b1, b2, eps), projection=project),
-        fira_jax.scale_residual_by_norm_ratio(residual_scale=scale),
-        fira_jax.clip_by_norm_growth(1.01, projection=project),
-        fira_jax.project_back(scale),
+        fira_jax.scale_by_fira(3, 4, scale, fira_jax.scale_by_adam(b1, b2, eps), gamma=1.01),
         optax.scale_by_schedule(fira_jax.adam_bias_correction(b1, b2)),
         optax.scale_by_learning_rate(lr),
         fira_jax.add_decayed_weights_after_step(wd, lr),
@@ -205,9 +200,9 @@ def test_base_optimizer_runs_in_subspace():
     tx = fira_jax.fira(lr, rank=2, update_proj_gap=5, base_optimizer=optax.scale_by_lion())
     p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
     state = tx.init(p)
-    assert state[1].mu["a"].shape == (12, 2)  # 12 x 8: right side
-    assert state[1].mu["b"].shape == (2, 10)  # 6 x 10: left side
-    assert state[1].mu["bias"].shape == (5,)
+    assert state[0].inner.mu["a"].shape == (12, 2)  # 12 x 8: right side
+    assert state[0].inner.mu["b"].shape == (2, 10)  # 6 x 10: left side
+    assert state[0].inner.mu["bias"].shape == (5,)
     g = grad_fn(params)
     u, _ = jax.jit(tx.update)(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, p)
     # NumPy: left side, P = U[:, :2]; Lion's first output is sign((1 - b1) g) = sign(g); no bias correction.
@@ -363,7 +358,7 @@ def test_stacked_leaf_equals_separate_leaves():
         up, p_state = jax.jit(tx.update)({f"w{i}": g[i] for i in range(3)}, p_state, pp)
         ps, pp = optax.apply_updates(ps, us), optax.apply_updates(pp, up)
     chex.assert_trees_all_close(ps["w"], jnp.stack([pp[f"w{i}"] for i in range(3)]), rtol=1e-5, atol=1e-6)
-    assert s_state[3].norms["w"].shape == (3,)
+    assert s_state[0].norms["w"].shape == (3,)
 
 
 def test_state_bytes_llama_60m():
@@ -377,7 +372,7 @@ def test_state_bytes_llama_60m():
     # "std" projects on the smaller side: the basis is r x min(m, n), Adam's two
     # moments are r x max(m, n) each, and the limiter keeps one float per matrix.
     per_layer = sum(4 * (r * min(m, n) + 2 * r * max(m, n) + 1) for m, n in shapes.values())
-    counts = 4 * 4  # int32 step counts: projection, Adam, limiter, bias-correction schedule
+    counts = 3 * 4  # int32 step counts: scale_by_fira, its Adam, the bias-correction schedule
     assert got == 8 * per_layer + counts
     adamw = jax.eval_shape(optax.adamw(1e-2).init, params)
     assert got < 0.5 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(adamw))

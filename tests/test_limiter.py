@@ -1,4 +1,4 @@
-"""clip_by_norm_growth: Fira's norm-growth limiter, against NumPy."""
+"""fira_jax.limiter: Fira's norm-growth limiter, alone and inside scale_by_fira, against NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -24,70 +24,62 @@ def np_limiter(residuals, gamma):
     return out
 
 
-def chain(gamma, shape=(6, 4)):
-    project = fira_jax.project_gradients(2, 100)
-    tx = optax.chain(
-        project,
-        fira_jax.in_subspace(optax.identity(), projection=project),  # N = R, so phi = 1
-        fira_jax.scale_residual_by_norm_ratio(1.0),
-        fira_jax.clip_by_norm_growth(gamma, projection=project),
-    )
-    return tx, tx.init({"w": jnp.zeros(shape)})
+def test_limit_norm_growth(variant):
+    norms = [2.0, 3.0, 1.0, 10.0]
+    s, first = jnp.zeros(()), True
+    kept = []
+    for norm in norms:
+        ell, s = variant(fira_jax.limit_norm_growth)(jnp.asarray(norm), s, 1.5, first)
+        kept += [float(ell), float(s)]
+        first = False
+    assert kept == pytest.approx([1.0, 2.0, 1.0, 3.0, 1.0, 1.0, 10.0 / 1.5, 1.5], rel=1e-6)  # (ell, kept) per step
 
 
-def residual_step(tx):
-    """One update, returning the limited residual S (LowRank nodes do not leave a jitted function)."""
-
-    def step(grads, state):
-        out, state = tx.update(grads, state)
-        return out["w"].residual.materialize(out["w"]), state
-
-    return step
+def residual_only(gamma):
+    """scale_by_fira whose update is the limited residual itself: N = R (identity inside), so
+    phi = 1 up to 1e-8, scale 0 and s = 1: U = (G - P P^T G) / ell, P fixed after step 0."""
+    return fira_jax.scale_by_fira(2, 100, scale=0.0, base_optimizer=optax.identity(), gamma=gamma, residual_scale=1.0)
 
 
 def test_matches_numpy(variant):
     rng = np.random.default_rng(0)
-    scales = [1.0, 3.0, 3.0, 0.5, 10.0, 10.0]  # sudden growth is cut to 1.01x
+    scales = [1.0, 3.0, 3.0, 0.5, 10.0, 10.0]  # sudden growth is cut to gamma x
     grads = [s * rng.standard_normal((6, 4)).astype(np.float32) for s in scales]
+    params = {"w": jnp.zeros((6, 4))}
+    unlimited, state = [], None
+    tx0 = residual_only(float("inf"))
+    state = tx0.init(params)
+    for g in grads:
+        out, state = tx0.update({"w": jnp.asarray(g)}, state)
+        unlimited.append(np.asarray(out["w"]))
     for gamma in (1.01, 1.5, float("inf")):
-        tx, state = chain(gamma)
-        update = variant(residual_step(tx))
-        unlimited, limited = [], []
+        tx = residual_only(gamma)
+        state = tx.init(params)
+        update = variant(tx.update)
+        limited = []
         for g in grads:
-            s, state = update({"w": jnp.asarray(g)}, state)
-            limited.append(np.asarray(s))
-        tx0, state0 = chain(float("inf"))
-        for g in grads:
-            s, state0 = residual_step(tx0)({"w": jnp.asarray(g)}, state0)
-            unlimited.append(np.asarray(s))
+            out, state = update({"w": jnp.asarray(g)}, state)
+            limited.append(np.asarray(out["w"]))
         for ours, ref in zip(limited, np_limiter(unlimited, gamma), strict=True):
             np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
-    assert float(state[3].norms["w"]) == pytest.approx(float(np.linalg.norm(limited[-1])), rel=1e-5)
+        assert float(state.norms["w"]) == pytest.approx(float(np.linalg.norm(limited[-1])), rel=1e-5)
 
 
 def test_stacked_matrices_have_own_norms():
-    tx, state = chain(1.01, shape=(2, 6, 4))
+    tx = residual_only(1.01)
+    state = tx.init({"w": jnp.zeros((2, 6, 4))})
     g = np.ones((2, 6, 4), np.float32) + np.eye(6, 4)
     _, state = tx.update({"w": jnp.asarray(g)}, state)
     out, state = tx.update({"w": jnp.asarray(g * np.array([1.0, 5.0])[:, None, None])}, state)
-    norms = np.linalg.norm(np.asarray(out["w"].residual.materialize(out["w"])), axis=(1, 2))
-    first = np.asarray(state[3].norms["w"])
-    assert first.shape == (2,)
-    np.testing.assert_allclose(norms, first, rtol=1e-5)
+    norms = np.linalg.norm(np.asarray(out["w"]), axis=(1, 2))
+    kept = np.asarray(state.norms["w"])
+    assert kept.shape == (2,)
+    np.testing.assert_allclose(norms, kept, rtol=1e-5)
     assert norms[1] / norms[0] == pytest.approx(1.01, rel=1e-4)
 
 
-def test_needs_residual_and_valid_gamma():
-    project = fira_jax.project_gradients(2, 5)
-    tx = optax.chain(project, fira_jax.clip_by_norm_growth(projection=project))
-    params = {"w": jnp.zeros((4, 3))}
-    with pytest.raises(ValueError, match="scale_residual_by_norm_ratio"):
-        tx.update(params, tx.init(params))
+def test_valid_gamma_and_per_matrix_state():
     with pytest.raises(ValueError, match="gamma"):
-        fira_jax.clip_by_norm_growth(0.5, projection=project)
-
-
-def test_state_shapes_are_per_matrix():
-    project = fira_jax.project_gradients(2, 5)
-    state = fira_jax.clip_by_norm_growth(projection=project).init({"a": jnp.zeros((3, 4, 5)), "b": jnp.zeros(2)})
+        fira_jax.scale_by_fira(2, 5, gamma=0.5)
+    state = fira_jax.scale_by_fira(2, 5).init({"a": jnp.zeros((3, 4, 5)), "b": jnp.zeros(2)})
     assert state.norms["a"].shape == (3,) and jax.tree.leaves(state.norms["b"]) == []

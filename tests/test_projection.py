@@ -1,4 +1,8 @@
-"""project_gradients / project_back: bases, sides, refresh schedule, layouts, errors."""
+"""The bases (fira_jax.projection, fira_jax.basis): sides, refresh schedule, layouts, errors.
+
+Tested through scale_by_galore with the identity in the subspace, whose update is then
+``scale · back(R)``: the gradient's projection on the basis, in the leaf's layout.
+"""
 
 import chex
 import jax
@@ -9,6 +13,11 @@ import pytest
 from numpy_side import np_side
 
 import fira_jax
+
+
+def project(rank, update_proj_gap, scale=1.0, **kwargs):
+    """G -> scale · P P^T G (or its left / two-sided form), with the bases in the state."""
+    return fira_jax.scale_by_galore(rank, update_proj_gap, scale, base_optimizer=optax.identity(), **kwargs)
 
 
 def assert_same_subspace(p, q, side):
@@ -23,38 +32,27 @@ def test_low_rank_gradient_and_back(variant, proj_type, shape):
     rng = np.random.default_rng(0)
     g = rng.standard_normal(shape).astype(np.float32)
     rank = 3
-    tx = fira_jax.project_gradients(rank, update_proj_gap=5, proj_type=proj_type)
+    tx = project(rank, update_proj_gap=5, scale=0.5, proj_type=proj_type)
     params = {"w": jnp.zeros(shape)}
-
-    def step(grads, state):  # LowRank nodes live inside one update: return arrays from it
-        out, state = tx.update(grads, state)
-        node = out["w"]
-        assert isinstance(node, fira_jax.LowRank)
-        dense, _ = fira_jax.project_back(scale=0.5).update(out, optax.EmptyState())
-        return node.coeffs, node.basis.back(node.low), dense, state
-
-    coeffs, back, dense, state = variant(step)({"w": jnp.asarray(g)}, tx.init(params))
+    dense, state = variant(tx.update)({"w": jnp.asarray(g)}, tx.init(params))
     side = np_side(proj_type, *shape)
     u, _, vh = np.linalg.svd(g, full_matrices=False)
     if side == "right":
         p_np = vh[:rank]
         low_np = g @ p_np.T
         p = np.asarray(state.right["w"])
-        assert coeffs.shape == (shape[0], rank)
     else:
         p_np = u[:, :rank]
         low_np = p_np.T @ g
         p = np.asarray(state.left["w"])
-        assert coeffs.shape == (rank, shape[1])
     assert_same_subspace(p, p_np, side)
     # Sign-free comparison: the back-projection of the low-rank gradient.
     back_np = low_np @ p_np if side == "right" else p_np @ low_np
-    chex.assert_trees_all_close(back, jnp.asarray(back_np), atol=1e-4)
     chex.assert_trees_all_close(dense["w"], 0.5 * jnp.asarray(back_np), atol=1e-4)
 
 
 def test_refresh_only_every_gap_steps(variant):
-    tx = fira_jax.project_gradients(2, update_proj_gap=3)
+    tx = project(2, update_proj_gap=3)
     params = {"w": jnp.zeros((6, 4))}
     state = tx.init(params)
     update = variant(tx.update)
@@ -68,7 +66,7 @@ def test_refresh_only_every_gap_steps(variant):
 
 
 def test_effective_rank_and_default_basis():
-    tx = fira_jax.project_gradients(rank=50, update_proj_gap=2)
+    tx = project(rank=50, update_proj_gap=2)
     state = tx.init({"w": jnp.zeros((6, 4)), "v": jnp.zeros((3, 8))})
     assert state.right["w"].shape == (4, 4)  # min(rank, m, n)
     assert state.left["v"].shape == (3, 3)
@@ -79,7 +77,7 @@ def test_effective_rank_and_default_basis():
 def test_stacked_leaf_has_one_basis_per_matrix():
     rng = np.random.default_rng(2)
     g = rng.standard_normal((4, 10, 6)).astype(np.float32)
-    tx = fira_jax.project_gradients(2, update_proj_gap=5)
+    tx = project(2, update_proj_gap=5)
     _, state = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros((4, 10, 6))}))
     assert state.right["w"].shape == (4, 2, 6)
     for i in range(4):
@@ -91,11 +89,10 @@ def test_matrix_axes_dense_general():
     rng = np.random.default_rng(3)
     g = rng.standard_normal((8, 2, 5)).astype(np.float32)
     axes = {"qkv": fira_jax.MatrixAxes(rows=0, cols=(1, 2))}
-    tx = fira_jax.project_gradients(3, update_proj_gap=5, axes=axes)
+    tx = project(3, update_proj_gap=5, axes=axes)
     params = {"qkv": jnp.zeros((8, 2, 5))}
-    out, state = tx.update({"qkv": jnp.asarray(g)}, tx.init(params))
+    dense, state = tx.update({"qkv": jnp.asarray(g)}, tx.init(params))
     assert state.left["qkv"].shape == (8, 3)  # 8 x 10 matrix: left side
-    dense, _ = fira_jax.project_back(1.0).update(out, optax.EmptyState())
     g2 = g.reshape(8, 10)
     u = np.linalg.svd(g2)[0][:, :3]
     np.testing.assert_allclose(np.asarray(dense["qkv"]), (u @ u.T @ g2).reshape(8, 2, 5), atol=1e-4)
@@ -104,7 +101,7 @@ def test_matrix_axes_dense_general():
 def test_canonical_signs():
     rng = np.random.default_rng(4)
     g = rng.standard_normal((7, 11)).astype(np.float32)
-    tx = fira_jax.project_gradients(4, update_proj_gap=5, canonical_signs=True)
+    tx = project(4, update_proj_gap=5, canonical_signs=True)
     _, state = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros((7, 11))}))
     p = np.asarray(state.left["w"])
     largest = p[np.abs(p).argmax(axis=0), np.arange(4)]
@@ -115,7 +112,7 @@ def test_canonical_signs():
 
 
 def test_nonfinite_gradient_keeps_previous_basis():
-    tx = fira_jax.project_gradients(2, update_proj_gap=1)
+    tx = project(2, update_proj_gap=1)
     params = {"w": jnp.zeros((5, 4))}
     state = tx.init(params)
     default = np.asarray(state.right["w"])
@@ -130,23 +127,23 @@ def test_nonfinite_gradient_keeps_previous_basis():
 
 def test_bf16_gradient_svd_in_float32():
     g = jnp.asarray(np.random.default_rng(6).standard_normal((6, 4)), jnp.bfloat16)
-    tx = fira_jax.project_gradients(2, update_proj_gap=5)
-    out, state = tx.update({"w": g}, tx.init({"w": jnp.zeros((6, 4), jnp.bfloat16)}))
+    tx = fira_jax.scale_by_galore(2, update_proj_gap=5)
+    dense, state = tx.update({"w": g}, tx.init({"w": jnp.zeros((6, 4), jnp.bfloat16)}))
     assert state.right["w"].dtype == jnp.bfloat16
-    assert out["w"].low.dtype == jnp.bfloat16
-    tx32 = fira_jax.project_gradients(2, update_proj_gap=5, basis_dtype=jnp.float32)
+    assert state.inner.mu["w"].dtype == jnp.bfloat16  # Adam's moments take R's dtype
+    assert dense["w"].dtype == jnp.bfloat16
+    tx32 = project(2, update_proj_gap=5, basis_dtype=jnp.float32)
     _, state32 = tx32.update({"w": g}, tx32.init({"w": jnp.zeros((6, 4), jnp.bfloat16)}))
     assert state32.right["w"].dtype == jnp.float32
-    dense, _ = fira_jax.project_back().update(out, optax.EmptyState())
-    assert dense["w"].dtype == jnp.bfloat16
 
 
 def test_mask_pytree_and_callable():
     params = {"a": jnp.zeros((4, 3)), "b": jnp.zeros((4, 3)), "c": jnp.zeros(3)}
     for mask in ({"a": True, "b": False, "c": False}, lambda p: {"a": True, "b": False, "c": False}):
-        tx = fira_jax.project_gradients(2, 5, mask=mask)
-        out, _ = tx.update(params, tx.init(params))
-        assert isinstance(out["a"], fira_jax.LowRank)
+        tx = project(2, 5, mask=mask)
+        out, state = tx.update(params, tx.init(params))
+        assert isinstance(state.right["a"], jax.Array)
+        assert jax.tree.leaves(state.right["b"]) == [] and jax.tree.leaves(state.left["b"]) == []
         assert out["b"] is params["b"] and out["c"] is params["c"]
 
 
@@ -170,7 +167,7 @@ def test_empty_tree_and_no_selected_leaf():
 )
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
-        fira_jax.project_gradients(**kwargs)
+        fira_jax.scale_by_galore(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +182,7 @@ def test_bad_arguments(kwargs, exc, match):
     ],
 )
 def test_bad_leaves_raise_at_init(params, mask, axes, match):
-    tx = fira_jax.project_gradients(2, 5, mask=mask, axes=axes)
+    tx = project(2, 5, mask=mask, axes=axes)
     with pytest.raises((ValueError, TypeError), match=match):
         tx.init(params)
 
@@ -205,10 +202,8 @@ def test_randomized_svd_is_orthonormal_and_captures_energy(proj_type, shape):
     g = np.stack([decaying(shape[-2:], i) for i in range(shape[0])]) if len(shape) == 3 else decaying(shape, 0)
     energies = {}
     for svd in ("exact", "randomized"):
-        tx = fira_jax.project_gradients(6, 5, proj_type=proj_type, svd=svd)
-        low, state = jax.jit(lambda g, s, tx=tx: (lambda o: (o[0]["w"].low, o[1]))(tx.update(g, s)))(
-            {"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros(shape)})
-        )
+        tx = project(6, 5, proj_type=proj_type, svd=svd)
+        back, state = jax.jit(tx.update)({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros(shape)}))
         for p in (state.left["w"], state.right["w"]):
             if isinstance(p, jax.Array):
                 gram = (
@@ -217,14 +212,14 @@ def test_randomized_svd_is_orthonormal_and_captures_energy(proj_type, shape):
                     else jnp.einsum("...ji,...jk->...ik", p, p)
                 )
                 np.testing.assert_allclose(np.asarray(gram), np.broadcast_to(np.eye(6), gram.shape), atol=1e-5)
-        energies[svd] = float(jnp.sum(low**2) / np.sum(g**2))
+        energies[svd] = float(jnp.sum(back["w"] ** 2) / np.sum(g**2))  # ||P P^T G||² = ||R||²
     assert energies["randomized"] >= 0.99 * energies["exact"]
 
 
 def test_stagger_spreads_refreshes():
     shapes = {f"w{i}": (6, 4) for i in range(4)}
     params = {k: jnp.zeros(s) for k, s in shapes.items()}
-    tx = fira_jax.project_gradients(2, update_proj_gap=4, stagger=True)
+    tx = project(2, update_proj_gap=4, stagger=True)
     state = tx.init(params)
     update = jax.jit(tx.update)
     rng = np.random.default_rng(0)
@@ -251,7 +246,7 @@ def test_svd_call_sites_per_leaf_or_per_shape(variant, by_shape):
     rng = np.random.default_rng(0)
     shapes = {"a": (6, 4), "b": (6, 4), "stack": (3, 6, 4), "c": (4, 6), "d": (4, 6), "e": (5, 5)}
     grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
-    tx = fira_jax.project_gradients(2, update_proj_gap=4, refresh_by_shape=by_shape)
+    tx = project(2, update_proj_gap=4, refresh_by_shape=by_shape)
     state = tx.init(grads)
     hlo = jax.jit(tx.update).lower(grads, state).compile().as_text()  # LAPACK's gesdd on CPU
     assert hlo.count('custom_call_target="lapack_sgesdd') == (3 if by_shape else 6)  # (6, 4), (4, 6), (5, 5)
@@ -272,7 +267,7 @@ def test_gram_basis_is_the_exact_subspace(variant, proj_type, shape, signs):
     g = np.stack([decaying(shape[-2:], i) for i in range(shape[0])]) if len(shape) == 3 else decaying(shape, 0)
     states = {}
     for svd in ("exact", "gram"):
-        tx = fira_jax.project_gradients(6, 5, proj_type=proj_type, svd=svd, canonical_signs=signs)
+        tx = project(6, 5, proj_type=proj_type, svd=svd, canonical_signs=signs)
         _, states[svd] = variant(tx.update)({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros(shape)}))
     for side, attr in (("left", "left"), ("right", "right")):
         want, got = getattr(states["exact"], attr)["w"], getattr(states["gram"], attr)["w"]

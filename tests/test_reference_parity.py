@@ -78,7 +78,7 @@ def _canonical_svd(a, full_matrices=True):
 
     The sign of each singular vector is read from the vector that forms the
     basis (Vh's row on the right side, U's column on the left) and applied to
-    both U and Vh, as ``fira_jax.project_gradients(canonical_signs=True)`` does.
+    both U and Vh, as ``fira_jax.scale_by_fira(canonical_signs=True)`` does.
     """
     u, s, vh = _torch_svd(a, full_matrices=full_matrices)
     if np_side(_PROJ_TYPE["value"], *a.shape[-2:]) == "right":

@@ -1,15 +1,16 @@
-"""scale_residual_by_norm_ratio: Fira's norm-based scaling, against NumPy."""
+"""fira_jax.residual: Fira's scaling factor, residual, its norm and the update, against NumPy."""
 
 import chex
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import fira_jax
+from fira_jax.layout import layout
 
 
-def np_residual(g, p, n_upd, side, scale, granularity):
+def np_residual(g, p, n_upd, side, residual_scale, granularity):
+    """The reference's formulas, in NumPy: phi * (G - s * back(R))."""
     low = g @ p.T if side == "right" else p.T @ g
     back = low @ p if side == "right" else p @ low
     if granularity == "none":
@@ -20,76 +21,89 @@ def np_residual(g, p, n_upd, side, scale, granularity):
         axis = 0 if low.shape[0] < low.shape[1] else 1
         phi = np.linalg.norm(n_upd, axis=axis) / (np.linalg.norm(low, axis=axis) + 1e-8)
         phi = phi[None, :] if axis == 0 else phi[:, None]
-    return phi * (g - scale * back)
+    return phi * (g - residual_scale * back)
 
 
-def make_node(shape, proj_type, seed=0, rank=3):
+def make(shape, proj_type, seed=0, rank=3, basis_dtype=jnp.float32):
+    """G, its exact basis P (from NumPy's SVD), R, and a stand-in N independent of R."""
     rng = np.random.default_rng(seed)
     g = rng.standard_normal(shape).astype(np.float32)
-    project = fira_jax.project_gradients(rank, 5, proj_type=proj_type)
-    out, _ = project.update({"w": jnp.asarray(g)}, project.init({"w": jnp.zeros(shape)}))
-    node = out["w"]
-    # A stand-in for the subspace optimizer's output N, independent of low.
-    n_upd = rng.standard_normal(node.low.shape).astype(np.float32)
-    return g, node.replace(coeffs=jnp.asarray(n_upd), in_subspace=True), n_upd
-
-
-@pytest.mark.parametrize(
-    "shape_side", [((10, 6), "std"), ((6, 10), "std"), ((10, 6), "left"), ((6, 10), "right"), ((7, 7), "left")]
-)
-@pytest.mark.parametrize("scale", [0.25, 1.0])
-@pytest.mark.parametrize("granularity", ["column", "matrix", "none"])
-def test_matches_numpy(variant, shape_side, scale, granularity):
-    shape, proj_type = shape_side
-    g, node, n_upd = make_node(shape, proj_type)
-    tx = fira_jax.scale_residual_by_norm_ratio(scale, granularity)
-
-    def residual(coeffs):  # the node's arrays enter and leave the jitted function as arrays
-        out, _ = tx.update({"w": node.replace(coeffs=coeffs)}, optax.EmptyState())
-        return out["w"].residual.materialize(out["w"])
-
-    side = node.layout.side
-    p = np.asarray(node.basis.right if side == "right" else node.basis.left)
-    expected = np_residual(g, p, n_upd, side, scale, granularity)
-    chex.assert_trees_all_close(
-        variant(residual)(node.coeffs), jnp.asarray(expected, jnp.float32), rtol=1e-4, atol=1e-5
+    lay = layout("w", g, None, rank, proj_type)
+    u, _, vh = np.linalg.svd(g, full_matrices=False)
+    p = vh[: lay.rank] if lay.side == "right" else u[:, : lay.rank]
+    basis = fira_jax.Basis(
+        None if lay.side == "right" else jnp.asarray(p, basis_dtype),
+        jnp.asarray(p, basis_dtype) if lay.side == "right" else None,
+        lay,
     )
+    low = basis.project(jnp.asarray(g))
+    n_upd = rng.standard_normal(low.shape).astype(np.float32)
+    return g, p, lay, basis, low, n_upd
+
+
+SHAPES = [((10, 6), "std"), ((6, 10), "std"), ((10, 6), "left"), ((6, 10), "right"), ((7, 7), "left")]
+
+
+@pytest.mark.parametrize("shape_side", SHAPES)
+@pytest.mark.parametrize("residual_scale", [0.25, 1.0])
+@pytest.mark.parametrize("granularity", ["column", "matrix", "none"])
+def test_residual_matches_numpy(variant, shape_side, residual_scale, granularity):
+    g, p, lay, basis, low, n_upd = make(*shape_side)
+
+    def residual(g, low, n):
+        phi = fira_jax.scaling_factor(n, low, lay, granularity)
+        return fira_jax.residual(g, low, basis, phi, residual_scale)
+
+    expected = np_residual(g, p, n_upd, lay.side, residual_scale, granularity)
+    got = variant(residual)(jnp.asarray(g), low, jnp.asarray(n_upd))
+    chex.assert_trees_all_close(got, jnp.asarray(expected, jnp.float32), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape_side", SHAPES)
+@pytest.mark.parametrize("basis_dtype", [jnp.float32, jnp.bfloat16])
+def test_norm_and_update_without_forming_the_residual(variant, shape_side, basis_dtype):
+    """residual_norm = ||S|| and fira_update = scale back(N) + S, whichever way they are computed
+    (the factored identity with a float32 basis, S formed otherwise)."""
+    g, _, lay, basis, low, n_upd = make(*shape_side, basis_dtype=basis_dtype)
+    phi = fira_jax.scaling_factor(jnp.asarray(n_upd), low, lay)
+    s_full = np.asarray(fira_jax.residual(jnp.asarray(g), low, basis, phi, 0.25), np.float64)
+    pb = np.asarray(basis.right if lay.side == "right" else basis.left, np.float64)
+    back_n = n_upd @ pb if lay.side == "right" else pb @ n_upd
+    norm = variant(fira_jax.residual_norm)(jnp.asarray(g), low, basis, phi, 0.25)
+    update = variant(fira_jax.fira_update)(jnp.asarray(g), low, jnp.asarray(n_upd), basis, phi, 0.25, 0.5)
+    tol = 1e-4 if basis_dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(float(norm), np.linalg.norm(s_full), rtol=tol)
+    np.testing.assert_allclose(np.asarray(update), 0.5 * back_n + s_full, rtol=tol, atol=tol)
 
 
 def test_full_rank_left_square_low_follows_reference_axis():
     """Left side with r == n == m: low is square and the reference takes one factor per row."""
-    g, node, n_upd = make_node((5, 5), "left", rank=5)
-    out, _ = fira_jax.scale_residual_by_norm_ratio(0.25).update({"w": node}, optax.EmptyState())
-    expected = np_residual(g, np.asarray(node.basis.left), n_upd, "left", 0.25, "column")
+    g, p, lay, basis, low, n_upd = make((5, 5), "left", rank=5)
+    phi = fira_jax.scaling_factor(jnp.asarray(n_upd), low, lay)
+    assert phi.shape == (5, 1)
+    expected = np_residual(g, p, n_upd, "left", 0.25, "column")
     chex.assert_trees_all_close(
-        out["w"].residual.materialize(out["w"]), jnp.asarray(expected, jnp.float32), rtol=1e-4, atol=1e-5
+        fira_jax.residual(jnp.asarray(g), low, basis, phi, 0.25), jnp.asarray(expected), rtol=1e-4, atol=1e-5
     )
 
 
 def test_full_rank_left_tall_uses_rank_axis():
     """Left side with r == n < m: the reference's row rule would not broadcast; the rank axis is used."""
-    g, node, n_upd = make_node((8, 4), "left", rank=4)
-    out, _ = fira_jax.scale_residual_by_norm_ratio(1.0).update({"w": node}, optax.EmptyState())
-    p = np.asarray(node.basis.left)
-    low = p.T @ g
-    phi = np.linalg.norm(n_upd, axis=0) / (np.linalg.norm(low, axis=0) + 1e-8)
-    chex.assert_trees_all_close(
-        out["w"].residual.materialize(out["w"]),
-        jnp.asarray(phi[None, :] * (g - p @ low), jnp.float32),
-        rtol=1e-4,
-        atol=1e-5,
+    g, p, lay, _, low, n_upd = make((8, 4), "left", rank=4)
+    phi = fira_jax.scaling_factor(jnp.asarray(n_upd), low, lay)
+    r = p.T @ g
+    want = np.linalg.norm(n_upd, axis=0) / (np.linalg.norm(r, axis=0) + 1e-8)
+    np.testing.assert_allclose(np.asarray(phi), want[None, :], rtol=1e-4)
+
+
+def test_stacked_matrices_have_their_own_factors():
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((2, 6, 4)).astype(np.float32)
+    lay = layout("w", g, None, 2, "std")
+    n, r = rng.standard_normal((2, 6, 2)).astype(np.float32), rng.standard_normal((2, 6, 2)).astype(np.float32)
+    phi = fira_jax.scaling_factor(jnp.asarray(n), jnp.asarray(r), lay)
+    assert phi.shape == (2, 6, 1)
+    np.testing.assert_allclose(
+        np.asarray(phi)[..., 0], np.linalg.norm(n, axis=-1) / (np.linalg.norm(r, axis=-1) + 1e-8), rtol=1e-5
     )
-
-
-def test_unselected_leaves_pass_and_full_raises():
-    out, _ = fira_jax.scale_residual_by_norm_ratio().update({"b": jnp.ones(3)}, optax.EmptyState())
-    assert out["b"].shape == (3,)
-    project = fira_jax.project_gradients(2, 5, proj_type="full")
-    nodes, _ = project.update({"w": jnp.ones((4, 3))}, project.init({"w": jnp.zeros((4, 3))}))
-    with pytest.raises(ValueError, match=r"'w'.*full"):
-        fira_jax.scale_residual_by_norm_ratio().update(nodes, optax.EmptyState())
-
-
-def test_bad_granularity():
-    with pytest.raises(ValueError, match="granularity"):
-        fira_jax.scale_residual_by_norm_ratio(granularity="row")
+    assert fira_jax.scaling_factor(jnp.asarray(n), jnp.asarray(r), lay, "matrix").shape == (2, 1, 1)

@@ -1,4 +1,4 @@
-"""in_subspace and scale_by_adam (the reference's Adam convention)."""
+"""fira_jax.adam: scale_by_adam (the reference's Adam convention) and its bias correction."""
 
 import math
 
@@ -55,40 +55,6 @@ def test_mu_dtype():
     assert state.mu.dtype == jnp.bfloat16 and state.nu.dtype == jnp.float32
     out, state = tx.update(jnp.ones(3), state)
     assert out.dtype == jnp.float32 and state.mu.dtype == jnp.bfloat16
-
-
-def test_inner_sees_coefficients_and_unselected_leaves(variant):
-    params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
-    project = fira_jax.project_gradients(2, 5)
-    inner = optax.scale_by_rms(decay=0.5)
-    tx = optax.chain(project, fira_jax.in_subspace(inner, projection=project))
-    state = tx.init(params)
-    chex.assert_trees_all_equal_shapes(state[1].nu, {"w": jnp.zeros((6, 2)), "b": jnp.zeros(4)})
-    rng = np.random.default_rng(1)
-    g = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32), "b": jnp.ones(4)}
-
-    def step(g, state):  # LowRank nodes live inside one update: return its arrays
-        out, _ = tx.update(g, state)
-        return out["w"].coeffs, out["w"].low, out["b"]
-
-    coeffs, low, b = variant(step)(g, state)
-    expected, _ = inner.update({"w": low, "b": g["b"]}, inner.init({"w": low, "b": g["b"]}))
-    chex.assert_trees_all_close(coeffs, expected["w"], rtol=1e-6)
-    chex.assert_trees_all_close(b, expected["b"], rtol=1e-6)
-
-
-def test_projection_argument_is_checked():
-    tx = fira_jax.in_subspace(fira_jax.scale_by_adam(), projection=optax.identity())
-    with pytest.raises(TypeError, match="project_gradients"):
-        tx.init({"w": jnp.zeros((3, 3))})
-
-
-def test_inner_needing_params_fails_clearly():
-    project = fira_jax.project_gradients(2, 5)
-    tx = optax.chain(project, fira_jax.in_subspace(optax.add_decayed_weights(0.1), projection=project))
-    params = {"w": jnp.zeros((4, 3))}
-    with pytest.raises(ValueError, match="params"):
-        tx.update(params, tx.init(params), params)
 
 
 def test_adam_bias_correction_schedule():

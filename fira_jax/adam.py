@@ -1,11 +1,9 @@
-"""The optimizer inside the subspace: low-rank Adam (step 2 of Fira and GaLore).
+"""Adam with the reference implementations' conventions: the optimizer in the subspace (step 2).
 
-:func:`in_subspace` runs any optax transformation on the low-rank coefficients
-of the selected leaves (and on unselected leaves as they are), so its state is
-low-rank. :func:`scale_by_adam` is Adam with the convention of the reference
-implementations (``transformers.AdamW`` as copied into ``fira`` and
-``galore-torch``): ``eps`` is added to the uncorrected ``sqrt(v)`` and the bias
-correction multiplies the whole step.
+:func:`scale_by_adam` is Adam as ``transformers.AdamW``, copied into ``fira`` and
+``galore-torch``, computes it: ``eps`` is added to the uncorrected ``sqrt(v)``, and the bias
+correction (:func:`adam_bias_correction`) multiplies the whole step. :func:`fira_jax.fira` runs
+it on the low-rank gradients and applies the correction after the residual, as the reference does.
 """
 
 import math
@@ -15,70 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fira_jax import masks, sharding
-from fira_jax import projection as proj
+from fira_jax import masks
 from fira_jax._validation import check_float, is_traced
-
-
-def in_subspace(
-    inner: optax.GradientTransformation, *, projection: optax.GradientTransformation
-) -> optax.GradientTransformationExtraArgs:
-    """Applies ``inner`` to the low-rank coefficients of every :class:`LowRank` node.
-
-    Between :func:`fira_jax.project_gradients` and
-    :func:`fira_jax.project_back`, selected leaves are :class:`LowRank` nodes;
-    this runs ``inner`` on their ``coeffs`` (shape ``batch + (m, r)`` or
-    ``batch + (r, n)``) and on the unselected leaves as they are, so
-    ``inner``'s state is as small as the subspace. ``inner`` is any optax
-    transformation that does not need the parameters' values: Adam (the
-    default in :func:`fira_jax.fira`), :func:`optax.scale_by_lion`,
-    :func:`optax.scale_by_factored_rms` (Adafactor), :func:`optax.scale_by_rms`,
-    and so on. It receives ``params=None``.
-
-    Args:
-      inner: the optimizer to run in the subspace.
-      projection: the :func:`fira_jax.project_gradients` transformation that
-        precedes this one in the chain; it tells the subspace's shapes at init.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
-      state over the low-rank shapes. Extra args are passed on to ``inner``.
-
-    Example:
-      >>> import jax.numpy as jnp, optax, fira_jax
-      >>> project = fira_jax.project_gradients(rank=2, update_proj_gap=10)
-      >>> tx = optax.chain(project, fira_jax.in_subspace(optax.scale_by_lion(), projection=project),
-      ...                  fira_jax.project_back(scale=1.0))
-      >>> state = tx.init({"w": jnp.ones((4, 3))})
-      >>> state[1].mu["w"].shape  # Lion's momentum lives in the 4 x 2 subspace
-      (4, 2)
-    """
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params: Any) -> Any:
-        slots, treedef = sharding.flatten(params)
-        lays = proj.projection_layouts(projection, params)
-        proxies = [
-            slot
-            if lay is None
-            else sharding.place(jnp.zeros(lay.low_shape, sharding.value(slot).dtype), slot, lay, "moments")
-            for slot, lay in zip(slots, lays, strict=True)
-        ]
-        return inner.init(treedef.unflatten(proxies))
-
-    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
-        del params
-        coeffs = jax.tree.map(lambda u: u.coeffs if proj.is_low_rank(u) else u, updates, is_leaf=proj.is_low_rank)
-        new_coeffs, state = inner.update(coeffs, state, None, **extra_args)
-        updates = jax.tree.map(
-            lambda u, c: u.replace(coeffs=c, in_subspace=True) if proj.is_low_rank(u) else c,
-            updates,
-            new_coeffs,
-            is_leaf=proj.is_low_rank,
-        )
-        return updates, state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class ScaleByAdamState(NamedTuple):
@@ -97,7 +33,7 @@ def adam_bias_correction(b1: float, b2: float) -> optax.Schedule:
 
     The reference multiplies the whole update by ``c_t`` (its ``step_size``);
     in :func:`fira_jax.fira` this is ``optax.scale_by_schedule`` of this
-    schedule, placed after :func:`fira_jax.project_back` so that the Fira
+    schedule, placed after :func:`fira_jax.scale_by_fira` so that the Fira
     limiter measures uncorrected norms, as in the reference.
 
     Args:

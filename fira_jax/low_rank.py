@@ -1,0 +1,355 @@
+r"""GaLore and Fira as optax transformations: the update of every selected matrix, step by step.
+
+For each selected leaf, with G its gradient as a stack of ``batch + (m, n)`` matrices
+(:class:`fira_jax.Layout`), one update of :func:`scale_by_fira` is:
+
+1. P: the bases, refreshed every ``update_proj_gap`` steps (:func:`fira_jax.projection.refresh_bases`);
+   ``R = P^T G`` or ``G P^T`` (:meth:`fira_jax.Basis.project`);
+2. ``N = inner(R)``: the optimizer in the subspace (Adam by default, :func:`fira_jax.scale_by_adam`),
+   one call over the whole tree: the low-rank gradients of the selected leaves and the other leaves
+   as they are, so its state is low-rank;
+3. ``phi = ||N|| / ||R||`` per column (:func:`fira_jax.scaling_factor`), and ``||S||`` of the
+   residual ``S = phi ⊙ (G - s back(R))`` (:func:`fira_jax.residual_norm`);
+4. ``ell``: the limiter's bound on ``||S||``'s growth (:func:`fira_jax.limit_norm_growth`);
+5. ``U = scale · back(N) + S / ell`` (:func:`fira_jax.fira_update`).
+
+:func:`scale_by_galore` stops after step 2: ``U = scale · back(N)``. The other leaves get the
+inner optimizer's output. Every value passes from one step to the next as an argument: nothing is
+carried beside the arrays, and the state is a :class:`LowRankState` of arrays.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fira_jax import masks, sharding
+from fira_jax._validation import check_choice, check_float, check_int
+from fira_jax.adam import scale_by_adam
+from fira_jax.basis import SVD_METHODS, Basis, default_basis
+from fira_jax.layout import PROJ_TYPES, Layout, layouts
+from fira_jax.limiter import limit_norm_growth
+from fira_jax.projection import refresh_bases
+from fira_jax.residual import GRANULARITIES, fira_update, residual_norm, scaling_factor
+
+
+class LowRankState(NamedTuple):
+    """State of :func:`scale_by_galore` and :func:`scale_by_fira`.
+
+    Attributes:
+      count: number of updates so far (int32); a refresh happens when
+        ``count % update_proj_gap == 0``.
+      left: ``U[:, :r]`` (``batch + (m, r)``) for each selected leaf projected on the left or on
+        both sides, ``optax.MaskedNode()`` elsewhere.
+      right: ``Vh[:r]`` (``batch + (r, n)``) for each selected leaf projected on the right or on
+        both sides, ``optax.MaskedNode()`` elsewhere.
+      inner: the inner optimizer's state, over the low-rank shapes of the selected leaves and
+        the shapes of the others.
+      norms: Fira's limiter: per selected leaf, the limited residual norm of the previous step,
+        one float32 per matrix (shape ``batch``); ``optax.MaskedNode()`` elsewhere. None for GaLore.
+
+    Only arrays sit at the parameters' leaf positions, so the state survives containers that
+    wrap leaves (``nnx.Optimizer`` stores it in Variables); the static layouts are recomputed
+    from the gradients' shapes at each update.
+    """
+
+    count: jax.Array
+    left: Any
+    right: Any
+    inner: Any
+    norms: Any
+
+
+def _scale_by_low_rank(
+    rank: int,
+    update_proj_gap: int,
+    scale: float,
+    base_optimizer: optax.GradientTransformation | None,
+    proj_type: str,
+    mask: masks.Mask,
+    *,
+    residual: dict | None,
+    axes: Any,
+    canonical_signs: bool,
+    basis_dtype: Any,
+    svd: str,
+    oversample: int,
+    power_iters: int,
+    stagger: bool,
+    refresh_by_shape: bool,
+    seed: int,
+) -> optax.GradientTransformationExtraArgs:
+    """GaLore (``residual=None``) or Fira (``residual``: granularity, residual_scale, gamma)."""
+    check_int("rank", rank, 1, static=True)
+    check_int("update_proj_gap", update_proj_gap, 1)
+    check_choice("proj_type", proj_type, PROJ_TYPES)
+    check_choice("svd", svd, SVD_METHODS)
+    check_int("oversample", oversample, 0)
+    check_int("power_iters", power_iters, 0)
+    inner = optax.with_extra_args_support(scale_by_adam() if base_optimizer is None else base_optimizer)
+
+    def tree_layouts(tree: Any) -> list[Layout | None]:
+        return layouts(tree, rank, proj_type, mask, axes)
+
+    def init_fn(params: Any) -> LowRankState:
+        slots, treedef = sharding.flatten(params)
+        left, right, proxies, norms = [], [], [], []
+        for slot, lay in zip(slots, tree_layouts(sharding.pure(params)), strict=True):
+            if lay is None:
+                left.append(optax.MaskedNode())
+                right.append(optax.MaskedNode())
+                proxies.append(slot)
+                norms.append(optax.MaskedNode())
+                continue
+            dtype = sharding.value(slot).dtype
+            b = default_basis(lay, basis_dtype or dtype)
+            left.append(optax.MaskedNode() if b.left is None else sharding.place(b.left, slot, lay, "left"))
+            right.append(optax.MaskedNode() if b.right is None else sharding.place(b.right, slot, lay, "right"))
+            proxies.append(sharding.place(jnp.zeros(lay.low_shape, dtype), slot, lay, "moments"))
+            norms.append(sharding.place(jnp.zeros(lay.batch, jnp.float32), slot, lay, "norms"))
+        return LowRankState(
+            count=jnp.zeros([], jnp.int32),
+            left=treedef.unflatten(left),
+            right=treedef.unflatten(right),
+            inner=inner.init(treedef.unflatten(proxies)),
+            norms=None if residual is None else treedef.unflatten(norms),
+        )
+
+    def update_fn(updates: Any, state: LowRankState, params: Any = None, **extra_args: Any) -> tuple[Any, LowRankState]:
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        lays = tree_layouts(updates)
+        old_left, old_right = treedef.flatten_up_to(state.left), treedef.flatten_up_to(state.right)
+        picked = [i for i, lay in enumerate(lays) if lay is not None]
+        grads = {i: lays[i].canonical(leaves[i]) for i in picked}
+
+        # 1. The bases (refreshed where due) and the low-rank gradients R.
+        old = [
+            Basis(
+                old_left[i] if lays[i].side in ("left", "full") else None,
+                old_right[i] if lays[i].side in ("right", "full") else None,
+                lays[i],
+            )
+            for i in picked
+        ]
+        key = jax.random.fold_in(jax.random.key(seed), state.count) if svd == "randomized" else None
+        new = refresh_bases(
+            [grads[i] for i in picked], old, state.count, update_proj_gap=update_proj_gap, stagger=stagger,
+            refresh_by_shape=refresh_by_shape, key=key, signs=canonical_signs, svd=svd, oversample=oversample,
+            power_iters=power_iters,
+        )  # fmt: skip
+        bases = dict(zip(picked, new, strict=True))
+        lows = {i: bases[i].project(grads[i]) for i in picked}
+
+        # 2. N: the inner optimizer on the low-rank gradients (and on the other leaves as they are).
+        inner_in = [lows.get(i, leaf) for i, leaf in enumerate(leaves)]
+        coeffs, inner_state = inner.update(treedef.unflatten(inner_in), state.inner, None, **extra_args)
+        out = treedef.flatten_up_to(coeffs)  # the other leaves' updates, as the inner optimizer gives them
+
+        # 3-5. Each selected leaf's update: GaLore scale back(N); Fira adds the limited residual.
+        norms = None if residual is None else treedef.flatten_up_to(state.norms)
+        for i in picked:
+            g, low, n, basis = grads[i], lows[i], out[i], bases[i]
+            if residual is None:
+                u = scale * basis.back(n, like=g)
+            else:
+                phi = scaling_factor(n, low, lays[i], residual["granularity"])
+                norm = residual_norm(g, low, basis, phi, residual["residual_scale"])
+                ell, norms[i] = limit_norm_growth(norm, norms[i], residual["gamma"], state.count == 0)
+                u = fira_update(g, low, n, basis, phi / ell[..., None, None], residual["residual_scale"], scale)
+            out[i] = lays[i].restore(u.astype(g.dtype))
+
+        def side(attr: str) -> Any:  # one side's bases, MaskedNode where a leaf has none
+            found = [getattr(bases[i], attr) if i in bases else None for i in range(len(leaves))]
+            return treedef.unflatten([optax.MaskedNode() if b is None else b for b in found])
+
+        new_state = LowRankState(
+            count=optax.safe_int32_increment(state.count),
+            left=side("left"),
+            right=side("right"),
+            inner=inner_state,
+            norms=None if norms is None else treedef.unflatten(norms),
+        )
+        return treedef.unflatten(out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_galore(
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    base_optimizer: optax.GradientTransformation | None = None,
+    proj_type: str = "std",
+    mask: masks.Mask = None,
+    *,
+    axes: Any = None,
+    canonical_signs: bool = False,
+    basis_dtype: Any = None,
+    svd: str = "exact",
+    oversample: int = 8,
+    power_iters: int = 2,
+    stagger: bool = False,
+    refresh_by_shape: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""GaLore's update: the inner optimizer in the top-``rank`` singular subspace of each gradient.
+
+    For each selected leaf, with P the top-``rank`` singular vectors of G (computed in float32
+    every ``update_proj_gap`` steps, kept in between):
+
+    .. math::
+      R = G P^T \ (\text{right}) \ \text{or} \ P^T G \ (\text{left}), \qquad
+      N = \text{inner}(R), \qquad U = \text{scale} \cdot \text{back}(N)
+
+    ``proj_type="full"`` projects on both sides: ``R = U_r^T G V_r``. Other leaves get the
+    inner optimizer's update. :func:`fira_jax.galore` follows this with Adam's bias correction,
+    the learning rate and weight decay.
+
+    Args:
+      rank: the subspace's dimension ``r`` (an int ≥ 1); the effective rank is ``min(rank, m, n)``.
+      update_proj_gap: ``T``, steps between refreshes of the bases (≥ 1).
+      scale: the low-rank update's scale (``alpha``; 0.25 in the papers' pre-training runs).
+      base_optimizer: the optimizer in the subspace, any optax transformation that does not need
+        the parameters' values (it receives ``params=None``): default :func:`fira_jax.scale_by_adam`
+        (no bias correction); :func:`optax.scale_by_lion`, :func:`optax.scale_by_factored_rms`,
+        a chain with a stateless transformation such as ``optax.clip_by_global_norm`` (which then
+        sees the low-rank update only), and so on. Its state is low-rank.
+      proj_type: which side each m × n matrix is projected on: ``"std"`` right if m ≥ n else left
+        (the smaller state), ``"reverse_std"`` the opposite, ``"right"``, ``"left"`` or ``"full"``.
+      mask: which leaves to project: a pytree of bools or a callable from the params to one (as
+        in :func:`optax.masked`); default every leaf with at least 2 dimensions. See
+        :func:`fira_jax.mask_by_path`.
+      axes: which axes form each leaf's matrix: a :class:`fira_jax.MatrixAxes`, a pytree of them
+        (None for the default), or a callable from the params to one. Default: the last two
+        axes; leading axes index independent matrices.
+      canonical_signs: fix each singular vector's sign so that its largest entry is positive. SVD
+        signs are implementation-defined (LAPACK, cuSOLVER and TPU differ), and because the
+        moments carry over across refreshes the signs shape the trajectory; this makes runs
+        agree across backends. Off by default to follow the reference implementation.
+      basis_dtype: dtype of the stored bases; default the leaf's dtype, as in the reference
+        (which casts the float32 SVD to the gradient's dtype).
+      svd: ``"exact"`` (a full SVD, as the reference); ``"randomized"``: a range finder with
+        ``rank + oversample`` Gaussian probes, ``power_iters`` power iterations and QR
+        re-orthonormalization, then the SVD of a small matrix, much cheaper for large matrices;
+        ``"gram"``: the top eigenvectors of ``G^T G`` (right) or ``G G^T`` (left), whose
+        eigendecomposition compiles in seconds on TPU where the exact SVD takes minutes per
+        matrix shape (:func:`fira_jax.basis.gram_top_vectors`).
+      oversample: extra probes of the randomized SVD.
+      power_iters: power iterations of the randomized SVD.
+      stagger: spread the leaves' refreshes over the gap
+        (:func:`fira_jax.projection.refresh_groups`), so that no later step computes every SVD.
+        Off by default, as in the reference.
+      refresh_by_shape: refresh same-shaped matrices together, one compiled SVD per shape, for
+        the TPU compiler (whose SVD takes minutes to compile per call site); it costs memory,
+        since the step then keeps every gradient of that shape alive until the refresh. By
+        default each leaf has its own refresh, which waits only for that leaf's gradient.
+      seed: seed of the randomized SVD's probes (folded with the step and the leaf).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`; extra arguments
+      of ``update`` are passed on to the inner optimizer.
+
+    Raises:
+      ValueError or TypeError at construction for an invalid argument; at init for a selected
+      leaf that has fewer than 2 dimensions or is not floating point (naming its path).
+
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> tx = fira_jax.scale_by_galore(rank=2, update_proj_gap=10)
+      >>> state = tx.init({"w": jnp.ones((6, 4))})
+      >>> state.right["w"].shape, state.inner.mu["w"].shape  # P is 2 x 4; Adam's moments 6 x 2
+      ((2, 4), (6, 2))
+
+    References:
+      Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
+      <https://arxiv.org/abs/2403.03507>`_, 2024.
+    """
+    return _scale_by_low_rank(
+        rank, update_proj_gap, scale, base_optimizer, proj_type, mask, residual=None, axes=axes,
+        canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, oversample=oversample,
+        power_iters=power_iters, stagger=stagger, refresh_by_shape=refresh_by_shape, seed=seed,
+    )  # fmt: skip
+
+
+def scale_by_fira(
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    base_optimizer: optax.GradientTransformation | None = None,
+    proj_type: str = "std",
+    mask: masks.Mask = None,
+    *,
+    gamma: float = 1.01,
+    granularity: str = "column",
+    residual_scale: float | None = None,
+    axes: Any = None,
+    canonical_signs: bool = False,
+    basis_dtype: Any = None,
+    svd: str = "exact",
+    oversample: int = 8,
+    power_iters: int = 2,
+    stagger: bool = False,
+    refresh_by_shape: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Fira's update: GaLore's, plus the residual outside the subspace, scaled and limited.
+
+    For each selected leaf (Chen et al., 2024, Algorithm 1; steps 1-5 of this module):
+
+    .. math::
+      U = \text{scale} \cdot \text{back}(N) + \frac{S}{\ell}, \qquad
+      S = \phi \odot (G - s \cdot \text{back}(R)), \qquad \phi = \frac{\|N\|}{\|R\| + 10^{-8}}
+
+    with R, N as in :func:`scale_by_galore`, ``s`` the ``residual_scale`` and ``ell`` the
+    limiter's divisor, which keeps ``||S||`` from growing by more than ``gamma`` per step.
+    :func:`fira_jax.fira` follows this with Adam's bias correction (so the limiter sees
+    uncorrected norms, as in the reference), the learning rate and weight decay.
+
+    Args:
+      rank, update_proj_gap, scale, base_optimizer, proj_type, mask, axes, canonical_signs,
+        basis_dtype, svd, oversample, power_iters, stagger, refresh_by_shape, seed: as in
+        :func:`scale_by_galore` (``proj_type="full"`` excepted).
+      gamma: the limiter's largest growth factor of ``||S||`` per step, ≥ 1 (``inf`` disables it).
+      granularity: ``"column"`` (Fira), ``"matrix"`` (one factor per matrix) or ``"none"``
+        (phi = 1): the paper's Table 5 ablations (:func:`fira_jax.scaling_factor`).
+      residual_scale: ``s``, the multiple of the in-subspace gradient removed from G; default
+        ``scale``, as in the reference; 1.0 gives the paper's orthogonal residual.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`.
+
+    Raises:
+      ValueError or TypeError at construction for an invalid argument (``proj_type="full"``:
+      the column scaling is undefined there); at init for a selected leaf that has fewer than
+      2 dimensions or is not floating point (naming its path).
+
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> tx = fira_jax.scale_by_fira(rank=2, update_proj_gap=10)
+      >>> state = tx.init({"w": jnp.ones((3, 6, 4)), "b": jnp.zeros(4)})
+      >>> state.norms["w"].shape  # the limiter keeps one norm per stacked matrix
+      (3,)
+
+    References:
+      Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?
+      <https://arxiv.org/abs/2410.01623>`_, 2024.
+    """
+    if proj_type == "full":
+        raise ValueError(
+            "`proj_type` 'full' (two-sided projection) is GaLore-only: Fira's column-wise scaling of the "
+            "residual is undefined there. Use fira_jax.galore, or a one-sided proj_type."
+        )
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
+    residual = {
+        "granularity": granularity,
+        "residual_scale": scale if residual_scale is None else residual_scale,
+        "gamma": gamma,
+    }
+    return _scale_by_low_rank(
+        rank, update_proj_gap, scale, base_optimizer, proj_type, mask, residual=residual, axes=axes,
+        canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, oversample=oversample,
+        power_iters=power_iters, stagger=stagger, refresh_by_shape=refresh_by_shape, seed=seed,
+    )  # fmt: skip

@@ -1,0 +1,105 @@
+"""fira_jax.low_rank: scale_by_fira and scale_by_galore as transformations (their numerics against
+NumPy are in test_alias.py, through fira() and galore()).
+
+Data flows as arrays: states and updates are pytrees whose metadata is static and hashable, so
+any prefix of a chain can be jitted and its outputs used later.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fira_jax
+
+
+def assert_static_metadata(tree, where):
+    """Every node's auxiliary data is hashable and holds no array (JAX's contract for pytrees)."""
+
+    def walk(treedef, path):
+        data = treedef.node_data()
+        if data is not None:
+            aux = data[1]
+            hash(tuple(aux) if isinstance(aux, list) else aux)  # raises for unhashable metadata (dict keys: a list)
+            assert not any(isinstance(x, jax.Array | jax.core.Tracer) for x in jax.tree.leaves(aux)), (where, path)
+        for i, child in enumerate(treedef.children()):
+            walk(child, (*path, i))
+
+    walk(jax.tree.structure(tree), ())
+
+
+def problem():
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((8, 5)), jnp.float32), "b": jnp.zeros(5),
+              "stack": jnp.asarray(rng.standard_normal((2, 4, 6)), jnp.float32)}  # fmt: skip
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+    return params, grads
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fira_jax.scale_by_fira(2, 2),
+        lambda: fira_jax.scale_by_galore(2, 2, proj_type="full"),
+        lambda: fira_jax.fira(1e-2, rank=2, update_proj_gap=2, weight_decay=0.1),
+        lambda: fira_jax.galore(1e-2, rank=2, update_proj_gap=2),
+    ],
+    ids=["scale_by_fira", "scale_by_galore", "fira", "galore"],
+)
+def test_states_and_updates_are_arrays_with_static_metadata(make):
+    params, grads = problem()
+    tx = make()
+    state = tx.init(params)
+    assert_static_metadata(state, "state")
+    updates, state = jax.jit(tx.update)(grads, state, params)  # a jitted prefix of any chain
+    assert_static_metadata(state, "state after update")
+    chex.assert_trees_all_equal_shapes(updates, params)
+    # What a jitted call returns is usable afterwards, outside it (no leaked tracer).
+    chex.assert_tree_all_finite(optax.apply_updates(params, updates))
+    updates, _ = tx.update(grads, state, params)
+    chex.assert_tree_all_finite(updates)
+
+
+def test_inner_sees_the_low_rank_gradients_and_the_other_leaves(variant):
+    """GaLore with scale 1 and RMSProp inside: U = back(rms(R)) for w, rms(b) for b (NumPy)."""
+    params, grads = problem()
+    inner = optax.scale_by_rms(decay=0.5)
+    tx = fira_jax.scale_by_galore(2, 5, 1.0, inner)
+    state = tx.init(params)
+    chex.assert_trees_all_equal_shapes(
+        state.inner.nu, {"w": jnp.zeros((8, 2)), "b": jnp.zeros(5), "stack": jnp.zeros((2, 2, 6))}
+    )
+    u, state = variant(tx.update)(grads, state)
+    g = np.asarray(grads["w"], np.float64)
+    p = np.linalg.svd(g, full_matrices=False)[2][:2]  # 8 x 5: right side
+    r = g @ p.T
+    rms = lambda x: x / (np.sqrt(0.5 * x * x) + 1e-8)  # noqa: E731  (optax's first step, eps outside)
+    np.testing.assert_allclose(np.asarray(u["w"]), rms(r) @ p, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(u["b"]), rms(np.asarray(grads["b"])), rtol=1e-5)
+
+
+def test_updates_keep_each_leafs_layout_and_dtype():
+    params = {"w": jnp.zeros((6, 4), jnp.bfloat16), "qkv": jnp.zeros((8, 2, 5)), "b": jnp.zeros(3)}
+    axes = {"w": None, "qkv": fira_jax.MatrixAxes(rows=0, cols=(1, 2)), "b": None}
+    tx = fira_jax.scale_by_fira(2, 5, axes=axes)
+    grads = jax.tree.map(lambda x: jnp.ones_like(x) + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) / 7, params)
+    u, state = jax.jit(tx.update)(grads, tx.init(params))
+    chex.assert_trees_all_equal_shapes_and_dtypes(u, params)
+    assert state.left["qkv"].shape == (8, 2) and state.norms["qkv"].shape == ()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"proj_type": "full"}, ValueError, "GaLore-only"),
+        ({"granularity": "row"}, ValueError, "granularity"),
+        ({"gamma": 0.9}, ValueError, "gamma"),
+        ({"rank": 0}, ValueError, "rank"),
+        ({"svd": "qr"}, ValueError, "svd"),
+    ],
+)
+def test_bad_arguments_raise_at_build(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fira_jax.scale_by_fira(**({"rank": 2, "update_proj_gap": 5} | kwargs))
