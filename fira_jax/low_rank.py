@@ -307,10 +307,9 @@ def scale_by_fira(
     :func:`fira_jax.fira` follows this with Adam's bias correction (so the limiter sees
     uncorrected norms, as in the reference), the learning rate and weight decay.
 
+    The other arguments are :func:`scale_by_galore`'s (``proj_type="full"`` excepted).
+
     Args:
-      rank, update_proj_gap, scale, base_optimizer, proj_type, mask, axes, canonical_signs,
-        basis_dtype, svd, oversample, power_iters, stagger, refresh_by_shape, seed: as in
-        :func:`scale_by_galore` (``proj_type="full"`` excepted).
       gamma: the limiter's largest growth factor of ``||S||`` per step, ≥ 1 (``inf`` disables it).
       granularity: ``"column"`` (Fira), ``"matrix"`` (one factor per matrix) or ``"none"``
         (phi = 1): the paper's Table 5 ablations (:func:`fira_jax.scaling_factor`).
