@@ -38,9 +38,9 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from lm import checkpoints, hf, instruct, lora, optim, runlog
 from lm import config as config_lib
 from lm import data as data_lib
-from lm import hf, instruct, lora, optim, runlog
 from lm import step as step_lib
 from lm import tokenizer as tokenizer_lib
 from lm.train import plot, state_mib
@@ -137,13 +137,20 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         return float(np.mean(losses)) if losses else float("nan")
 
+    manager = checkpoints.manager(out, args.checkpoint_every, args.resume)
+    start = checkpoints.restore(manager, model, optimizer) if args.resume else 0
     records_out, rng, t0 = [], np.random.default_rng(args.seed), time.perf_counter()
+    if start and (out / "metrics.jsonl").exists():  # the earlier records, for the plot (the file is appended to)
+        earlier = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        records_out = [r for r in earlier if r["step"] <= start]
     order = np.array([], int)
-    with runlog.RunLog(out, steps, progress=args.progress) as run:
+    with runlog.RunLog(out, steps, start, progress=args.progress) as run:
         for step in range(steps):
             if len(order) < args.batch_size:
                 order = np.concatenate([order, rng.permutation(len(train))])
             idx, order = order[: args.batch_size], order[args.batch_size :]
+            if step < start:  # resumed: the data order is replayed, the steps are not
+                continue
             loss = float(step_lib.run_step(train_step, model, optimizer, *padded([train[i] for i in idx])))
             record = {"step": step + 1, "train_loss": loss}
             if (step + 1) % args.eval_every == 0 or step + 1 == steps:
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
             if not finite:
                 break
             run.advance()
+            checkpoints.save(manager, step + 1, args.checkpoint_every, model, optimizer)
+    checkpoints.close(manager)
     model.eval()
     summary = {"method": args.method, "trainable_params": trainable, "optimizer_state_mib": opt_mib, "steps": steps,
                "wall_s": time.perf_counter() - t0, "final_val_loss": validate() if val else None}  # fmt: skip

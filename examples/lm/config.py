@@ -138,6 +138,8 @@ class FinetuneConfig:
     lora_dropout: float = _field(0.05, "dropout on the LoRA adapters' input")
     # run
     eval_every: int = _field(50, "validate every this many steps")
+    checkpoint_every: int = _field(0, "save an orbax checkpoint every this many steps; 0: never")
+    resume: bool = _field(False, "continue from the latest checkpoint in --out")
     seed: int = _field(0, "seed of the data order and of LoRA's initialization")
     out: str = _field("runs/finetune", "output folder (metrics.jsonl, loss.png, summary.json)")
     export: str | None = _field(None, "save the fine-tuned model here (Hugging Face format; LoRA merged)")

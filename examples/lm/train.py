@@ -24,9 +24,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lm import checkpoints, optim, runlog
 from lm import data as data_lib
 from lm import model as model_lib
-from lm import optim, runlog
 from lm import prepare as prepare_lib
 from lm import step as step_lib
 from lm.config import TrainConfig
@@ -166,21 +166,8 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     adamw_mib = state_mib(jax.eval_shape(optax.adamw(1e-3).init, nnx.to_pure_dict(params)))
     opt_mib = state_mib(nnx.state(optimizer))
 
-    start_step = 0
-    manager = None
-    if cfg.checkpoint_every or cfg.resume:
-        import orbax.checkpoint as ocp
-
-        manager = ocp.CheckpointManager(
-            (out / "checkpoints").resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2)
-        )
-        if cfg.resume and manager.latest_step() is not None:
-            target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-            restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
-            nnx.update(model, restored["model"])
-            nnx.update(optimizer, restored["optimizer"])
-            start_step = manager.latest_step()
-            log(f"resumed from step {start_step}")
+    manager = checkpoints.manager(out, cfg.checkpoint_every, cfg.resume)
+    start_step = checkpoints.restore(manager, model, optimizer, log) if cfg.resume else 0
 
     @nnx.jit
     def eval_step(model: model_lib.LLaMA, batch: jax.Array) -> jax.Array:
@@ -248,13 +235,8 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
                 jax.block_until_ready(loss)
             step_times.append(time.perf_counter() - t0)
             run.advance()
-            if manager is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                import orbax.checkpoint as ocp
-
-                state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-                manager.save(step + 1, args=ocp.args.StandardSave(state))
-    if manager is not None:
-        manager.wait_until_finished()
+            checkpoints.save(manager, step + 1, cfg.checkpoint_every, model, optimizer)
+    checkpoints.close(manager)
     if cfg.export:
         export(model, cfg.export)
     wall = time.perf_counter() - t_start
