@@ -152,7 +152,14 @@ def test_train_lm_fsdp_on_8_simulated_devices(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 cpu device(s)" in proc.stdout
-    assert np.isfinite(json.loads((tmp_path / "summary.json").read_text())["final_val_loss"])
+    final = json.loads((tmp_path / "summary.json").read_text())["final_val_loss"]
+    assert np.isfinite(final)
+    # Per-layer updates on the sharded model: one optimizer per stage, the same training.
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "per_layer")
+    proc = subprocess.run([*cmd, "--per-layer-updates"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_layer = json.loads((tmp_path / "per_layer" / "summary.json").read_text())["final_val_loss"]
+    assert per_layer == pytest.approx(final, rel=1e-5)
 
 
 def test_weight_decay_goes_to_kernels_only():
