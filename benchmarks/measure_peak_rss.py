@@ -45,18 +45,12 @@ def measure(preset: str, name: str, dtype_name: str, seq_len: int, per_layer: bo
     import jax.numpy as jnp
     import memory_report
     from flax import nnx
-    from lm import model as model_lib
-    from lm import step as step_lib
 
     graphdef, state = nnx.split(memory_report.build(preset, name, jnp.dtype(dtype_name), per_layer=per_layer))
     vocab = memory_report.VOCAB
     rng = jax.random.key(0)
     batches = [jax.random.randint(jax.random.fold_in(rng, i), (1, seq_len + 1), 0, vocab) for i in range(2)]
-    if per_layer:
-        train_step = step_lib.make_layerwise_train_step(model_lib.stages)
-    else:
-        train_step = step_lib.make_train_step(model_lib.loss_fn)
-    compiled = train_step.lower(graphdef, state, batches[0]).compile()
+    compiled = memory_report.train_step(per_layer).lower(graphdef, state, batches[0]).compile()
     mem = compiled.memory_analysis()
     analysed = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     out = {"analysed_peak_bytes": analysed, "analysed_over_arguments_bytes": analysed - mem.argument_size_in_bytes}

@@ -136,6 +136,13 @@ def build(
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
+def train_step(per_layer: bool = False) -> Any:
+    """The step training runs (``lm/step.py``): the ordinary one, or with per-layer updates."""
+    if per_layer:
+        return step_lib.make_layerwise_train_step(model_lib.stages)
+    return step_lib.make_train_step(model_lib.loss_fn)
+
+
 def state_bytes(opt: nnx.Optimizer | step_lib.LayerwiseOptimizer) -> int:
     """Bytes of the optimizer's state (every stage's, for a ``LayerwiseOptimizer``)."""
     parts = opt.parts if isinstance(opt, step_lib.LayerwiseOptimizer) else [opt]
@@ -164,11 +171,7 @@ def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vo
         sharding = jax.sharding.SingleDeviceSharding(tpu_device(platform))
         place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
         state, batch = jax.tree.map(place, state), place(batch)
-    if per_layer:
-        train_step = step_lib.make_layerwise_train_step(model_lib.stages)
-    else:
-        train_step = step_lib.make_train_step(model_lib.loss_fn)
-    lowered = train_step.lower(graphdef, state, batch)
+    lowered = train_step(per_layer).lower(graphdef, state, batch)
     buffers = None
     start = time.perf_counter()
     if breakdown:  # compiled afresh (a persistent compilation cache would skip the dump)

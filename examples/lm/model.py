@@ -7,6 +7,7 @@ the norms and the output head do not.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -142,13 +143,12 @@ class LLaMA(nnx.Module):
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x)
-        return self.logits(x)
+        return output_logits(self.norm, self.embed.attend if self.lm_head is None else self.lm_head, x)
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        """The final norm and the output head, in float32."""
-        x = self.norm(x)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.float32)
+
+def output_logits(norm: RMSNorm, head: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """The final norm, then the output head (its own matrix, or the tied embedding's ``attend``), in float32."""
+    return head(norm(x)).astype(jnp.float32)
 
 
 def next_token_loss(logits: jax.Array, batch: jax.Array) -> jax.Array:
@@ -175,6 +175,6 @@ def stages(model: LLaMA) -> list[Stage]:
     blocks = [Stage({"layers": {i: b}}, lambda m, x, _, i=i: m["layers"][i](x)) for i, b in enumerate(model.layers)]
     head = Stage(
         {"norm": model.norm, "lm_head": model.lm_head},
-        lambda m, x, batch: next_token_loss(m["lm_head"](m["norm"](x)).astype(jnp.float32), batch),
+        lambda m, x, batch: next_token_loss(output_logits(m["norm"], m["lm_head"], x), batch),
     )
     return [embed, *blocks, head]
