@@ -164,6 +164,10 @@ def make_layerwise_train_step(stages: Callable[[Any], list[Stage]], wrt: Any = n
         cotangent = jnp.ones_like(loss)
         for part, opt, vjp in reversed(list(zip(parts, optimizer.parts, backward, strict=True))):
             grads, *rest_ct = vjp(cotangent)
+            # The update reads the parameters only once this stage's gradient exists: else the
+            # compiler may keep each weight's copy prepared for the forward pass until its update.
+            grads, params = jax.lax.optimization_barrier((grads, nnx.state(part.modules, wrt)))
+            nnx.update(part.modules, params)
             opt.update(part.modules, grads)
             # The previous stage's backward waits for this stage's update: else the compiler may
             # postpone the updates, keeping every stage's gradients alive after all.
