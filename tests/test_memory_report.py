@@ -1,6 +1,7 @@
 """examples/memory_report.py: its columns are what the optimizer allocates, and the refresh's
 temporaries stay out of the compiled train step's peak."""
 
+import json
 import pathlib
 import sys
 
@@ -56,3 +57,20 @@ def test_largest_buffers_are_listed():
     sizes = [size for size, _ in row["largest_buffers"]]
     assert len(sizes) == 3 and sizes == sorted(sizes, reverse=True) and sizes[0] > 0
     assert all("f32[" in shapes for _, shapes in row["largest_buffers"])
+
+
+def test_compile_time_benchmark_times_each_optimizers_block_update(capsys, tmp_path):
+    """benchmarks/compile_time.py compiles each optimizer's update of N blocks and prints one row each."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import compile_time
+
+    out = compile_time.main(["--preset", "micro", "--blocks", "1", "2", "--json", str(tmp_path / "t.json")])
+    assert list(out) == list(compile_time.ROWS)
+    assert all(list(row) == [1, 2] and all(s > 0 for s in row.values()) for row in out.values())
+    printed = capsys.readouterr().out
+    assert "| fira |" in printed and "2 blocks" in printed
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["seconds"]["fira"]["2"] == out["fira"][2] and saved["provenance"]["command"].startswith("python ")
+    with pytest.raises(SystemExit):
+        compile_time.main(["--blocks", "0"])
+    assert "--blocks must be >= 1" in capsys.readouterr().err

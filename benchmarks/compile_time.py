@@ -1,0 +1,100 @@
+"""Where the train step's compile time goes: the optimizer update of ``--blocks`` transformer blocks.
+
+For each optimizer, jit ``update`` + ``apply_updates`` over the parameters of ``--blocks`` blocks
+of ``--preset`` (abstract values: nothing is allocated), as ``examples/lm/optim.py`` builds it at
+the authors' rank (GaLore and Fira: ``--svd``, ``--refresh-by-shape``), and time its compilation
+for ``--platform`` (the CPU, or one TPU chip without a TPU, as ``memory_report.py --platform``).
+The per-layer train step (``lm/step.py``) compiles one such update per block, one after another in
+its unrolled backward pass; the ordinary step one for the whole model. So the seconds of one block
+times the blocks bound what per-layer updates add to the step's compile time, and the difference
+between 1 and N blocks shows what an update of N blocks shares.
+
+  python benchmarks/compile_time.py --platform tpu-v5e --preset 1b --blocks 1 4 --svd gram --refresh-by-shape \
+    --json results/compile_time_1b.json
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+ROWS = ("adamw", "galore", "fira")
+
+
+def block_params(preset: str, blocks: int, dtype: Any) -> dict:
+    """Abstract parameters of ``blocks`` blocks of ``preset``, under the model's paths (``layers/i/...``)."""
+    from flax import nnx
+    from lm import model as model_lib
+
+    cfg = model_lib.PRESETS[preset]
+    one = nnx.eval_shape(lambda: model_lib.Block(cfg, dtype, nnx.Rngs(0), dtype))
+    state = nnx.to_pure_dict(nnx.state(one, nnx.Param))
+    return {"layers": dict.fromkeys(range(blocks), state)}
+
+
+def compile_seconds(preset: str, name: str, blocks: int, platform: str, svd: str, by_shape: bool) -> float:
+    """Seconds to compile one optimizer's update of ``blocks`` blocks (the compilation cache off)."""
+    import jax
+    import jax.numpy as jnp
+    import memory_report
+    import optax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    params = block_params(preset, blocks, jnp.bfloat16)
+    if platform != "cpu":
+        sharding = jax.sharding.SingleDeviceSharding(memory_report.tpu_device(platform))
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), params)
+    hidden = memory_report.model_lib.PRESETS[preset].hidden
+    tx = memory_report.optimizer(name, preset, hidden, svd, by_shape)
+    state = jax.eval_shape(tx.init, params)
+    if platform != "cpu":
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+    def step(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    lowered = jax.jit(step, donate_argnums=(1, 2)).lower(params, state, params)
+    start = time.perf_counter()
+    lowered.compile()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+    import memory_report
+    from lm import model as model_lib
+
+    from fira_jax.basis import SVD_METHODS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="1b", choices=sorted(model_lib.PRESETS))
+    p.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="blocks per compiled update")
+    p.add_argument("--optimizer", nargs="+", choices=ROWS, default=list(ROWS))
+    p.add_argument("--platform", choices=memory_report.PLATFORMS, default="cpu")
+    p.add_argument("--svd", choices=SVD_METHODS, default="exact")
+    p.add_argument("--refresh-by-shape", action="store_true")
+    p.add_argument("--json", metavar="FILE", help="also write the seconds and their provenance to FILE")
+    args = p.parse_args(argv)
+    if any(b < 1 for b in args.blocks):
+        p.error(f"--blocks must be >= 1, got {args.blocks}")
+    out = {name: {b: compile_seconds(args.preset, name, b, args.platform, args.svd, args.refresh_by_shape)
+                  for b in args.blocks} for name in args.optimizer}  # fmt: skip
+    print(f"{args.preset}, bfloat16, {args.platform} compiler: seconds to compile the update of N blocks")
+    print("| optimizer | " + " | ".join(f"{b} block{'s' if b > 1 else ''}" for b in args.blocks) + " |")
+    print("|---|" + "---|" * len(args.blocks))
+    for name, row in out.items():
+        print(f"| {name} | " + " | ".join(f"{s:.1f}" for s in row.values()) + " |")
+    if args.json:
+        from lm import provenance
+
+        record = {"provenance": provenance.record(argv, __file__), "preset": args.preset, "platform": args.platform,
+                  "svd": args.svd, "refresh_by_shape": args.refresh_by_shape, "seconds": out}  # fmt: skip
+        pathlib.Path(args.json).write_text(json.dumps(record, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
