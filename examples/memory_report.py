@@ -17,8 +17,9 @@ papers' memory estimates assume.
 one (libtpu's deviceless compilation; needs ``pip install "jax[tpu]"`` at the installed jax's
 version): the CPU compiler upcasts bf16 matmuls to float32 and schedules differently, so its bf16
 peaks overstate an accelerator's. Each row records its compile time.
-``--breakdown K`` lists the K largest buffers of each compiled step (XLA's memory-usage report of
-its buffer assignment), to see where the peak goes.
+``--breakdown K`` lists, to see where the peak goes, the K largest buffers of each compiled step
+(XLA's memory-usage report of its buffer assignment) and the K largest groups of temporaries
+alive at its peak (from the buffer assignment and the values' live ranges).
 
 ``--finetune`` reports instead, per fine-tuning method of ``finetune.py`` at its defaults (LoRA
 rank 32 on q, k, v, up, down; GaLore / Fira rank 16; LoRA + Fira: Fira rank 16 on the LoRA
@@ -34,6 +35,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -114,6 +116,55 @@ def largest_buffers(dump: str, k: int) -> list[tuple[int, str]]:
     return sorted(rows, key=lambda r: -r[0])[:k]
 
 
+def live_at_peak(dump: str, k: int) -> list[tuple[int, int, str, str]]:
+    """The ``k`` largest groups of temporaries alive at the peak of the step dumped in ``dump``.
+
+    From XLA's buffer assignment (each temporary's size, in the main temporary allocation) and its
+    live ranges (each value's first and last position in the step's schedule): the position where
+    the live temporaries sum highest, and the values alive there grouped by shape and by the
+    operation that made them. Returns ``(bytes, count, shape, op_name)``, largest first; the sum
+    can be below the allocation's size, which also holds the packing's gaps.
+    """
+    found = {kind: glob.glob(os.path.join(dump, f"*jit_step*after_optimizations-{kind}.txt"))
+             for kind in ("buffer-assignment", "live-range", "buffer-assignment-values")}  # fmt: skip
+    if not all(found.values()):
+        return []
+    read = {kind: pathlib.Path(max(files, key=os.path.getsize)).read_text() for kind, files in found.items()}
+    spans = {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(r"^ {4}(\S+):(\d+)-(\d+)$", read["live-range"], re.M)}
+    ops = {}
+    for block in read["buffer-assignment-values"].split("\n<")[1:]:
+        name = block.split()[1]
+        op = re.search(r'op_name="([^"]*)"', block.split("from instruction:")[-1])
+        ops[name] = op[1] if op else ""
+    temps = []  # (size, shape, op, first, last) of the main temporary allocation's values
+    for alloc in read["buffer-assignment"].split("\nallocation ")[1:]:
+        head = alloc.split("\n")[0]
+        if "color" in head or not head.endswith("preallocated-temp:"):  # a color: another memory (TPU's VMEM)
+            continue
+        for m in re.finditer(r"value: <\d+ (\S+) @\d+> \(size=(\d+),offset=\d+\): (\S+)", alloc):
+            name = m[1] if "{" in m[1] else m[1] + "{}"
+            if name in spans:
+                temps.append((int(m[2]), m[3].split("{")[0], ops.get(m[1], ""), *spans[name]))
+    if not temps:
+        return []
+    events: dict[int, int] = {}
+    for size, _, _, first, last in temps:
+        events[first] = events.get(first, 0) + size
+        events[last + 1] = events.get(last + 1, 0) - size
+    total, peak, at = 0, -1, 0
+    for pos in sorted(events):
+        total += events[pos]
+        if total > peak:
+            peak, at = total, pos
+    groups: dict[tuple[str, str], list[int]] = {}
+    for size, shape, op, first, last in temps:
+        if first <= at <= last:
+            g = groups.setdefault((shape, op), [0, 0])
+            g[0], g[1] = g[0] + size, g[1] + 1
+    rows = [(size, count, shape, op) for (shape, op), (size, count) in groups.items()]
+    return sorted(rows, key=lambda r: -r[0])[:k]
+
+
 def _bytes(text: str) -> int:
     """'2.69MiB' -> bytes (the report's units)."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)):
@@ -181,6 +232,7 @@ def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vo
             with tempfile.TemporaryDirectory() as dump:
                 compiled = _compile(lowered, f"{preset} {name}", dump)
                 buffers = largest_buffers(dump, breakdown)
+                live = live_at_peak(dump, breakdown)
         finally:
             jax.config.update("jax_enable_compilation_cache", cache)
     else:
@@ -195,6 +247,7 @@ def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vo
            "peak_bytes": peak, "compile_seconds": round(seconds, 1)}  # fmt: skip
     if buffers is not None:
         out["largest_buffers"] = buffers
+        out["live_at_peak"] = live
     return out
 
 
@@ -249,7 +302,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="the step with per-layer updates (lm/step.py's make_layerwise_train_step): each stage's update "
         "applied as soon as its gradient exists",
     )  # fmt: skip
-    p.add_argument("--breakdown", type=int, default=0, metavar="K", help="list each step's K largest buffers")
+    p.add_argument(
+        "--breakdown", type=int, default=0, metavar="K",
+        help="list each step's K largest buffers and groups of temporaries alive at its peak",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--save", metavar="FILE", help="also write the figures and their provenance to FILE (JSON)")
     p.add_argument("--finetune", action="store_true", help="the fine-tuning methods of finetune.py instead")
@@ -320,6 +376,10 @@ def render(saved: dict, heading: bool = True) -> str:
             if r.get("largest_buffers"):
                 lines += ["", f"{preset} {name}: largest buffers of the step", ""]
                 lines += [f"    {size / 2**20:9.1f} MiB  {shapes}" for size, shapes in r["largest_buffers"]]
+            if r.get("live_at_peak"):
+                lines += ["", f"{preset} {name}: temporaries alive at the peak, by shape and operation", ""]
+                lines += [f"    {size / 2**20:9.1f} MiB  {count:4d} x {shape}  {op}"
+                          for size, count, shape, op in r["live_at_peak"]]  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 

@@ -57,6 +57,8 @@ def test_largest_buffers_are_listed():
     sizes = [size for size, _ in row["largest_buffers"]]
     assert len(sizes) == 3 and sizes == sorted(sizes, reverse=True) and sizes[0] > 0
     assert all("f32[" in shapes for _, shapes in row["largest_buffers"])
+    live = row["live_at_peak"]
+    assert 0 < len(live) <= 3 and all(size > 0 and count >= 1 for size, count, _, _ in live)
 
 
 def test_compile_time_benchmark_times_each_optimizers_block_update(capsys, tmp_path):
@@ -74,3 +76,20 @@ def test_compile_time_benchmark_times_each_optimizers_block_update(capsys, tmp_p
     with pytest.raises(SystemExit):
         compile_time.main(["--blocks", "0"])
     assert "--blocks must be >= 1" in capsys.readouterr().err
+
+
+def test_live_at_peak_finds_the_values_alive_together(tmp_path):
+    """Two sorted copies of x must both live until their product: the peak's live set has both."""
+    import jax.numpy as jnp
+    import memory_report
+
+    def step(x):
+        return jnp.sort(x, axis=0) @ jnp.sort(-x, axis=1)
+
+    x = jnp.ones((256, 256), jnp.float32)
+    jax.jit(step).lower(x).compile(compiler_options={"xla_dump_to": str(tmp_path)})
+    rows = memory_report.live_at_peak(str(tmp_path), 5)
+    assert rows and rows == sorted(rows, key=lambda r: -r[0])
+    size, count, shape, _ = rows[0]
+    assert shape == "f32[256,256]" and count == 2 and size == 2 * x.nbytes, rows
+    assert memory_report.live_at_peak(str(tmp_path / "missing"), 5) == []
