@@ -128,7 +128,9 @@ def make_layerwise_train_step(stages: Callable[[Any], list[Stage]], wrt: Any = n
     :class:`LayerwiseOptimizer` built with the same ``stages``. The forward pass runs the stages
     in order (``jax.vjp`` of each keeps what its backward needs, as ordinary backpropagation
     does); the backward pass runs them in reverse, and applies each stage's update as soon as
-    its gradient is computed.
+    its gradient is computed. Two ``optimization_barrier`` s fix that order for the compiler: the
+    update reads the stage's parameters only once its gradient exists, and the previous stage's
+    backward waits for the update.
 
     Args:
       stages: a function from the model to its :class:`Stage` s (e.g. ``lm.model.stages``).
