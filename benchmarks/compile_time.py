@@ -43,14 +43,9 @@ def compile_seconds(preset: str, name: str, blocks: int, platform: str, svd: str
 
     jax.config.update("jax_enable_compilation_cache", False)
     params = block_params(preset, blocks, jnp.bfloat16)
-    if platform != "cpu":
-        sharding = jax.sharding.SingleDeviceSharding(memory_report.tpu_device(platform))
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), params)
     hidden = memory_report.model_lib.PRESETS[preset].hidden
     tx = memory_report.optimizer(name, preset, hidden, svd, by_shape)
-    state = jax.eval_shape(tx.init, params)
-    if platform != "cpu":
-        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+    params, state = memory_report.on_chip((params, jax.eval_shape(tx.init, params)), platform)
 
     def step(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
         updates, state = tx.update(grads, state, params)

@@ -100,16 +100,30 @@ def tpu_device(platform: str) -> Any:
         raise SystemExit(f"--platform {platform} needs libtpu ({need}): {e}") from None
 
 
+def on_chip(tree: Any, platform: str) -> Any:
+    """``tree``'s abstract arrays placed on one chip of ``platform`` (unchanged for the CPU)."""
+    if platform == "cpu":
+        return tree
+    sharding = jax.sharding.SingleDeviceSharding(tpu_device(platform))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _dump_text(dump: str, suffix: str) -> str | None:
+    """The text of the step's file in the XLA dump ``dump`` ending in ``suffix`` (the largest if several)."""
+    files = glob.glob(os.path.join(dump, f"*jit_step*{suffix}"))
+    return pathlib.Path(max(files, key=os.path.getsize)).read_text() if files else None
+
+
 def largest_buffers(dump: str, k: int) -> list[tuple[int, str]]:
     """The ``k`` largest buffers of the step dumped in ``dump``: (bytes, the shapes XLA's memory-usage report lists).
 
     A buffer is one slot of the step's memory; several values whose lives do not overlap share it.
     """
-    files = glob.glob(os.path.join(dump, "*jit_step*memory-usage-report.txt"))
-    if not files:
+    text = _dump_text(dump, "memory-usage-report.txt")
+    if text is None:
         return []
     rows = []
-    for line in pathlib.Path(max(files, key=os.path.getsize)).read_text().splitlines():
+    for line in text.splitlines():
         parts = [p.strip() for p in line.split(";")]  # cumulative; size; offset; values; shapes
         if len(parts) == 5 and parts[3].isdigit():
             rows.append((_bytes(parts[1]), parts[4]))
@@ -125,11 +139,10 @@ def live_at_peak(dump: str, k: int) -> list[tuple[int, int, str, str]]:
     operation that made them. Returns ``(bytes, count, shape, op_name)``, largest first; the sum
     can be below the allocation's size, which also holds the packing's gaps.
     """
-    found = {kind: glob.glob(os.path.join(dump, f"*jit_step*after_optimizations-{kind}.txt"))
-             for kind in ("buffer-assignment", "live-range", "buffer-assignment-values")}  # fmt: skip
-    if not all(found.values()):
+    read = {kind: _dump_text(dump, f"after_optimizations-{kind}.txt")
+            for kind in ("buffer-assignment", "live-range", "buffer-assignment-values")}  # fmt: skip
+    if None in read.values():
         return []
-    read = {kind: pathlib.Path(max(files, key=os.path.getsize)).read_text() for kind, files in found.items()}
     spans = {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(r"^ {4}(\S+):(\d+)-(\d+)$", read["live-range"], re.M)}
     ops = {}
     for block in read["buffer-assignment-values"].split("\n<")[1:]:
@@ -218,10 +231,7 @@ def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vo
     model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab, svd, by_shape, per_layer))
     graphdef, state = nnx.split((model, opt))
     batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
-    if platform != "cpu":
-        sharding = jax.sharding.SingleDeviceSharding(tpu_device(platform))
-        place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
-        state, batch = jax.tree.map(place, state), place(batch)
+    state, batch = on_chip((state, batch), platform)
     lowered = train_step(per_layer).lower(graphdef, state, batch)
     buffers = None
     start = time.perf_counter()
