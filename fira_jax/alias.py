@@ -1,4 +1,4 @@
-"""Ready-made optimizers: Fira and GaLore with AdamW's schedule, as ``optax.chain`` s."""
+"""Ready-made optimizers: Fira, GaLore, APOLLO and APOLLO-Mini with AdamW's schedule, as ``optax.chain`` s."""
 
 from typing import Any
 
@@ -7,7 +7,7 @@ import optax
 from fira_jax import masks
 from fira_jax._validation import check_float
 from fira_jax.adam import adam_bias_correction, scale_by_adam
-from fira_jax.low_rank import scale_by_fira, scale_by_galore
+from fira_jax.low_rank import scale_by_apollo, scale_by_fira, scale_by_galore
 from fira_jax.weight_decay import add_decayed_weights_after_step
 
 
@@ -222,3 +222,163 @@ def galore(
         basis_dtype=basis_dtype, svd=svd, stagger=stagger, refresh_by_shape=refresh_by_shape,
     )  # fmt: skip
     return optax.chain(low_rank, *_adamw_tail(learning_rate, b1, b2, weight_decay, weight_decay_mask, base_optimizer))
+
+
+def apollo(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    gamma: float = 1.01,
+    proj_type: str = "std",
+    mask: masks.Mask = None,
+    base_optimizer: optax.GradientTransformation | None = None,
+    *,
+    scale_type: str = "channel",
+    proj: str = "random",
+    axes: Any = None,
+    mu_dtype: Any = None,
+    basis_dtype: Any = None,
+    svd: str = "exact",
+    canonical_signs: bool = False,
+    stagger: bool = False,
+    refresh_by_shape: bool = False,
+    seed: int = 0,
+    weight_decay_mask: masks.Mask = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""APOLLO: AdamW's per-channel scaling, measured in a random low-rank space, on the full gradient.
+
+    For each selected matrix W with gradient G at step t (Zhu et al., 2025, as the authors'
+    ``APOLLOAdamW``, ``apollo-torch`` 1.0.3):
+
+    1. every ``update_proj_gap`` steps, P ← a Gaussian random ``rank × n`` (or ``m × rank``)
+       matrix of variance ``1 / rank``, from a fresh seed (:func:`fira_jax.basis.random_projection`);
+       ``R = G P^T`` or ``P^T G``;
+    2. ``N = m / (sqrt(v) + eps)`` with Adam's moments of R (:func:`fira_jax.scale_by_adam`);
+    3. ``phi = ||N|| / (||R|| + 1e-8)`` per channel or per matrix (:func:`fira_jax.scaling_factor`);
+    4. ``S = phi ⊙ G``, its norm growth limited to ``gamma`` per step
+       (:func:`fira_jax.scaled_gradient`, :func:`fira_jax.limit_norm_growth`);
+    5. ``W ← W - lr c_t sqrt(scale) S`` with Adam's bias correction ``c_t``, then
+       ``W ← W - lr wd W``.
+
+    Steps 1-4 are :func:`fira_jax.scale_by_apollo`; the chain is the same as :func:`fira_jax.fira`'s.
+    Unselected leaves get Adam on their full gradient. The state per selected m × n matrix
+    (right side) is ``2 m r + r n`` against AdamW's ``2 m n``.
+
+    Args:
+      learning_rate: a float or an optax schedule (0.01 in the paper).
+      rank: the random space's rank (the paper: a quarter of the hidden size, e.g. 256 at 350M).
+      update_proj_gap: steps between new projections (200 in the paper).
+      scale: the update is multiplied by ``sqrt(scale)`` (the authors' ``--apollo_scale``; 1).
+      b1: Adam's first-moment decay.
+      b2: Adam's second-moment decay.
+      eps: Adam's epsilon, added to ``sqrt(v)``.
+      weight_decay: decoupled weight decay, applied after the step.
+      gamma: the limiter's growth bound (``inf`` disables it).
+      proj_type: ``"std"``, ``"reverse_std"``, ``"right"`` or ``"left"``. The reference's
+        channel-wise factor broadcasts for ``"std"`` only; here it always runs along the rank
+        axis, which is the reference's for ``"std"``.
+      mask: which leaves are projected (see :func:`fira_jax.mask_by_path`); default every leaf
+        with at least 2 dimensions.
+      base_optimizer: run this optax transformation in the subspace instead of Adam. No Adam
+        bias correction is then applied; ``b1``, ``b2`` and ``eps`` are unused.
+      scale_type: ``"channel"`` or ``"tensor"`` (see :func:`fira_jax.scale_by_apollo`).
+      proj: ``"random"`` or ``"svd"`` (see :func:`fira_jax.scale_by_apollo`).
+      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`).
+      mu_dtype: dtype of Adam's first moment.
+      basis_dtype: dtype of the stored projections.
+      svd: the SVD method when ``proj="svd"`` (see :func:`fira_jax.scale_by_galore`).
+      canonical_signs: fix the singular vectors' signs when ``proj="svd"`` (see
+        :func:`fira_jax.scale_by_galore`).
+      stagger: spread the leaves' refreshes over the gap.
+      refresh_by_shape: one compiled refresh per matrix shape.
+      seed: seed of the random projections.
+      weight_decay_mask: which leaves are decayed (as in :func:`fira_jax.fira`).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``: the ``optax.chain`` of the pieces above.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, fira_jax
+      >>> params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+      >>> tx = fira_jax.apollo(learning_rate=1e-2, rank=2)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+      >>> state[0].right["w"].shape  # the random projection: rank x n
+      (2, 4)
+
+    References:
+      Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+      <https://arxiv.org/abs/2412.05270>`_, MLSys 2025.
+    """
+    _check_common(b1, b2, eps, weight_decay)
+    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    low_rank = scale_by_apollo(
+        rank, update_proj_gap, scale, inner, proj_type, mask, scale_type=scale_type, proj=proj, gamma=gamma,
+        axes=axes, basis_dtype=basis_dtype, svd=svd, canonical_signs=canonical_signs, stagger=stagger,
+        refresh_by_shape=refresh_by_shape, seed=seed,
+    )  # fmt: skip
+    return optax.chain(low_rank, *_adamw_tail(learning_rate, b1, b2, weight_decay, weight_decay_mask, base_optimizer))
+
+
+def apollo_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    update_proj_gap: int = 200,
+    scale: float = 128.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    gamma: float = 1.01,
+    mask: masks.Mask = None,
+    *,
+    axes: Any = None,
+    mu_dtype: Any = None,
+    seed: int = 0,
+    weight_decay_mask: masks.Mask = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""APOLLO-Mini: APOLLO at rank 1 with one scaling factor per matrix; SGD-level memory.
+
+    :func:`fira_jax.apollo` with ``rank=1``, ``scale_type="tensor"`` and a random projection,
+    as the authors' APOLLO-Mini scripts run it (``--rank 1 --scale_type tensor --apollo_scale
+    128``). The state per selected m × n matrix (right side) is ``2 m + n`` numbers.
+
+    Args:
+      learning_rate: a float or an optax schedule (0.01 in the paper).
+      update_proj_gap: steps between new projections (200 in the paper).
+      scale: the update is multiplied by ``sqrt(scale)`` (128 in the authors' scripts, so
+        ``sqrt(128) ≈ 11.3``: a rank-1 estimate of Adam's scaling is about ``sqrt(r)`` too small).
+      b1: Adam's first-moment decay.
+      b2: Adam's second-moment decay.
+      eps: Adam's epsilon.
+      weight_decay: decoupled weight decay, applied after the step.
+      gamma: the limiter's growth bound.
+      mask: which leaves are projected; default every leaf with at least 2 dimensions.
+      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`).
+      mu_dtype: dtype of Adam's first moment.
+      seed: seed of the random projections.
+      weight_decay_mask: which leaves are decayed.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> tx = fira_jax.apollo_mini(learning_rate=1e-2)
+      >>> state = tx.init({"w": jnp.ones((8, 4))})
+      >>> state[0].inner.mu["w"].shape  # Adam's moments: one column
+      (8, 1)
+
+    References:
+      Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+      <https://arxiv.org/abs/2412.05270>`_, MLSys 2025.
+    """
+    return apollo(
+        learning_rate, rank=1, update_proj_gap=update_proj_gap, scale=scale, b1=b1, b2=b2, eps=eps,
+        weight_decay=weight_decay, gamma=gamma, mask=mask, scale_type="tensor", proj="random", axes=axes,
+        mu_dtype=mu_dtype, seed=seed, weight_decay_mask=weight_decay_mask,
+    )  # fmt: skip

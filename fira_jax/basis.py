@@ -1,12 +1,15 @@
 """The orthonormal basis of each selected matrix's subspace, and how it is computed.
 
 A refresh takes the top-r singular vectors of the gradient, in float32: by an exact SVD (as the
-reference) or a randomized range finder; optionally with canonical signs; and never a non-finite
-basis (a NaN/Inf gradient or a failed SVD keeps the previous one). Before the first refresh the
-basis is the first r coordinate vectors.
+reference), a randomized range finder, the eigenvectors of the Gram matrix, or a subspace
+iteration warm-started from the previous basis; optionally with canonical signs; and never a
+non-finite basis (a NaN/Inf gradient or a failed SVD keeps the previous one). APOLLO's refresh
+draws a Gaussian random projection instead (:func:`random_projection`). Before the first refresh
+the basis is the first r coordinate vectors.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -15,7 +18,9 @@ import jax.numpy as jnp
 from fira_jax import sharding
 from fira_jax.layout import Layout
 
-SVD_METHODS = ("exact", "randomized", "gram")  # how a refresh computes the top singular vectors
+SVD_METHODS = ("exact", "randomized", "gram", "subspace")  # how a refresh computes the top singular vectors
+# Refresh methods that draw random numbers (they need a key per matrix); "random" is APOLLO's projection.
+RANDOM_METHODS = ("randomized", "subspace", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +99,13 @@ def canonical_signs(u: jax.Array | None, vh: jax.Array | None, side: str) -> tup
 
 
 def randomized_svd(
-    g: jax.Array, rank: int, side: str, key: jax.Array, oversample: int, power_iters: int
+    g: jax.Array,
+    rank: int,
+    side: str,
+    key: jax.Array,
+    oversample: int,
+    power_iters: int,
+    start: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-``rank`` singular vectors by a randomized range finder (Halko et al., 2011).
 
@@ -103,12 +114,21 @@ def randomized_svd(
     the small ``Q^T A``. The side that forms the basis comes out orthonormal (a product of
     orthonormal factors). Returns ``(u, vh)`` shaped like ``svd(g)[0][..., :rank]`` and
     ``svd(g)[2][..., :rank, :]``.
+
+    With ``start`` (the previous basis's vectors, ``p × rank`` with ``p`` their length), the
+    iteration starts from that subspace plus ``oversample`` Gaussian probes instead of
+    ``rank + oversample`` probes: a warm-started subspace iteration, which needs fewer power
+    iterations when the gradient's top subspace moves slowly between refreshes.
     """
     a = jnp.swapaxes(g, -1, -2) if side == "right" else g  # range finder on the basis side
     p, q = a.shape[-2:]
     k = min(rank + oversample, p, q)
-    omega = jax.random.normal(key, (*a.shape[:-2], q, k), a.dtype)
-    basis, _ = jnp.linalg.qr(a @ omega)
+    if start is None:
+        omega = jax.random.normal(key, (*a.shape[:-2], q, k), a.dtype)
+        basis, _ = jnp.linalg.qr(a @ omega)
+    else:
+        probes = jax.random.normal(key, (*a.shape[:-2], q, k - start.shape[-1]), a.dtype)
+        basis, _ = jnp.linalg.qr(jnp.concatenate([start.astype(a.dtype), a @ probes], axis=-1))
     for _ in range(power_iters):
         z, _ = jnp.linalg.qr(jnp.swapaxes(a, -1, -2) @ basis)
         basis, _ = jnp.linalg.qr(a @ z)
@@ -117,6 +137,87 @@ def randomized_svd(
     if side == "right":
         return jnp.swapaxes(vh_a, -1, -2), jnp.swapaxes(u_a, -1, -2)
     return u_a, vh_a
+
+
+def subspace_iteration(
+    g: jax.Array, previous: jax.Array, rank: int, side: str, key: jax.Array, oversample: int, power_iters: int
+) -> tuple[jax.Array, jax.Array]:
+    r"""Top-``rank`` singular vectors by a subspace iteration warm-started from the previous basis.
+
+    With :math:`A = G^\top` (right side) or :math:`G` (left side) and :math:`Q_0` an orthonormal
+    basis of the previous basis's span and ``oversample`` Gaussian directions of :math:`A`'s range,
+
+    .. math::
+      Q_{i+1} = \operatorname{qr}(A \operatorname{qr}(A^\top Q_i)), \quad i < \text{power\_iters},
+      \qquad U_r \Sigma_r V_r^\top \approx \operatorname{svd}(Q^\top A)
+
+    (Rayleigh-Ritz). Each iteration costs two products with G, ``O(m n (r + oversample))``, against
+    ``O(m n min(m, n))`` for an exact SVD. The gradient's top subspace moves slowly between
+    refreshes, so the previous basis is a good start and one iteration usually suffices.
+
+    Args:
+      g: the float32 gradient, ``batch + (m, n)``.
+      previous: the previous basis's vectors as columns, ``batch + (p, rank)`` (``p = n`` on the
+        right side, ``m`` on the left).
+      rank: how many singular vectors.
+      side: ``"left"``, ``"right"`` or ``"full"`` (the left vectors start the iteration).
+      key: the Gaussian probes' key.
+      oversample: how many Gaussian probes join the previous basis.
+      power_iters: how many iterations (≥ 0).
+
+    Returns:
+      ``(u, vh)`` shaped like ``svd(g)[0][..., :rank]`` and ``svd(g)[2][..., :rank, :]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fira_jax.basis import subspace_iteration
+      >>> g = jax.random.normal(jax.random.key(0), (16, 8))
+      >>> vh_exact = jnp.linalg.svd(g, full_matrices=False)[2][:2]
+      >>> _, vh = subspace_iteration(g, vh_exact.T, 2, "right", jax.random.key(1), 2, 1)
+      >>> float(jnp.abs(vh @ vh_exact.T).max(axis=1).min()) > 0.999  # started at the answer: stays
+      True
+    """
+    return randomized_svd(g, rank, side, key, oversample, power_iters, start=previous)
+
+
+def random_projection(key: jax.Array, layout: Layout, dtype: Any = jnp.float32) -> Basis:
+    r"""APOLLO's projection: a Gaussian random matrix with entries of variance ``1 / rank``.
+
+    .. math::
+      P \in \mathbb{R}^{r \times n} \ (\text{right}) \ \text{or} \ \mathbb{R}^{m \times r} \
+      (\text{left}), \qquad P_{ij} \sim \mathcal{N}(0, 1/r)
+
+    so that ``E[P^T P] = I`` (right side): the projection preserves norms in expectation
+    (Johnson-Lindenstrauss) without an SVD. It is not orthonormal and does not depend on the
+    gradient; APOLLO draws a new one from a fresh seed every ``update_proj_gap`` steps.
+
+    Args:
+      key: the PRNG key of this leaf and refresh.
+      layout: the leaf's :class:`fira_jax.Layout` (its ``batch``, matrix shape, rank and side;
+        ``"full"`` is not supported).
+      dtype: the stored projection's dtype (drawn in float32, then cast, as the reference).
+
+    Returns:
+      A :class:`Basis` whose ``left`` (``batch + (m, r)``) or ``right`` (``batch + (r, n)``) is
+      the projection.
+
+    Example:
+      >>> import jax, fira_jax
+      >>> from fira_jax.basis import random_projection
+      >>> lay = fira_jax.Layout("w", (512, 256), (0, 1), 1, (), 512, 256, 64, "right")
+      >>> p = random_projection(jax.random.key(0), lay).right
+      >>> p.shape, round(float(p.var() * 64), 1)  # variance 1 / rank
+      ((64, 256), 1.0)
+    """
+    r = layout.rank
+    if layout.side == "right":
+        shape = (*layout.batch, r, layout.n)
+    elif layout.side == "left":
+        shape = (*layout.batch, layout.m, r)
+    else:
+        raise ValueError(f"a random projection is one-sided; leaf '{layout.path}' has side {layout.side!r}")
+    p = (jax.random.normal(key, shape, jnp.float32) / math.sqrt(r)).astype(dtype)
+    return Basis(p if layout.side == "left" else None, p if layout.side == "right" else None, layout)
 
 
 def gram_top_vectors(g: jax.Array, rank: int, side: str) -> tuple[jax.Array | None, jax.Array | None]:
@@ -148,13 +249,41 @@ def gram_top_vectors(g: jax.Array, rank: int, side: str) -> tuple[jax.Array | No
     return u, vh
 
 
+def _previous_columns(old: Basis) -> jax.Array:
+    """The vectors of the side that starts a subspace iteration, as columns: ``batch + (p, r)``."""
+    if old.left is not None:
+        return old.left.astype(jnp.float32)
+    return jnp.swapaxes(old.right, -1, -2).astype(jnp.float32)
+
+
 def _top_vectors(
-    g32: jax.Array, layout: Layout, signs: bool, svd: str, key: jax.Array | None, oversample: int, power_iters: int
-) -> tuple[jax.Array, jax.Array]:
-    """``(U[..., :, :r], Vh[..., :r, :])`` of float32 matrices ``g32`` by the chosen SVD."""
+    g32: jax.Array,
+    layout: Layout,
+    signs: bool,
+    svd: str,
+    key: jax.Array | None,
+    oversample: int,
+    power_iters: int,
+    previous: jax.Array | None = None,
+    first: Any = True,
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(U[..., :, :r], Vh[..., :r, :])`` of float32 matrices ``g32`` by the chosen method.
+
+    ``previous`` (the old basis's vectors as columns) and ``first`` (no basis computed yet) are
+    used by ``"subspace"`` only; ``"random"`` (APOLLO) ignores ``g32`` and draws a projection.
+    """
     r = layout.rank
+    if svd == "random":
+        b = random_projection(key, layout._replace(batch=tuple(g32.shape[:-2])))
+        return b.left, b.right
     if svd == "randomized":
         u, vh = randomized_svd(g32, r, layout.side, key, oversample, power_iters)
+    elif svd == "subspace":
+        u, vh = jax.lax.cond(
+            first,
+            lambda: randomized_svd(g32, r, layout.side, key, oversample, power_iters),
+            lambda: subspace_iteration(g32, previous, r, layout.side, key, oversample, power_iters),
+        )
     elif svd == "gram":
         u, vh = gram_top_vectors(g32, r, layout.side)
     else:
@@ -174,6 +303,7 @@ def top_singular_bases(
     keys: list[jax.Array] | None = None,
     oversample: int = 8,
     power_iters: int = 2,
+    first: Any = True,
 ) -> list[Basis]:
     """Top-r singular vectors of canonical gradients of one matrix shape, in float32.
 
@@ -189,21 +319,25 @@ def top_singular_bases(
       grads: the gradients, canonical layout.
       olds: their current bases (the same layouts' shapes).
       signs: canonical signs (see :func:`canonical_signs`).
-      svd: one of :data:`SVD_METHODS`.
-      keys: one PRNG key per gradient (randomized SVD only).
-      oversample: extra probes of the randomized SVD.
-      power_iters: power iterations of the randomized SVD.
+      svd: one of :data:`SVD_METHODS`, or ``"random"`` (APOLLO's :func:`random_projection`).
+      keys: one PRNG key per gradient (the methods of :data:`RANDOM_METHODS`).
+      oversample: extra probes of the randomized SVD and the subspace iteration.
+      power_iters: power iterations of the randomized SVD and the subspace iteration.
+      first: whether no basis has been computed yet (a traced bool): the subspace iteration
+        then starts from Gaussian probes instead of the previous basis.
 
     Returns:
       The new bases, in order.
     """
     layout = olds[0].layout
+    warm = svd == "subspace"
     spec = sharding.explicit_spec(grads[0])
     if spec is not None and any(a is not None for a in tuple(spec)[: len(layout.batch)]):
         if len(grads) > 1:
             raise ValueError("leaves sharded along their stacking axes are refreshed one leaf at a time")
         u, vh = _top_vectors(sharding.gather_matrix(grads[0].astype(jnp.float32)), layout, signs, svd,
-                             None if keys is None else keys[0], oversample, power_iters)  # fmt: skip
+                             None if keys is None else keys[0], oversample, power_iters,
+                             _previous_columns(olds[0]) if warm else None, first)  # fmt: skip
         return [_keep_finite(grads[0], u, vh, olds[0])]
     flats = [sharding.gather_matrix(g).reshape(-1, layout.m, layout.n) for g in grads]
     sizes = [f.shape[0] for f in flats]
@@ -212,15 +346,21 @@ def top_singular_bases(
         item_keys = jnp.concatenate([jax.random.split(k, n) if g.ndim > 2 else k[None]
                                      for k, n, g in zip(keys, sizes, grads, strict=True)])  # fmt: skip
     takes = [lambda j, f=f: jax.lax.dynamic_index_in_dim(f, j, keepdims=False) for f in flats]
+    prevs = [_previous_columns(o).reshape(-1, *_previous_columns(o).shape[-2:]) for o in olds] if warm else []
+    prev_takes = [lambda j, f=f: jax.lax.dynamic_index_in_dim(f, j, keepdims=False) for f in prevs]
     wants_u, wants_vh = layout.side in ("left", "full"), layout.side in ("right", "full")
     # The stacked vectors are stored in the bases' dtype: a bf16 basis needs no float32 stack.
     u_dtype = olds[0].left.dtype if wants_u else None
     vh_dtype = olds[0].right.dtype if wants_vh else None
 
+    def pick(fns: list, leaf: jax.Array, j: jax.Array) -> jax.Array:
+        return jax.lax.switch(leaf, fns, j) if len(fns) > 1 else fns[0](j)
+
     def one(item: tuple[jax.Array, jax.Array, Any]) -> tuple[jax.Array | None, jax.Array | None]:
         leaf, j, key = item
-        x = jax.lax.switch(leaf, takes, j) if len(takes) > 1 else takes[0](j)
-        u, vh = _top_vectors(x.astype(jnp.float32), layout, signs, svd, key, oversample, power_iters)
+        x = pick(takes, leaf, j)
+        prev = pick(prev_takes, leaf, j) if warm else None
+        u, vh = _top_vectors(x.astype(jnp.float32), layout, signs, svd, key, oversample, power_iters, prev, first)
         # Non-finite vectors stay non-finite in the basis dtype (and are then rejected below).
         return (u.astype(u_dtype) if wants_u else None), (vh.astype(vh_dtype) if wants_vh else None)
 

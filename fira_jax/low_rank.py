@@ -1,4 +1,4 @@
-r"""GaLore and Fira as optax transformations: the update of every selected matrix, step by step.
+r"""GaLore, Fira and APOLLO as optax transformations: the update of every selected matrix, step by step.
 
 For each selected leaf, with G its gradient as a stack of ``batch + (m, n)`` matrices
 (:class:`fira_jax.Layout`), one update of :func:`scale_by_fira` is:
@@ -13,11 +13,15 @@ For each selected leaf, with G its gradient as a stack of ``batch + (m, n)`` mat
 4. ``ell``: the limiter's bound on ``||S||``'s growth (:func:`fira_jax.limit_norm_growth`);
 5. ``U = scale · back(N) + S / ell`` (:func:`fira_jax.fira_update`).
 
-:func:`scale_by_galore` stops after step 2: ``U = scale · back(N)``. The other leaves get the
-inner optimizer's output. Every value passes from one step to the next as an argument: nothing is
+:func:`scale_by_galore` stops after step 2: ``U = scale · back(N)``. :func:`scale_by_apollo`
+draws a random P in step 1 (:func:`fira_jax.basis.random_projection`), takes phi in step 3, and
+then scales the whole gradient instead of the residual: ``U = sqrt(scale) · (phi ⊙ G) / ell``
+(:func:`fira_jax.scaled_gradient`), with no projection back. The other leaves get the inner
+optimizer's output. Every value passes from one step to the next as an argument: nothing is
 carried beside the arrays, and the state is a :class:`LowRankState` of arrays.
 """
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -27,11 +31,11 @@ import optax
 from fira_jax import masks, sharding
 from fira_jax._validation import check_choice, check_float, check_int
 from fira_jax.adam import scale_by_adam
-from fira_jax.basis import SVD_METHODS, Basis, default_basis
+from fira_jax.basis import RANDOM_METHODS, SVD_METHODS, Basis, default_basis
 from fira_jax.layout import PROJ_TYPES, Layout, layouts
 from fira_jax.limiter import limit_norm_growth
 from fira_jax.projection import refresh_bases
-from fira_jax.residual import GRANULARITIES, fira_update, residual_norm, scaling_factor
+from fira_jax.residual import GRANULARITIES, fira_update, residual_norm, scaled_gradient, scaling_factor
 
 
 class LowRankState(NamedTuple):
@@ -41,13 +45,14 @@ class LowRankState(NamedTuple):
       count: number of updates so far (int32); a refresh happens when
         ``count % update_proj_gap == 0``.
       left: ``U[:, :r]`` (``batch + (m, r)``) for each selected leaf projected on the left or on
-        both sides, ``optax.MaskedNode()`` elsewhere.
+        both sides (APOLLO: its random projection), ``optax.MaskedNode()`` elsewhere.
       right: ``Vh[:r]`` (``batch + (r, n)``) for each selected leaf projected on the right or on
-        both sides, ``optax.MaskedNode()`` elsewhere.
+        both sides (APOLLO: its random projection), ``optax.MaskedNode()`` elsewhere.
       inner: the inner optimizer's state, over the low-rank shapes of the selected leaves and
         the shapes of the others.
-      norms: Fira's limiter: per selected leaf, the limited residual norm of the previous step,
-        one float32 per matrix (shape ``batch``); ``optax.MaskedNode()`` elsewhere. None for GaLore.
+      norms: the norm-growth limiter (Fira, APOLLO): per selected leaf, the limited norm of the
+        previous step's scaled residual (Fira) or scaled gradient (APOLLO), one float32 per
+        matrix (shape ``batch``); ``optax.MaskedNode()`` elsewhere. None for GaLore.
 
     Only arrays sit at the parameters' leaf positions, so the state survives containers that
     wrap leaves (``nnx.Optimizer`` stores it in Variables); the static layouts are recomputed
@@ -61,31 +66,74 @@ class LowRankState(NamedTuple):
     norms: Any
 
 
+# One selected leaf's update from its canonical G, R, N and basis, the limiter's previous norm and
+# whether this is the first step: (U, the norm to keep). GaLore, Fira and APOLLO differ only here.
+LeafUpdate = Callable[[jax.Array, jax.Array, jax.Array, Basis, Any, Any], tuple[jax.Array, Any]]
+
+
+def _galore_leaf(scale: Any) -> LeafUpdate:
+    """GaLore: ``U = scale · back(N)``."""
+
+    def update(g: jax.Array, low: jax.Array, n: jax.Array, basis: Basis, prev: Any, first: Any) -> tuple:
+        del low, first
+        return scale * basis.back(n, like=g), prev
+
+    return update
+
+
+def _fira_leaf(scale: Any, granularity: str, residual_scale: Any, gamma: Any) -> LeafUpdate:
+    """Fira: ``U = scale · back(N) + S / ell`` with S the scaled residual (steps 3-5)."""
+
+    def update(g: jax.Array, low: jax.Array, n: jax.Array, basis: Basis, prev: Any, first: Any) -> tuple:
+        phi = scaling_factor(n, low, basis.layout, granularity)
+        norm = residual_norm(g, low, basis, phi, residual_scale)
+        ell, kept = limit_norm_growth(norm, prev, gamma, first)
+        return fira_update(g, low, n, basis, phi / ell[..., None, None], residual_scale, scale), kept
+
+    return update
+
+
+def _apollo_leaf(scale: Any, granularity: str, gamma: Any) -> LeafUpdate:
+    """APOLLO: ``U = sqrt(scale) · (phi ⊙ G) / ell``: the whole gradient scaled, then limited."""
+
+    def update(g: jax.Array, low: jax.Array, n: jax.Array, basis: Basis, prev: Any, first: Any) -> tuple:
+        phi = scaling_factor(n, low, basis.layout, granularity)
+        s = scaled_gradient(g, phi, basis.layout)
+        ell, kept = limit_norm_growth(jnp.linalg.norm(s.astype(jnp.float32), axis=(-2, -1)), prev, gamma, first)
+        factor = jnp.sqrt(jnp.asarray(scale, jnp.float32)) / ell[..., None, None]
+        return factor.astype(g.dtype) * s, kept
+
+    return update
+
+
 def _scale_by_low_rank(
     rank: int,
     update_proj_gap: int,
-    scale: float,
     base_optimizer: optax.GradientTransformation | None,
     proj_type: str,
     mask: masks.Mask,
     *,
-    residual: dict | None,
+    leaf_update: LeafUpdate,
+    limited: bool,
     axes: Any,
     canonical_signs: bool,
     basis_dtype: Any,
     svd: str,
     oversample: int,
-    power_iters: int,
+    power_iters: int | None,
     stagger: bool,
     refresh_by_shape: bool,
     seed: int,
 ) -> optax.GradientTransformationExtraArgs:
-    """GaLore (``residual=None``) or Fira (``residual``: granularity, residual_scale, gamma)."""
+    """The machinery GaLore, Fira and APOLLO share: bases, the inner optimizer, and each selected
+    leaf's ``leaf_update``; ``limited`` keeps the limiter's norms in the state."""
     check_int("rank", rank, 1, static=True)
     check_int("update_proj_gap", update_proj_gap, 1)
     check_choice("proj_type", proj_type, PROJ_TYPES)
-    check_choice("svd", svd, SVD_METHODS)
+    check_choice("svd", svd, (*SVD_METHODS, "random"))
     check_int("oversample", oversample, 0)
+    if power_iters is None:  # one iteration from a warm start; two from Gaussian probes
+        power_iters = 1 if svd == "subspace" else 2
     check_int("power_iters", power_iters, 0)
     inner = optax.with_extra_args_support(scale_by_adam() if base_optimizer is None else base_optimizer)
 
@@ -113,7 +161,7 @@ def _scale_by_low_rank(
             left=treedef.unflatten(left),
             right=treedef.unflatten(right),
             inner=inner.init(treedef.unflatten(proxies)),
-            norms=None if residual is None else treedef.unflatten(norms),
+            norms=treedef.unflatten(norms) if limited else None,
         )
 
     def update_fn(updates: Any, state: LowRankState, params: Any = None, **extra_args: Any) -> tuple[Any, LowRankState]:
@@ -133,7 +181,7 @@ def _scale_by_low_rank(
             )
             for i in picked
         ]
-        key = jax.random.fold_in(jax.random.key(seed), state.count) if svd == "randomized" else None
+        key = jax.random.fold_in(jax.random.key(seed), state.count) if svd in RANDOM_METHODS else None
         new = refresh_bases(
             [grads[i] for i in picked], old, state.count, update_proj_gap=update_proj_gap, stagger=stagger,
             refresh_by_shape=refresh_by_shape, key=key, signs=canonical_signs, svd=svd, oversample=oversample,
@@ -147,18 +195,11 @@ def _scale_by_low_rank(
         coeffs, inner_state = inner.update(treedef.unflatten(inner_in), state.inner, None, **extra_args)
         out = treedef.flatten_up_to(coeffs)  # the other leaves' updates, as the inner optimizer gives them
 
-        # 3-5. Each selected leaf's update: GaLore scale back(N); Fira adds the limited residual.
-        norms = None if residual is None else treedef.flatten_up_to(state.norms)
+        # 3-5. Each selected leaf's update (GaLore, Fira or APOLLO), and the limiter's norm to keep.
+        norms = treedef.flatten_up_to(state.norms) if limited else [None] * len(leaves)
         for i in picked:
-            g, low, n, basis = grads[i], lows[i], out[i], bases[i]
-            if residual is None:
-                u = scale * basis.back(n, like=g)
-            else:
-                phi = scaling_factor(n, low, lays[i], residual["granularity"])
-                norm = residual_norm(g, low, basis, phi, residual["residual_scale"])
-                ell, norms[i] = limit_norm_growth(norm, norms[i], residual["gamma"], state.count == 0)
-                u = fira_update(g, low, n, basis, phi / ell[..., None, None], residual["residual_scale"], scale)
-            out[i] = lays[i].restore(u.astype(g.dtype))
+            u, norms[i] = leaf_update(grads[i], lows[i], out[i], bases[i], norms[i], state.count == 0)
+            out[i] = lays[i].restore(u.astype(grads[i].dtype))
 
         def side(attr: str) -> Any:  # one side's bases, MaskedNode where a leaf has none
             found = [getattr(bases[i], attr) if i in bases else None for i in range(len(leaves))]
@@ -169,7 +210,7 @@ def _scale_by_low_rank(
             left=side("left"),
             right=side("right"),
             inner=inner_state,
-            norms=None if norms is None else treedef.unflatten(norms),
+            norms=treedef.unflatten(norms) if limited else None,
         )
         return treedef.unflatten(out), new_state
 
@@ -189,7 +230,7 @@ def scale_by_galore(
     basis_dtype: Any = None,
     svd: str = "exact",
     oversample: int = 8,
-    power_iters: int = 2,
+    power_iters: int | None = None,
     stagger: bool = False,
     refresh_by_shape: bool = False,
     seed: int = 0,
@@ -233,11 +274,15 @@ def scale_by_galore(
       svd: ``"exact"`` (a full SVD, as the reference); ``"randomized"``: a range finder with
         ``rank + oversample`` Gaussian probes, ``power_iters`` power iterations and QR
         re-orthonormalization, then the SVD of a small matrix, much cheaper for large matrices;
-        ``"gram"``: the top eigenvectors of ``G^T G`` (right) or ``G G^T`` (left), whose
-        eigendecomposition compiles in seconds on TPU where the exact SVD takes minutes per
-        matrix shape (:func:`fira_jax.basis.gram_top_vectors`).
-      oversample: extra probes of the randomized SVD.
-      power_iters: power iterations of the randomized SVD.
+        ``"subspace"``: the same iteration warm-started from the previous basis (plus
+        ``oversample`` probes), one iteration by default, ``O(m n r)`` per refresh
+        (:func:`fira_jax.basis.subspace_iteration`); ``"gram"``: the top eigenvectors of
+        ``G^T G`` (right) or ``G G^T`` (left), whose eigendecomposition compiles in seconds on
+        TPU where the exact SVD takes minutes per matrix shape
+        (:func:`fira_jax.basis.gram_top_vectors`). Which to pick: :doc:`family`.
+      oversample: extra Gaussian probes of the randomized SVD and the subspace iteration.
+      power_iters: power iterations of the randomized SVD (default 2) and the subspace
+        iteration (default 1).
       stagger: spread the leaves' refreshes over the gap
         (:func:`fira_jax.projection.refresh_groups`), so that no later step computes every SVD.
         Off by default, as in the reference.
@@ -245,7 +290,8 @@ def scale_by_galore(
         the TPU compiler (whose SVD takes minutes to compile per call site); it costs memory,
         since the step then keeps every gradient of that shape alive until the refresh. By
         default each leaf has its own refresh, which waits only for that leaf's gradient.
-      seed: seed of the randomized SVD's probes (folded with the step and the leaf).
+      seed: seed of the randomized SVD's and the subspace iteration's probes (folded with the
+        step and the leaf).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`; extra arguments
@@ -267,8 +313,8 @@ def scale_by_galore(
       <https://arxiv.org/abs/2403.03507>`_, 2024.
     """
     return _scale_by_low_rank(
-        rank, update_proj_gap, scale, base_optimizer, proj_type, mask, residual=None, axes=axes,
-        canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, oversample=oversample,
+        rank, update_proj_gap, base_optimizer, proj_type, mask, leaf_update=_galore_leaf(scale), limited=False,
+        axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, oversample=oversample,
         power_iters=power_iters, stagger=stagger, refresh_by_shape=refresh_by_shape, seed=seed,
     )  # fmt: skip
 
@@ -289,7 +335,7 @@ def scale_by_fira(
     basis_dtype: Any = None,
     svd: str = "exact",
     oversample: int = 8,
-    power_iters: int = 2,
+    power_iters: int | None = None,
     stagger: bool = False,
     refresh_by_shape: bool = False,
     seed: int = 0,
@@ -342,13 +388,103 @@ def scale_by_fira(
         )
     check_choice("granularity", granularity, GRANULARITIES)
     check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
-    residual = {
-        "granularity": granularity,
-        "residual_scale": scale if residual_scale is None else residual_scale,
-        "gamma": gamma,
-    }
+    leaf_update = _fira_leaf(scale, granularity, scale if residual_scale is None else residual_scale, gamma)
     return _scale_by_low_rank(
-        rank, update_proj_gap, scale, base_optimizer, proj_type, mask, residual=residual, axes=axes,
+        rank, update_proj_gap, base_optimizer, proj_type, mask, leaf_update=leaf_update, limited=True, axes=axes,
         canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, oversample=oversample,
         power_iters=power_iters, stagger=stagger, refresh_by_shape=refresh_by_shape, seed=seed,
+    )  # fmt: skip
+
+
+SCALE_TYPES = ("channel", "tensor")  # APOLLO's scaling factor: per channel (Fira's column) or per matrix
+PROJECTIONS = ("random", "svd")  # APOLLO's projection: a Gaussian random matrix, or GaLore's SVD basis
+
+
+def scale_by_apollo(
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    base_optimizer: optax.GradientTransformation | None = None,
+    proj_type: str = "std",
+    mask: masks.Mask = None,
+    *,
+    scale_type: str = "channel",
+    proj: str = "random",
+    gamma: float = 1.01,
+    axes: Any = None,
+    basis_dtype: Any = None,
+    svd: str = "exact",
+    canonical_signs: bool = False,
+    oversample: int = 8,
+    power_iters: int | None = None,
+    stagger: bool = False,
+    refresh_by_shape: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""APOLLO's update: the whole gradient, scaled by factors measured in a random subspace, limited.
+
+    For each selected leaf (Zhu et al., 2025, Algorithm 1, as the authors' ``APOLLOAdamW`` in
+    ``apollo-torch`` 1.0.3 implements it):
+
+    .. math::
+      R = G P^T \ (\text{right}) \ \text{or} \ P^T G \ (\text{left}), \qquad N = \text{inner}(R),
+      \qquad \phi = \frac{\|N\|}{\|R\| + 10^{-8}}, \qquad
+      U = \sqrt{\text{scale}} \cdot \frac{\phi \odot G}{\ell}
+
+    with P a Gaussian random matrix of variance ``1 / rank`` drawn from a fresh seed every
+    ``update_proj_gap`` steps (:func:`fira_jax.basis.random_projection`; ``proj="svd"``: GaLore's
+    top singular vectors instead), phi per channel (Fira's :func:`fira_jax.scaling_factor` with
+    ``"column"``) or per matrix (``"matrix"``), and ``ell`` Fira's norm-growth limiter on
+    ``||phi ⊙ G||`` (:func:`fira_jax.limit_norm_growth`). Nothing is projected back: the
+    subspace only measures how Adam would scale each channel, and the state is Adam's moments of
+    R plus P. :func:`fira_jax.apollo` follows this with Adam's bias correction, the learning rate
+    and weight decay; :func:`fira_jax.apollo_mini` is rank 1 with one factor per matrix.
+
+    ``scale`` follows the authors' convention: the update is multiplied by ``sqrt(scale)``
+    (their ``--apollo_scale``: 1 for APOLLO, 128 for APOLLO-Mini in their scripts).
+
+    The other arguments are :func:`scale_by_galore`'s (``proj_type="full"`` excepted).
+
+    Args:
+      scale: the update is multiplied by ``sqrt(scale)`` (≥ 0).
+      scale_type: ``"channel"`` (APOLLO: one factor per row of G on the right side, per
+        column on the left) or ``"tensor"`` (APOLLO-Mini: one factor per matrix).
+      proj: ``"random"`` (APOLLO's Gaussian projection, no SVD) or ``"svd"`` (the top singular
+        vectors, computed by ``svd``).
+      gamma: the limiter's largest growth factor of ``||phi ⊙ G||`` per step, ≥ 1 (1.01 in the
+        reference, which hard-codes it; ``inf`` is its ``disable_nl``).
+      seed: seed of the random projections (folded with the refresh step and the leaf).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`.
+
+    Raises:
+      ValueError or TypeError at construction for an invalid argument (``proj_type="full"``: a
+      random projection is one-sided); at init for a selected leaf that has fewer than 2
+      dimensions or is not floating point (naming its path).
+
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> tx = fira_jax.scale_by_apollo(rank=2, update_proj_gap=10)
+      >>> state = tx.init({"w": jnp.ones((6, 4))})
+      >>> state.right["w"].shape, state.inner.mu["w"].shape  # P is 2 x 4; Adam's moments 6 x 2
+      ((2, 4), (6, 2))
+
+    References:
+      Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+      <https://arxiv.org/abs/2412.05270>`_, MLSys 2025.
+    """
+    if proj_type == "full":
+        raise ValueError("`proj_type` 'full' (two-sided projection) is GaLore-only: APOLLO projects on one side.")
+    check_choice("scale_type", scale_type, SCALE_TYPES)
+    check_choice("proj", proj, PROJECTIONS)
+    check_float("scale", scale, low=0.0, high=float("inf"), high_open=False)
+    check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
+    check_choice("svd", svd, SVD_METHODS)
+    granularity = "column" if scale_type == "channel" else "matrix"
+    return _scale_by_low_rank(
+        rank, update_proj_gap, base_optimizer, proj_type, mask, leaf_update=_apollo_leaf(scale, granularity, gamma),
+        limited=True, axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype,
+        svd="random" if proj == "random" else svd, oversample=oversample, power_iters=power_iters, stagger=stagger,
+        refresh_by_shape=refresh_by_shape, seed=seed,
     )  # fmt: skip

@@ -85,7 +85,8 @@ def refresh_bases(
       update_proj_gap: ``T``.
       stagger: spread the leaves over the gap (:func:`refresh_groups`).
       refresh_by_shape: one cond per matrix shape instead of per leaf.
-      key: the randomized SVD's key for this step (leaf ``j`` uses ``fold_in(key, j)``).
+      key: this step's key for the methods that draw random numbers (the randomized SVD, the
+        subspace iteration's probes, APOLLO's projection); leaf ``j`` uses ``fold_in(key, j)``.
       **svd_options: ``signs``, ``svd``, ``oversample``, ``power_iters`` of
         :func:`fira_jax.basis.top_singular_bases`.
 
@@ -95,7 +96,9 @@ def refresh_bases(
 
     def decompose(members: list[int]) -> list[Basis]:
         keys = None if key is None else [jax.random.fold_in(key, j) for j in members]
-        return top_singular_bases([grads[j] for j in members], [old[j] for j in members], keys=keys, **svd_options)
+        return top_singular_bases(
+            [grads[j] for j in members], [old[j] for j in members], keys=keys, first=count == 0, **svd_options
+        )
 
     new = list(old)
     for offset, members in refresh_groups(len(grads), update_proj_gap, stagger):

@@ -91,6 +91,33 @@ def _like_grad(phi: jax.Array, grad: jax.Array, layout: Layout) -> jax.Array:
     return sharding.match(phi, sharding.out_sharding(grad, layout, kind, 2 if kind == "norms" else 0))
 
 
+def scaled_gradient(grad: jax.Array, phi: jax.Array, layout: Layout) -> jax.Array:
+    r"""APOLLO's update before its limiter: the whole gradient scaled, :math:`\phi \odot G`, in G's dtype.
+
+    APOLLO (Zhu et al., 2025) keeps Fira's scaling factor and drops the projection back: with
+    ``phi`` measured in a random subspace (:func:`scaling_factor`; channel-wise is Fira's
+    ``"column"``, tensor-wise its ``"matrix"``), the update is ``phi ⊙ G``, the limiter's
+    divisor and ``sqrt(scale)`` applied after. It is Fira's :func:`residual` with
+    ``residual_scale = 0``, without the product with the basis.
+
+    Args:
+      grad: G, canonical ``batch + (m, n)``.
+      phi: the scaling factor, broadcasting against G.
+      layout: the leaf's :class:`fira_jax.Layout`.
+
+    Returns:
+      ``phi ⊙ G``, canonical, in G's dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> lay = fira_jax.Layout("w", (2, 2), (0, 1), 1, (), 2, 2, 1, "right")
+      >>> fira_jax.scaled_gradient(jnp.ones((2, 2)), jnp.array([[2.0], [3.0]]), lay)  # one factor per row
+      Array([[2., 2.],
+             [3., 3.]], dtype=float32)
+    """
+    return _like_grad(phi, grad, layout).astype(grad.dtype) * grad
+
+
 def residual(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array, residual_scale: Any) -> jax.Array:
     r"""Fira's residual :math:`S = \phi \odot (G - s \cdot \text{back}(R))`, formed, in G's dtype.
 
@@ -109,7 +136,7 @@ def residual(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array, resi
       S, canonical, in G's dtype.
     """
     s = jnp.asarray(residual_scale, jnp.float32).astype(grad.dtype)
-    return _like_grad(phi, grad, basis.layout).astype(grad.dtype) * (grad - s * basis.back(low, like=grad))
+    return scaled_gradient(grad - s * basis.back(low, like=grad), phi, basis.layout)
 
 
 def residual_norm(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array, residual_scale: Any) -> jax.Array:

@@ -35,6 +35,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 MARKERS = {
     "test_alias": ("core",),
+    "test_apollo": ("core",),
     "test_composition": ("core",),
     "test_docstrings": ("core",),
     "test_limiter": ("core",),

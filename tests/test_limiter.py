@@ -83,3 +83,68 @@ def test_valid_gamma_and_per_matrix_state():
         fira_jax.scale_by_fira(2, 5, gamma=0.5)
     state = fira_jax.scale_by_fira(2, 5).init({"a": jnp.zeros((3, 4, 5)), "b": jnp.zeros(2)})
     assert state.norms["a"].shape == (3,) and jax.tree.leaves(state.norms["b"]) == []
+
+
+# ---------------------------------------------------------------------------
+# clip_by_norm_growth: the limiter as an optax transformation of whole updates.
+# ---------------------------------------------------------------------------
+
+
+def test_clip_by_norm_growth_matches_numpy(variant):
+    rng = np.random.default_rng(1)
+    scales = [1.0, 4.0, 4.0, 0.1, 30.0, 1.0]
+    updates = [{"w": (s * rng.standard_normal((5, 3))).astype(np.float32), "b": (s * rng.standard_normal(3)).astype(
+        np.float32)} for s in scales]  # fmt: skip
+    for gamma in (1.01, 2.0, float("inf")):
+        tx = fira_jax.clip_by_norm_growth(gamma)
+        state = tx.init(jax.tree.map(jnp.asarray, updates[0]))
+        step = variant(tx.update)
+        outs = []
+        for u in updates:
+            out, state = step(jax.tree.map(jnp.asarray, u), state)
+            outs.append(jax.tree.map(np.asarray, out))
+        for k in ("w", "b"):  # each leaf limited by its own past
+            ref = np_limiter([u[k] for u in updates], gamma)
+            for ours, theirs in zip(outs, ref, strict=True):
+                np.testing.assert_allclose(ours[k], theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_by_norm_growth_after_adamw_and_integer_leaves():
+    params = {"w": jnp.ones((4, 4)), "step": jnp.zeros((), jnp.int32)}
+    tx = optax.chain(optax.adamw(1e-2), fira_jax.clip_by_norm_growth(1.01))
+    state = tx.init(params)
+    assert isinstance(state[1].norms["step"], optax.MaskedNode)
+    grads = {"w": jnp.full((4, 4), 0.01), "step": jnp.zeros((), jnp.int32)}
+    u0, state = tx.update(grads, state, params)
+    u1, state = tx.update({"w": jnp.full((4, 4), 100.0), "step": grads["step"]}, state, params)
+    # Adam's normalized steps keep their norm; the limiter lets them grow by 1 % at most.
+    assert float(jnp.linalg.norm(u1["w"])) <= 1.01 * float(jnp.linalg.norm(u0["w"])) * (1 + 1e-5)
+    assert int(u1["step"]) == 0
+
+
+def test_clip_by_norm_growth_inside_multisteps_and_apply_if_finite():
+    params = {"w": jnp.zeros(3)}
+    big = {"w": jnp.array([30.0, 40.0, 0.0])}
+    small = {"w": jnp.array([3.0, 4.0, 0.0])}
+    # MultiSteps: the limiter sees the averaged gradient once per 2 micro-steps.
+    tx = optax.MultiSteps(fira_jax.clip_by_norm_growth(1.5), every_k_schedule=2)
+    state = tx.init(params)
+    for g in (small, small):
+        u, state = tx.update(g, state, params)
+    np.testing.assert_allclose(np.asarray(u["w"]), [3.0, 4.0, 0.0], rtol=1e-6)  # first real step: passes
+    for g in (big, big):
+        u, state = tx.update(g, state, params)
+    assert float(jnp.linalg.norm(u["w"])) == pytest.approx(7.5, rel=1e-5)  # 5 x 1.5
+    # apply_if_finite: a NaN update is skipped and leaves the limiter's memory alone.
+    tx = optax.apply_if_finite(fira_jax.clip_by_norm_growth(1.5), max_consecutive_errors=3)
+    state = tx.init(params)
+    _, state = tx.update(small, state, params)
+    _, state = tx.update({"w": jnp.array([jnp.nan, 0.0, 0.0])}, state, params)
+    assert float(state.inner_state.norms["w"]) == pytest.approx(5.0)
+    u, state = tx.update(big, state, params)
+    assert float(jnp.linalg.norm(u["w"])) == pytest.approx(7.5, rel=1e-5)
+
+
+def test_clip_by_norm_growth_bad_gamma():
+    with pytest.raises(ValueError, match="gamma"):
+        fira_jax.clip_by_norm_growth(0.9)

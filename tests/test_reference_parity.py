@@ -1,9 +1,15 @@
-"""Parity with the authors' PyTorch code: ``FiraAdamW`` (fira 1.0.2), ``GaLoreAdamW`` (galore-torch 1.0).
+"""Parity with the authors' PyTorch code: ``FiraAdamW`` (fira 1.0.2), ``GaLoreAdamW`` (galore-torch 1.0),
+``APOLLOAdamW`` (apollo-torch 1.0.3).
 
-Both reference packages import ``transformers`` (fira only for a version
-check) and galore-torch's ``__init__`` imports ``bitsandbytes``; CI installs
-them with ``--no-deps`` and this file loads their optimizer modules without
-running the packages' ``__init__`` and with a no-op ``require_version``.
+The reference packages import ``transformers`` (for a version check) and
+galore-torch's and apollo-torch's ``__init__`` import ``bitsandbytes``; CI
+installs them with ``--no-deps`` and this file loads their optimizer modules
+without running the packages' ``__init__`` and with a no-op ``require_version``.
+
+APOLLO's random projections come from torch's generator on one side and JAX's
+on the other, so the reference is given ours: each refresh of its projector
+returns the matrix that ``fira_jax`` drew at that step (read from our state).
+Everything else of the reference runs as shipped.
 
 SVD signs are implementation-defined: torch's CPU SVD (MKL) and JAX's (LAPACK)
 disagree on some singular vectors, and since the moments carry over across
@@ -55,10 +61,13 @@ def _load_without_init(package: str, module: str) -> types.ModuleType:
             sys.modules.setdefault("transformers", types.ModuleType("transformers"))
             sys.modules.setdefault("transformers.utils", types.ModuleType("transformers.utils"))
             sys.modules["transformers.utils.versions"] = stub
+    if package in sys.modules and hasattr(sys.modules[package], "__path__"):  # loaded before (by this function)
+        return importlib.import_module(f"{package}.{module}")
     spec = importlib.util.find_spec(package)
     if spec is None:
         pytest.fail(
-            f"reference package {package!r} is not installed (pip install --no-deps fira==1.0.2 galore-torch==1.0)"
+            f"reference package {package!r} is not installed "
+            "(pip install --no-deps fira==1.0.2 galore-torch==1.0 apollo-torch==1.0.3)"
         )
     if package not in sys.modules or not hasattr(sys.modules[package], "__path__"):
         pkg = types.ModuleType(package)
@@ -69,6 +78,8 @@ def _load_without_init(package: str, module: str) -> types.ModuleType:
 
 FiraAdamW = _load_without_init("fira", "fira_adamw").AdamW
 GaLoreAdamW = _load_without_init("galore_torch", "adamw").AdamW
+APOLLOAdamW = _load_without_init("apollo_torch", "apollo").AdamW
+_RandomProjector = _load_without_init("apollo_torch", "random_projector").GradientProjector
 
 _torch_svd = torch.linalg.svd
 
@@ -191,3 +202,91 @@ def test_trajectory_matches_reference(kind, proj_type, scale, magnitude, wd):
     ref = _run_reference(kind, proj_type, scale, wd, magnitude)
     worst = _max_rel_error(ours, ref, w0)
     assert worst <= 1e-3, f"relative error of W_t - W_0 reached {worst:.2e}"
+
+
+# APOLLO: 20 steps, refreshes at t = 0, 8 and 16.
+APOLLO_GAP, APOLLO_STEPS = 8, 20
+
+
+def _run_apollo_ours(scale_type: str, proj: str, scale: float, wd: float, magnitude: float):
+    """Our trajectory, and the projection each leaf used at each step."""
+    params, grad_np = _problem(magnitude)
+    tx = fira_jax.apollo(
+        LR, rank=RANK, update_proj_gap=APOLLO_GAP, scale=scale, weight_decay=wd, scale_type=scale_type, proj=proj,
+        canonical_signs=proj == "svd", mask=lambda p: {k: k in SHAPES for k in p}, seed=3,
+    )  # fmt: skip
+    p = jax.tree.map(jnp.asarray, params)
+    state = tx.init(p)
+
+    @jax.jit
+    def step(g, state, p):
+        u, state = tx.update(g, state, p)
+        return optax.apply_updates(p, u), state
+
+    traj, projections = [], []
+    for _ in range(APOLLO_STEPS):
+        g = jax.tree.map(jnp.asarray, grad_np(jax.tree.map(np.asarray, p)))
+        p, state = step(g, state, p)
+        traj.append(jax.tree.map(np.asarray, p))
+        low = state[0]
+        projections.append({k: np.asarray(low.right[k] if np_side("std", *SHAPES[k]) == "right" else low.left[k])
+                            for k in SHAPES})  # fmt: skip
+    return traj, projections
+
+
+def _run_apollo_reference(scale_type, proj, scale, wd, magnitude, projections):
+    params, grad_np = _problem(magnitude)
+    tensors = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
+    group = {"rank": RANK, "update_proj_gap": APOLLO_GAP, "scale": scale, "proj_type": "std",
+             "scale_type": scale_type, "proj": proj}  # fmt: skip
+    opt = APOLLOAdamW(
+        [{"params": [tensors["bias"]]}, {"params": [tensors[k] for k in SHAPES], **group}], lr=LR, weight_decay=wd
+    )
+    by_shape = {shape: k for k, shape in SHAPES.items()}  # the leaves' shapes differ: a gradient names its leaf
+    now = {"step": 0}
+
+    def ours(self, weights, rank, type, seed):  # the reference's signature
+        return torch.tensor(projections[now["step"]][by_shape[tuple(weights.shape)]])
+
+    traj = []
+    _PROJ_TYPE["value"] = "std"
+    original = _RandomProjector.get_orthogonal_matrix
+    torch.linalg.svd = _canonical_svd
+    _RandomProjector.get_orthogonal_matrix = ours
+    try:
+        for t in range(APOLLO_STEPS):
+            g = grad_np({k: x.detach().numpy() for k, x in tensors.items()})
+            for k, x in tensors.items():
+                x.grad = torch.tensor(g[k])
+            now["step"] = t
+            opt.step()
+            traj.append({k: x.detach().numpy().copy() for k, x in tensors.items()})
+    finally:
+        torch.linalg.svd = _torch_svd
+        _RandomProjector.get_orthogonal_matrix = original
+    return traj
+
+
+APOLLO_CASES = [
+    *itertools.product(["channel", "tensor"], ["random", "svd"], [1.0], [1.0], [0.0]),
+    ("channel", "random", 1.0, 1e-3, 0.1),  # small gradients, weight decay
+    ("tensor", "random", 128.0, 1.0, 0.0),  # APOLLO-Mini's scale (here at rank 4)
+    ("channel", "svd", 2.0, 1e-3, 0.1),
+]
+
+
+@pytest.mark.parametrize(("scale_type", "proj", "scale", "magnitude", "wd"), APOLLO_CASES)
+def test_apollo_trajectory_matches_reference(scale_type, proj, scale, magnitude, wd):
+    w0, _ = _problem(magnitude)
+    ours, projections = _run_apollo_ours(scale_type, proj, scale, wd, magnitude)
+    ref = _run_apollo_reference(scale_type, proj, scale, wd, magnitude, projections)
+    worst = _max_rel_error(ours, ref, w0)
+    assert worst <= 1e-4, f"relative error of W_t - W_0 reached {worst:.2e}"
+
+
+def test_apollo_projections_are_refreshed_as_the_reference():
+    """The projections we hand to the reference change exactly at its refresh steps (t % gap == 0)."""
+    _, projections = _run_apollo_ours("channel", "random", 1.0, 0.0, 1.0)
+    for k in SHAPES:
+        changed = [t for t in range(1, APOLLO_STEPS) if not np.array_equal(projections[t][k], projections[t - 1][k])]
+        assert changed == [APOLLO_GAP, 2 * APOLLO_GAP], (k, changed)
