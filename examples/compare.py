@@ -13,6 +13,12 @@ and ``--seeds`` against full-rank AdamW (see lm/sweep.py); writes results/rank_s
 results/rank_sweep.png and results/rank_sweep.json. ``--workers N`` runs N trainings at once.
 
   python examples/compare.py --rank-sweep --workers 2
+
+With ``--family-sweep``, APOLLO (at the rank sweep's ranks), APOLLO-Mini (rank 1) and Fira with
+``svd="subspace"`` run at the seeds of results/rank_sweep.json and are compared with its Fira,
+GaLore and AdamW rows; writes results/family_sweep.md and results/family_sweep.json.
+
+  python examples/compare.py --family-sweep
 """
 
 import argparse
@@ -42,9 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     config_lib.add_flags(p, SHARED)
     lrs_help = f"learning-rate grid (default {COMPARE_LRS}; with --rank-sweep, Fira's and GaLore's: {SWEEP_LRS})"
     p.add_argument("--lrs", type=float, nargs="+", default=None, help=lrs_help)
-    p.add_argument("--optimizers", nargs="+", default=list(optim.OPTIMIZERS), choices=optim.OPTIMIZERS)
+    p.add_argument("--optimizers", nargs="+", default=["fira", "galore", "adamw"], choices=optim.OPTIMIZERS)
     p.add_argument("--ablations", action="store_true", help="also run Fira's ablations at its best lr")
     p.add_argument("--rank-sweep", action="store_true", help="Fira vs GaLore over --ranks and --seeds, vs AdamW")
+    p.add_argument(
+        "--family-sweep",
+        action="store_true",
+        help="APOLLO, APOLLO-Mini and Fira's subspace refresh vs results/rank_sweep.json's rows",
+    )
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="default hidden/32, /16, /8, /4, /2")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="with --rank-sweep")
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=SWEEP_ADAMW_LRS, help="AdamW's grid (--rank-sweep)")
@@ -64,6 +75,21 @@ def main(argv: list[str] | None = None) -> None:
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.family_sweep:
+        reference_file = out / "rank_sweep.json"
+        if not reference_file.exists():
+            p.error(f"--family-sweep compares with {reference_file}: run --rank-sweep first")
+        reference = json.loads(reference_file.read_text())
+        lrs = args.lrs or SWEEP_LRS
+        t0 = time.perf_counter()
+        found = sweep.run_family(base, out, reference, lrs, args.workers)
+        numbers = sweep.family_numbers(found, reference, base, lrs, provenance.record(argv, __file__),
+                                       time.perf_counter() - t0)  # fmt: skip
+        page = sweep.render_family(numbers)
+        (out / "family_sweep.md").write_text(page)
+        (out / "family_sweep.json").write_text(json.dumps(numbers, indent=1))
+        print(page)
+        return
     if args.rank_sweep:
         ranks = sorted(args.ranks or [max(1, hidden // d) for d in (32, 16, 8, 4, 2)])
         lrs = args.lrs or SWEEP_LRS

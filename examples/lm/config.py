@@ -28,7 +28,13 @@ class TrainConfig:
     lr: float = _field(1e-2, "peak learning rate (paper: 0.01 for Fira/GaLore)")
     warmup: int | None = _field(None, "warmup steps (default 10%% of --steps)")
     rank: int | None = _field(None, "projection rank (default hidden/4: 128 for 60m, as in the paper)")
-    scale: float = _field(0.25, "scale of the low-rank update (alpha; paper 0.25)")
+    scale: float = _field(0.25, "scale of Fira's and GaLore's low-rank update (alpha; paper 0.25)")
+    apollo_scale: float | None = _field(
+        None, "APOLLO's scale: the update is multiplied by sqrt(scale) (default: the authors' 1 for apollo, 128 for "
+        "apollo-mini)"
+    )  # fmt: skip
+    svd: str = _field("exact", "how Fira and GaLore refresh their bases (see fira_jax.scale_by_fira)",
+                      choices=("exact", "randomized", "subspace", "gram"))  # fmt: skip
     update_proj_gap: int = _field(200, "steps between refreshes of the projection")
     gamma: float = _field(1.01, "Fira's norm-growth limit; inf disables it")
     weight_decay: float = _field(0.0, "decoupled weight decay, on the kernels only")
@@ -222,6 +228,8 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.gamma < 1:
         raise ValueError(f"--gamma must be >= 1, got {cfg.gamma}")
+    if cfg.apollo_scale is not None and not cfg.apollo_scale >= 0:
+        raise ValueError(f"--apollo-scale must be >= 0, got {cfg.apollo_scale}")
     if cfg.weight_decay < 0 or cfg.checkpoint_every < 0 or (cfg.warmup is not None and cfg.warmup < 0):
         raise ValueError("--weight-decay, --checkpoint-every and --warmup must be >= 0")
     if cfg.warmup is not None and cfg.warmup >= cfg.steps:

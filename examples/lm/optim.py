@@ -1,7 +1,7 @@
-"""The optimizers compared in the example: Fira, GaLore and AdamW, plus Fira's ablations.
+"""The optimizers compared in the example: Fira, GaLore, APOLLO, APOLLO-Mini and AdamW, plus Fira's ablations.
 
-Fira and GaLore project the attention and MLP kernels (the papers' target modules, selected by
-path); the embedding, norms and output head get plain Adam with the same hyperparameters. The
+Fira, GaLore and APOLLO project the attention and MLP kernels (the papers' target modules, selected
+by path); the embedding, norms and output head get plain Adam with the same hyperparameters. The
 schedule is the papers': linear warmup, then cosine decay to 10% of the peak learning rate.
 """
 
@@ -9,7 +9,9 @@ import optax
 
 import fira_jax
 
-OPTIMIZERS = ("fira", "galore", "adamw")
+OPTIMIZERS = ("fira", "galore", "apollo", "apollo-mini", "adamw")
+# APOLLO's scale multiplies its update by sqrt(scale); the authors' scripts: 1 (APOLLO), 128 (Mini).
+APOLLO_SCALES = {"apollo": 1.0, "apollo-mini": 128.0}
 # The paper's Table 5: no residual scaling, matrix-level phi, no limiter, gradient clipping
 # instead of the limiter.
 ABLATIONS = ("none", "no-scaling", "matrix-level", "no-limiter", "grad-clip")
@@ -36,13 +38,23 @@ def make_optimizer(
     ablation: str = "none",
     svd: str = "exact",
     refresh_by_shape: bool = False,
+    apollo_scale: float | None = None,
 ) -> optax.GradientTransformation:
     """Builds one of :data:`OPTIMIZERS`; ``ablation`` applies to Fira only, ``svd`` and
-    ``refresh_by_shape`` to Fira and GaLore."""
+    ``refresh_by_shape`` to Fira and GaLore (and APOLLO's refresh, which draws a random projection
+    instead of an SVD), ``apollo_scale`` to APOLLO (default :data:`APOLLO_SCALES`); ``scale`` is
+    Fira's and GaLore's."""
     mask = fira_jax.mask_by_path(*TARGET_MODULES)
     decay_mask = fira_jax.mask_by_path(*DECAY_MODULES)
     if name == "adamw":
         return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=decay_mask)
+    if name in APOLLO_SCALES:
+        common = {"update_proj_gap": update_proj_gap, "weight_decay": weight_decay, "gamma": gamma, "mask": mask,
+                  "weight_decay_mask": decay_mask,
+                  "scale": APOLLO_SCALES[name] if apollo_scale is None else apollo_scale}  # fmt: skip
+        if name == "apollo-mini":
+            return fira_jax.apollo_mini(learning_rate, **common)
+        return fira_jax.apollo(learning_rate, rank=rank, refresh_by_shape=refresh_by_shape, **common)
     if name == "galore":
         return fira_jax.galore(
             learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,

@@ -176,3 +176,153 @@ def plot(cells: dict, ranks: list[int], seeds: list[int], path: pathlib.Path, ti
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# The family sweep: APOLLO, APOLLO-Mini and Fira's cheaper refresh beside the rank sweep's rows.
+# ---------------------------------------------------------------------------
+
+
+def family_cells(ranks: list[int]) -> list[tuple[str, int, dict, bool]]:
+    """(label, rank, TrainConfig changes, whether its learning rate is chosen on a grid) per cell.
+
+    A cell without a grid is a Fira refresh variant: it runs at exact-SVD Fira's learning rate for
+    that rank, so that the comparison with exact Fira is paired (same lr, seeds and data order).
+    """
+    cells = [("APOLLO", r, {"optimizer": "apollo", "rank": r}, True) for r in ranks]
+    cells.append(("APOLLO-Mini", 1, {"optimizer": "apollo-mini", "rank": 1}, True))
+    cells += [("Fira, svd=subspace", r, {"optimizer": "fira", "rank": r, "svd": "subspace"}, False) for r in ranks]
+    return cells
+
+
+def _family_config(base: TrainConfig, out: pathlib.Path, label: str, rank: int, changes: dict, lr: float,
+                   seed: int) -> TrainConfig:  # fmt: skip
+    tag = label.lower().replace(", svd=", "-").replace(" ", "")
+    return dataclasses.replace(base, **changes, lr=lr, seed=seed, progress=False,
+                               out=str(out / "runs" / "family_sweep" / f"{tag}-r{rank}-lr{lr:g}-s{seed}"))  # fmt: skip
+
+
+def run_family(base: TrainConfig, out: pathlib.Path, reference: dict, lrs: list[float], workers: int = 1) -> dict:
+    """Runs (or reuses) the family sweep at the rank sweep's ranks and seeds (``reference``: the
+    contents of results/rank_sweep.json). Returns {"cells": [...], "check": {...}}: each cell with
+    its lr, grid and losses per seed; ``check`` re-runs exact Fira at the first rank on the first
+    seed, to show that the reference's rows still hold for this code."""
+    ranks, seeds = reference["setup"]["ranks"], reference["setup"]["seeds"]
+    cells = family_cells(ranks)
+    first: list[tuple[int, float, TrainConfig]] = []
+    for i, (label, rank, changes, grid) in enumerate(cells):
+        for lr in lrs if grid else [reference["ranks"][str(rank)]["fira"]["lr"]]:
+            first.append((i, lr, _family_config(base, out, label, rank, changes, lr, seeds[0])))
+    fira_lr = reference["ranks"][str(ranks[0])]["fira"]["lr"]
+    check_out = out / "runs" / "family_sweep" / f"check-fira-r{ranks[0]}-s{seeds[0]}"
+    check_cfg = dataclasses.replace(
+        base, optimizer="fira", rank=ranks[0], lr=fira_lr, seed=seeds[0], progress=False, out=str(check_out)
+    )
+    results = run_all([c for _, _, c in first] + [check_cfg], workers)
+    found: list[dict] = [{"lr": None, "grid": {}, "losses": {}} for _ in cells]
+    for (i, lr, _), r in zip(first, results, strict=False):
+        cell = found[i]
+        cell["grid"][lr] = r["final_val_loss"]
+        if cell["lr"] is None or r["final_val_loss"] < cell["grid"][cell["lr"]]:
+            cell["lr"] = lr
+    later = [(i, seed, _family_config(base, out, label, rank, changes, found[i]["lr"], seed))
+             for i, (label, rank, changes, _) in enumerate(cells) for seed in seeds[1:]]  # fmt: skip
+    for (i, seed, _), r in zip(later, run_all([c for _, _, c in later], workers), strict=True):
+        found[i]["losses"][seed] = r["final_val_loss"]
+    out_cells = []
+    for (label, rank, changes, grid), cell in zip(cells, found, strict=True):
+        losses = {seeds[0]: cell["grid"][cell["lr"]], **cell["losses"]}
+        out_cells.append({"label": label, "rank": rank, "optimizer": changes["optimizer"],
+                          "svd": changes.get("svd", "exact"), "lr_grid": grid, "lr": cell["lr"],
+                          "grid": {str(k): v for k, v in cell["grid"].items()},
+                          "losses": {str(s): losses[s] for s in seeds}})  # fmt: skip
+    published = reference["ranks"][str(ranks[0])]["fira"]["losses"][str(seeds[0])]
+    check = {"rank": ranks[0], "seed": seeds[0], "lr": fira_lr, "loss": results[-1]["final_val_loss"],
+             "published": published}  # fmt: skip
+    return {"cells": out_cells, "check": check}
+
+
+def family_numbers(found: dict, reference: dict, base: TrainConfig, lrs: list[float], origin: dict,
+                   wall_s: float | None = None) -> dict:  # fmt: skip
+    """results/family_sweep.json: the new cells, the rank sweep's rows they are compared with (and
+    that file's provenance), the check run, the setup and this run's provenance."""
+    setup = reference["setup"]
+    return {
+        "provenance": origin,
+        "setup": {"preset": base.preset, "steps": base.steps, "batch_size": base.batch_size, "seq_len": base.seq_len,
+                  "update_proj_gap": base.update_proj_gap, "ranks": setup["ranks"], "seeds": setup["seeds"],
+                  "lrs": lrs, "hidden": setup["hidden"], "wall_s": wall_s},
+        "cells": found["cells"],
+        "check": found["check"],
+        "reference": {"provenance": reference["provenance"], "adamw": reference["adamw"],
+                      "ranks": {r: {k: row[k] for k in ("fira", "galore")} for r, row in reference["ranks"].items()}},
+    }  # fmt: skip
+
+
+def render_family(numbers: dict) -> str:
+    """results/family_sweep.md from results/family_sweep.json (tested to agree)."""
+    from lm import provenance
+
+    setup, ref, prov = numbers["setup"], numbers["reference"], numbers["provenance"]
+    seeds = [str(s) for s in setup["seeds"]]
+    adamw = ref["adamw"]["losses"]
+
+    def paired(losses: dict, other: dict) -> str:
+        d = [losses[s] - other[s] for s in seeds]
+        sign = " (every seed < 0)" if max(d) < 0 else (" (every seed > 0)" if min(d) > 0 else " (sign varies)")
+        return f"{np.mean(d):+.4f} [{min(d):+.4f}, {max(d):+.4f}]{sign}"
+
+    hidden = setup["hidden"]
+
+    def frac(rank: int) -> str:
+        return f"h/{hidden // rank}" if hidden % rank == 0 else f"{rank / hidden:.3g}h"
+
+    check = numbers["check"]
+    lines = [
+        f"# The family: APOLLO, APOLLO-Mini and Fira's subspace refresh beside Fira, GaLore and AdamW "
+        f"({setup['preset']})",
+        "",
+        f"`{prov['command']}`",
+        "",
+        f"Made on {provenance.describe(prov)}.",
+        "",
+        f"{setup['preset']} preset (hidden {hidden}), {setup['steps']} steps × {setup['batch_size']} × "
+        f"{setup['seq_len']} tokens per run, built-in corpus; seeds {setup['seeds']} (same seed: same "
+        f"initialization and data order, so differences are paired); update_proj_gap {setup['update_proj_gap']}. "
+        f"APOLLO and APOLLO-Mini: the authors' settings (random projection, scale 1 and channel-wise factors; "
+        f"rank 1, scale 128 and one factor per matrix), learning rate chosen on seed {seeds[0]} from {setup['lrs']}. "
+        'Fira with `svd="subspace"` runs at exact Fira\'s learning rate for its rank. Final validation loss '
+        "(nats per byte), mean ± std over seeds.",
+        "",
+        f"Fira, GaLore and AdamW rows: results/rank_sweep.json ({provenance.describe(ref['provenance'])}). "
+        f"Check that they still hold for this code: exact Fira, rank {check['rank']}, seed {check['seed']}, "
+        f"lr {check['lr']:g} gives {check['loss']:.4f} here against {check['published']:.4f} there.",
+        "",
+        "| optimizer | rank | final val loss | − AdamW (mean [min, max]) | − exact Fira, same rank |",
+        "|---|---|---|---|---|",
+    ]
+    rows = []
+    for rank in setup["ranks"]:
+        for name in ("fira", "galore"):
+            cell = ref["ranks"][str(rank)][name]
+            rows.append((("Fira" if name == "fira" else "GaLore"), rank, cell, name == "fira"))
+    for cell in numbers["cells"]:
+        rows.append((cell["label"], cell["rank"], cell, False))
+    for label, rank, cell, is_fira in rows:
+        losses = cell["losses"]
+        vs_fira = ""
+        if not is_fira and str(rank) in ref["ranks"]:
+            vs_fira = paired(losses, ref["ranks"][str(rank)]["fira"]["losses"])
+        lines.append(f"| {label} | {rank} ({frac(rank)}) | {_mean_std([losses[s] for s in seeds])} (lr {cell['lr']:g}) "
+                     f"| {paired(losses, adamw)} | {vs_fira} |")  # fmt: skip
+    lines.append(f"| AdamW (full rank) | — | {_mean_std([adamw[s] for s in seeds])} (lr {ref['adamw']['lr']:g}) | | |")
+    lines += ["", f"Learning-rate grid on seed {seeds[0]} (final validation loss):", ""]
+    lines += ["| optimizer | rank | " + " | ".join(f"lr {x:g}" for x in setup["lrs"]) + " |",
+              "|---|---|" + "---|" * len(setup["lrs"])]  # fmt: skip
+    for cell in numbers["cells"]:
+        if cell["lr_grid"]:
+            lines.append(f"| {cell['label']} | {cell['rank']} | "
+                         + " | ".join(f"{cell['grid'][str(x)]:.4f}" for x in setup["lrs"]) + " |")  # fmt: skip
+    if setup["wall_s"] is not None:
+        lines += ["", f"Wall time of the runs this invocation trained: {setup['wall_s'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"

@@ -81,7 +81,8 @@ def build(cfg: TrainConfig, vocab_size: int = 256) -> tuple[model_lib.LLaMA, opt
     sched = optim.schedule(cfg.lr, cfg.steps, cfg.resolved_warmup())
     tx = optim.make_optimizer(
         cfg.optimizer, sched, rank=cfg.resolved_rank(), scale=cfg.scale, update_proj_gap=cfg.update_proj_gap,
-        gamma=cfg.gamma, weight_decay=cfg.weight_decay, ablation=cfg.ablation,
+        gamma=cfg.gamma, weight_decay=cfg.weight_decay, ablation=cfg.ablation, svd=cfg.svd,
+        apollo_scale=cfg.apollo_scale,
     )  # fmt: skip
     if cfg.grad_clip is not None:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
