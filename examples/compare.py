@@ -14,11 +14,11 @@ results/rank_sweep.png and results/rank_sweep.json. ``--workers N`` runs N train
 
   python examples/compare.py --rank-sweep --workers 2
 
-With ``--family-sweep``, APOLLO (at the rank sweep's ranks), APOLLO-Mini (rank 1) and Fira with
+With ``--family-sweep``, APOLLO (at ``--ranks``, default the rank sweep's), APOLLO-Mini (rank 1) and Fira with
 ``svd="subspace"`` run at the seeds of results/rank_sweep.json and are compared with its Fira,
 GaLore and AdamW rows; writes results/family_sweep.md and results/family_sweep.json.
 
-  python examples/compare.py --family-sweep
+  python examples/compare.py --family-sweep --ranks 4
 """
 
 import argparse
@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> None:
         reference = json.loads(reference_file.read_text())
         lrs = args.lrs or SWEEP_LRS
         t0 = time.perf_counter()
-        found = sweep.run_family(base, out, reference, lrs, args.workers)
+        try:
+            found = sweep.run_family(base, out, reference, lrs, args.workers, args.ranks)
+        except ValueError as e:
+            p.error(str(e))
         numbers = sweep.family_numbers(found, reference, base, lrs, provenance.record(argv, __file__),
                                        time.perf_counter() - t0)  # fmt: skip
         page = sweep.render_family(numbers)

@@ -202,12 +202,17 @@ def _family_config(base: TrainConfig, out: pathlib.Path, label: str, rank: int, 
                                out=str(out / "runs" / "family_sweep" / f"{tag}-r{rank}-lr{lr:g}-s{seed}"))  # fmt: skip
 
 
-def run_family(base: TrainConfig, out: pathlib.Path, reference: dict, lrs: list[float], workers: int = 1) -> dict:
-    """Runs (or reuses) the family sweep at the rank sweep's ranks and seeds (``reference``: the
-    contents of results/rank_sweep.json). Returns {"cells": [...], "check": {...}}: each cell with
-    its lr, grid and losses per seed; ``check`` re-runs exact Fira at the first rank on the first
-    seed, to show that the reference's rows still hold for this code."""
-    ranks, seeds = reference["setup"]["ranks"], reference["setup"]["seeds"]
+def run_family(base: TrainConfig, out: pathlib.Path, reference: dict, lrs: list[float], workers: int = 1,
+               ranks: list[int] | None = None) -> dict:  # fmt: skip
+    """Runs (or reuses) the family sweep at ``ranks`` (default: the rank sweep's) and the rank
+    sweep's seeds (``reference``: the contents of results/rank_sweep.json). Returns {"cells": [...],
+    "check": {...}}: each cell with its lr, grid and losses per seed; ``check`` re-runs exact Fira
+    at the first rank on the first seed, to show that the reference's rows still hold for this code."""
+    seeds = reference["setup"]["seeds"]
+    ranks = ranks or reference["setup"]["ranks"]
+    missing = [r for r in ranks if str(r) not in reference["ranks"]]
+    if missing:
+        raise ValueError(f"--ranks {missing}: results/rank_sweep.json has no Fira row at that rank to compare with")
     cells = family_cells(ranks)
     first: list[tuple[int, float, TrainConfig]] = []
     for i, (label, rank, changes, grid) in enumerate(cells):
@@ -251,6 +256,7 @@ def family_numbers(found: dict, reference: dict, base: TrainConfig, lrs: list[fl
         "provenance": origin,
         "setup": {"preset": base.preset, "steps": base.steps, "batch_size": base.batch_size, "seq_len": base.seq_len,
                   "update_proj_gap": base.update_proj_gap, "ranks": setup["ranks"], "seeds": setup["seeds"],
+                  "family_ranks": sorted({c["rank"] for c in found["cells"] if c["label"] != "APOLLO-Mini"}),
                   "lrs": lrs, "hidden": setup["hidden"], "wall_s": wall_s},
         "cells": found["cells"],
         "check": found["check"],
