@@ -1,21 +1,31 @@
-"""The cost of a projection refresh: exact vs randomized SVD, and staggered refreshes.
+"""The cost of a projection refresh: exact SVD vs the cheaper methods, and staggered refreshes.
 
 Part 1 (``--part svd``): for 512x1376 (LLaMA 60M's MLP), 2048x5461 (1B) and 4096x11008 (7B),
-times the exact SVD, ``svd="randomized"`` and ``svd="gram"`` (jitted, median of ``--repeats``)
-and reports the captured energy ||P^T G||^2 / ||G||^2 of the bases on two kinds of matrices:
+at each shape's rank or at each of ``--ranks``, times the exact SVD, ``svd="randomized"``,
+``svd="gram"`` and ``svd="subspace"`` (one warm-started iteration; jitted, median of
+``--repeats``) and reports the captured energy ||P^T G||^2 / ||G||^2 of the bases on two kinds
+of matrices:
 
 * gradients from the example LM: a one-layer model of ``examples/lm/model.py`` with that
   hidden/intermediate size, two Adam steps on 1,024 tokens of the built-in corpus, then the
   gradient of its MLP up-projection (hidden x intermediate);
 * Gaussian random matrices (a flat spectrum: the worst case for a range finder).
 
+The subspace iteration starts from the previous refresh's basis: for the LM gradient, the exact
+basis of the gradient one Adam step earlier; for the Gaussian matrix, that of another Gaussian
+matrix (no information: the worst case). With ``--json PATH`` the table is also written as JSON
+with its command, commit, versions and machine.
+
 Part 2 (``--part stagger``): max / median step time of ``fira`` on the LLaMA-60M tree (8 layers),
 with and without ``stagger=True``, over ``2 * gap`` steps after the first.
 
   python benchmarks/bench_refresh.py --part svd stagger
+  python benchmarks/bench_refresh.py --part svd --shapes 4096x11008 --ranks 1024 64 --repeats 1 \
+      --json results/refresh_7b.json
 """
 
 import argparse
+import json
 import pathlib
 import statistics
 import sys
@@ -29,6 +39,7 @@ import optax
 import fira_jax
 from fira_jax.basis import gram_top_vectors as _gram_top_vectors
 from fira_jax.basis import randomized_svd as _randomized_svd
+from fira_jax.basis import subspace_iteration as _subspace_iteration
 
 SHAPES = {"512x1376": (512, 1376, 128), "2048x5461": (2048, 5461, 256), "4096x11008": (4096, 11008, 512)}
 
@@ -43,8 +54,8 @@ def timed(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def lm_gradient(hidden: int, inter: int, steps: int = 2) -> np.ndarray:
-    """Gradient of the MLP down-projection of a one-layer example LM after a few Adam steps."""
+def lm_gradient(hidden: int, inter: int, steps: int = 2) -> list[np.ndarray]:
+    """Gradients of the MLP up-projection of a one-layer example LM at each of a few Adam steps."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
     from flax import nnx
     from lm import data as data_lib
@@ -63,40 +74,47 @@ def lm_gradient(hidden: int, inter: int, steps: int = 2) -> np.ndarray:
         opt.update(model, grads)
         return grads
 
-    for t in range(steps):
-        grads = step(model, opt, jnp.asarray(batches(t)))
     # The up-projection (hidden x inter): its gradient sum_t x_t (delta_t * silu(gate_t))^T is not
     # limited by the 256-byte vocabulary, unlike the down-projection's (rank <= ~256 there).
-    return np.asarray(grads["layers"][0]["mlp"]["up"]["kernel"][...])
+    return [np.asarray(step(model, opt, jnp.asarray(batches(t)))["layers"][0]["mlp"]["up"]["kernel"][...])
+            for t in range(steps)]  # fmt: skip
 
 
 def energy(g: jax.Array, u: jax.Array) -> float:
     return float(jnp.sum((u.T @ g) ** 2) / jnp.sum(g**2))
 
 
-def part_svd(args: argparse.Namespace) -> None:
+def part_svd(args: argparse.Namespace) -> list[dict]:
     exact = jax.jit(lambda g: jnp.linalg.svd(g, full_matrices=False)[0])
-    print(f"{'shape':>11} {'rank':>5} {'exact s':>9} {'random s':>9} {'speedup':>8} {'gram s':>8} "
-          f"{'matrix':>9} {'E exact':>8} {'E random':>9} {'ratio':>8} {'E gram':>9}")  # fmt: skip
+    print(f"{'shape':>11} {'rank':>5} {'exact s':>9} {'random s':>9} {'gram s':>8} {'subsp s':>8} {'speedup':>8} "
+          f"{'matrix':>9} {'E exact':>8} {'E random':>9} {'E gram':>9} {'E subsp':>9}")  # fmt: skip
+    rows = []
     for name in args.shapes:
-        m, n, r = SHAPES[name]
-        rand = jax.jit(lambda g, key, r=r: _randomized_svd(g, r, "left", key, args.oversample, args.power_iters)[0])
-        key = jax.random.key(0)
+        m, n, default_rank = SHAPES[name]
         gauss = jax.random.normal(jax.random.key(1), (m, n))
-        t_exact = timed(exact, gauss, repeats=args.repeats)
-        t_rand = timed(rand, gauss, key, repeats=args.repeats)
-        gram = jax.jit(lambda g, r=r: _gram_top_vectors(g, r, "left")[0])
-        t_gram = timed(gram, gauss, repeats=args.repeats)
-        mats = {"gaussian": gauss}
+        mats = {"gaussian": (jax.random.normal(jax.random.key(2), (m, n)), gauss)}  # (previous, this one)
         if not args.no_lm:
-            mats["LM grad"] = jnp.asarray(lm_gradient(m, n))
-        for label, g in mats.items():
-            e_exact = energy(g, exact(g)[:, :r])
-            e_rand = energy(g, rand(g, key))
-            e_gram = energy(g, gram(g))
-            times = f"{t_exact:9.3f} {t_rand:9.3f} {t_exact / t_rand:7.1f}x {t_gram:8.3f}"
-            energies = f"{e_exact:8.6f} {e_rand:9.6f} {e_rand / e_exact:8.6f} {e_gram:9.6f}"
-            print(f"{name:>11} {r:5d} {times} {label:>9} {energies}", flush=True)
+            mats["LM grad"] = tuple(jnp.asarray(g) for g in lm_gradient(m, n))
+        for r in args.ranks or [default_rank]:
+            key = jax.random.key(0)
+            rand = jax.jit(lambda g, key, r=r: _randomized_svd(g, r, "left", key, args.oversample, args.power_iters)[0])
+            gram = jax.jit(lambda g, r=r: _gram_top_vectors(g, r, "left")[0])
+            sub = jax.jit(lambda g, prev, key, r=r: _subspace_iteration(g, prev, r, "left", key, args.oversample, 1)[0])
+            start = exact(mats["gaussian"][0])[:, :r]  # timing does not depend on the start
+            t_exact = timed(exact, gauss, repeats=args.repeats)
+            t_rand = timed(rand, gauss, key, repeats=args.repeats)
+            t_gram = timed(gram, gauss, repeats=args.repeats)
+            t_sub = timed(sub, gauss, start, key, repeats=args.repeats)
+            for label, (prev, g) in mats.items():
+                e = {"exact": energy(g, exact(g)[:, :r]), "randomized": energy(g, rand(g, key)),
+                     "gram": energy(g, gram(g)), "subspace": energy(g, sub(g, exact(prev)[:, :r], key))}  # fmt: skip
+                rows.append({"shape": name, "rank": r, "matrix": label,
+                             "seconds": {"exact": t_exact, "randomized": t_rand, "gram": t_gram, "subspace": t_sub},
+                             "energy": e})  # fmt: skip
+                times = f"{t_exact:9.3f} {t_rand:9.3f} {t_gram:8.3f} {t_sub:8.3f} {t_exact / t_sub:7.1f}x"
+                energies = " ".join(f"{e[k]:9.6f}" for k in ("exact", "randomized", "gram", "subspace"))
+                print(f"{name:>11} {r:5d} {times} {label:>9} {energies}", flush=True)
+    return rows
 
 
 def part_stagger(args: argparse.Namespace) -> None:
@@ -129,6 +147,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", nargs="+", default=["svd", "stagger"], choices=["svd", "stagger"])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help="ranks to time (default: each shape's own)")
+    p.add_argument("--json", default=None, help="also write the svd part's table here, with provenance")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--oversample", type=int, default=8)
     p.add_argument("--power-iters", type=int, default=2)
@@ -137,7 +157,14 @@ def main() -> None:
     args = p.parse_args()
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}")
     if "svd" in args.part:
-        part_svd(args)
+        rows = part_svd(args)
+        if args.json:
+            sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+            from lm import provenance
+
+            record = {"provenance": provenance.record(sys.argv[1:], __file__), "oversample": args.oversample,
+                      "power_iters": {"randomized": args.power_iters, "subspace": 1}, "rows": rows}  # fmt: skip
+            pathlib.Path(args.json).write_text(json.dumps(record, indent=1))
     if "stagger" in args.part:
         part_stagger(args)
 
