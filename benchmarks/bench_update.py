@@ -5,11 +5,13 @@ down: i x h; the paper's ranks 128 / 256 / 256), it times a jitted ``update`` (b
 ready; median of ``--repeats``), separately for a step that refreshes the projection (SVD) and
 one that does not, for:
 
-  fira_jax.fira, fira_jax.galore, optax.contrib.galore, optax.adamw,
-  and the authors' torch FiraAdamW when torch and fira are installed.
+  fira_jax.fira, fira_jax.galore, fira_jax.apollo, fira_jax.apollo_mini, optax.contrib.galore,
+  optax.adamw, and the authors' torch FiraAdamW and APOLLOAdamW when torch, fira and apollo-torch
+  are installed.
 
-It prints times, ratios to optax.contrib.galore and to torch FiraAdamW, the optimizer state in
-MiB, and the temporary bytes XLA reports for the compiled update (``memory_analysis``).
+It prints times, ratios to optax.contrib.galore, to optax.adamw and to torch FiraAdamW, the
+optimizer state in MiB, and the temporary bytes XLA reports for the compiled update
+(``memory_analysis``).
 
   python benchmarks/bench_update.py                       # 60m, one layer's matrices
   python benchmarks/bench_update.py --preset 130m 350m --layers 1
@@ -65,8 +67,9 @@ def bench_jax(tx: optax.GradientTransformation, params: dict, grads: dict) -> di
     }
 
 
-def load_torch_fira() -> tuple[types.ModuleType, type] | None:
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("fira") is None:
+def load_torch_reference(package: str, module: str) -> tuple[types.ModuleType, type] | None:
+    """torch and the authors' ``package.module.AdamW``, loaded without the package's ``__init__``."""
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec(package) is None:
         return None
     import torch
 
@@ -78,20 +81,21 @@ def load_torch_fira() -> tuple[types.ModuleType, type] | None:
         sys.modules.setdefault("transformers", types.ModuleType("transformers"))
         sys.modules.setdefault("transformers.utils", types.ModuleType("transformers.utils"))
         sys.modules["transformers.utils.versions"] = stub
-    spec = importlib.util.find_spec("fira")
-    pkg = types.ModuleType("fira")
+    spec = importlib.util.find_spec(package)
+    pkg = types.ModuleType(package)
     pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules.setdefault("fira", pkg)
-    return torch, importlib.import_module("fira.fira_adamw").AdamW
+    sys.modules.setdefault(package, pkg)
+    return torch, importlib.import_module(f"{package}.{module}").AdamW
 
 
-def bench_torch(torch_mod: types.ModuleType, cls: type, params: dict, grads: dict, rank: int) -> dict:
+def bench_torch(torch_mod: types.ModuleType, cls: type, params: dict, grads: dict, rank: int, group: dict) -> dict:
     def make(gap: int) -> object:
         tensors = [torch_mod.nn.Parameter(torch_mod.tensor(np.asarray(p))) for p in params.values()]
         for t, g in zip(tensors, grads.values(), strict=True):
             t.grad = torch_mod.tensor(np.asarray(g))
-        group = {"params": tensors, "rank": rank, "update_proj_gap": gap, "alpha": 0.25, "proj_type": "std"}
-        return cls([group], lr=LR, no_deprecation_warning=True)
+        return cls(
+            [{"params": tensors, "rank": rank, "update_proj_gap": gap, **group}], lr=LR, no_deprecation_warning=True
+        )
 
     opt, opt_refresh = make(10**9), make(1)
     opt.step()  # the first step refreshes; later ones do not
@@ -112,7 +116,11 @@ def main() -> None:
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--only", nargs="+", default=None, help="subset of optimizers to run")
     args = p.parse_args()
-    torch_fira = None if args.no_torch else load_torch_fira()
+    references = {} if args.no_torch else {
+        "torch FiraAdamW": (load_torch_reference("fira", "fira_adamw"), {"alpha": 0.25, "proj_type": "std"}),
+        "torch APOLLOAdamW": (load_torch_reference("apollo_torch", "apollo"),
+                              {"scale": 1.0, "proj_type": "std", "scale_type": "channel", "proj": "random"}),
+    }  # fmt: skip
     print(
         f"JAX {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s)); "
         f"optax {optax.__version__}"
@@ -128,6 +136,8 @@ def main() -> None:
         optimizers = {
             "fira_jax.fira": fira_jax.fira(LR, rank=rank, update_proj_gap=GAP),
             "fira_jax.galore": fira_jax.galore(LR, rank=rank, update_proj_gap=GAP),
+            "fira_jax.apollo": fira_jax.apollo(LR, rank=rank, update_proj_gap=GAP),
+            "fira_jax.apollo_mini": fira_jax.apollo_mini(LR, update_proj_gap=GAP),
             "optax.contrib.galore": contrib.galore(LR, rank=rank, update_proj_gap=GAP),
             "optax.adamw": optax.adamw(LR),
         }
@@ -136,8 +146,9 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             runners[name] = bench_jax(tx, params, grads)
-        if torch_fira is not None and (not args.only or "torch FiraAdamW" in args.only):
-            runners["torch FiraAdamW"] = bench_torch(*torch_fira, params, grads, rank)
+        for name, (loaded, group) in references.items():
+            if loaded is not None and (not args.only or name in args.only):
+                runners[name] = bench_torch(*loaded, params, grads, rank, group)
         # Interleaved rounds: every optimizer is timed in every round, the best round counts.
         results = {name: {"step_s": np.inf, "refresh_s": np.inf, **{k: r[k] for k in ("state_mib", "temp_mib")}}
                    for name, r in runners.items()}  # fmt: skip
@@ -149,14 +160,15 @@ def main() -> None:
         n = sum(np.prod(s) for s in shapes(preset, args.layers).values())
         print(f"\n{preset}: {args.layers} layer(s) of q,k,v,o,gate,up,down ({n / 1e6:.1f}M weights), rank {rank}")
         base = results.get("optax.contrib.galore", {}).get("step_s")
+        adamw = results.get("optax.adamw", {}).get("step_s")
         ref = results.get("torch FiraAdamW", {}).get("step_s")
-        header = f"{'optimizer':<22}{'step ms':>9}{'refresh ms':>11}{'/ optax galore':>15}{'/ torch Fira':>13}"
-        print(header + f"{'state MiB':>10}{'temp MiB':>10}")
+        header = f"{'optimizer':<22}{'step ms':>9}{'refresh ms':>11}{'/ optax galore':>15}{'/ optax adamw':>14}"
+        print(header + f"{'/ torch Fira':>13}{'state MiB':>10}{'temp MiB':>10}")
         for name, r in results.items():
-            ratio = f"{r['step_s'] / base:.2f}x" if base else "-"
-            vs_ref = f"{r['step_s'] / ref:.2f}x" if ref else "-"
+            ratios = "".join(f"{r['step_s'] / x:.2f}x".rjust(w) if x else "-".rjust(w)
+                             for x, w in ((base, 15), (adamw, 14), (ref, 13)))  # fmt: skip
             print(
-                f"{name:<22}{1e3 * r['step_s']:9.2f}{1e3 * r['refresh_s']:11.1f}{ratio:>15}{vs_ref:>13}"
+                f"{name:<22}{1e3 * r['step_s']:9.2f}{1e3 * r['refresh_s']:11.1f}{ratios}"
                 f"{r['state_mib']:10.2f}{r['temp_mib']:10.2f}"
             )
 
