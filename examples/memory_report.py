@@ -58,6 +58,7 @@ RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 64, "tiny": 32, 
 SCALES = {"1b": 0.0625, "7b": 0.0625}
 VOCAB = 32_000  # T5's tokenizer, as in the papers
 ROWS = ("sgd", "adamw", "galore", "fira")  # sgd: the same step without optimizer state (the floor)
+EXTRA_ROWS = ("apollo", "apollo-mini")  # on request (--optimizer): APOLLO at the same ranks, APOLLO-Mini at rank 1
 # GaLore's Table 2 (Fira's Table 3 reports the same): weights + optimizer state, BF16, in GB.
 PAPER_GB = {
     "60m": {"adamw": 0.36, "galore": 0.24, "fira": 0.24},
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=1, help="sequences in the step whose peak is measured")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=VOCAB, help="default T5's 32,000, as in the papers")
-    p.add_argument("--optimizer", nargs="+", default=list(ROWS), choices=ROWS, help="rows to report")
+    p.add_argument("--optimizer", nargs="+", default=list(ROWS), choices=ROWS + EXTRA_ROWS, help="rows to report")
     p.add_argument(
         "--platform", choices=PLATFORMS, default="cpu",
         help="compile for this machine's CPU or, deviceless, for one TPU v5e or v5p chip (needs jax[tpu])",
