@@ -4,7 +4,7 @@
 # (examples/lm/provenance.py), and each .md page is rendered from its JSON.
 #
 #   bash benchmarks/regenerate_results.sh            # everything (about 2.5 hours on 2 CPU cores)
-#   bash benchmarks/regenerate_results.sh compare    # one part: compare seed1 sweep similarity finetune memory memory-tpu
+#   bash benchmarks/regenerate_results.sh compare    # one part: compare seed1 sweep family similarity finetune memory refresh memory-tpu
 #                                                    memory-tpu-per-layer
 #
 # On CPU a run is bit-for-bit reproducible for one commit, software stack and machine; another
@@ -18,7 +18,7 @@ if [ -n "$(git status --porcelain --untracked-files=no -- fira_jax examples benc
   exit 2
 fi
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(compare seed1 sweep similarity finetune memory)  # memory-tpu*: on request
+[ ${#parts[@]} -eq 0 ] && parts=(compare seed1 sweep family similarity finetune memory refresh)  # memory-tpu*: on request
 presets=(60m 130m 350m 1b 7b)
 
 for part in "${parts[@]}"; do
@@ -37,6 +37,12 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
     sweep)  # Fira vs GaLore at ranks 4 and 64, 3 seeds, vs AdamW (results/rank_sweep.*)
       rm -rf results/runs/rank_sweep
       python examples/compare.py --rank-sweep --ranks 4 64 ;;
+    family)  # APOLLO, APOLLO-Mini and Fira's subspace refresh beside the sweep's rows (results/family_sweep.*)
+      rm -rf results/runs/family_sweep
+      python examples/compare.py --family-sweep --ranks 4 64 ;;
+    refresh)  # the refresh's cost at the 7B MLP shape: exact SVD vs randomized, gram, subspace (results/refresh_7b.json)
+      python benchmarks/bench_refresh.py --part svd --shapes 4096x11008 --ranks 1024 64 --repeats 1 \
+        --json results/refresh_7b.json ;;
     similarity)  # the paper's scaling-factor observation (results/similarity.*)
       python examples/similarity.py ;;
     finetune)  # the fine-tuning demonstration: each method's lr grid on seed 0, then 5 methods x 3 seeds
@@ -70,7 +76,7 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
       python benchmarks/compile_time.py --platform tpu-v5e --preset 1b --blocks 1 4 24 --svd gram \
         --refresh-by-shape --json results/compile_time_1b.json ;;
     *)
-      echo "regenerate_results.sh: unknown part '$part' (compare seed1 sweep similarity finetune memory memory-tpu memory-tpu-per-layer)" >&2
+      echo "regenerate_results.sh: unknown part '$part' (compare seed1 sweep family similarity finetune memory refresh memory-tpu memory-tpu-per-layer)" >&2
       exit 2 ;;
   esac
 done
