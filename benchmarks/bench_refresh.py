@@ -117,6 +117,42 @@ def part_svd(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def render(record: dict) -> str:
+    """results/refresh_7b.md from its JSON (``--json``): seconds per refresh and captured energy."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+    from lm import provenance
+
+    prov = record["provenance"]
+    methods = ("exact", "randomized", "gram", "subspace")
+    lines = [
+        "# The refresh's cost: exact SVD vs randomized, Gram and subspace iteration",
+        "",
+        f"`{prov['command']}`",
+        "",
+        f"Made on {provenance.describe(prov)}.",
+        "",
+        f"One jitted refresh of one matrix (float32, left basis), median of the timed calls; oversampling "
+        f"{record['oversample']}, power iterations: randomized {record['power_iters']['randomized']}, subspace "
+        f"{record['power_iters']['subspace']} (warm-started from the previous basis). Energy: ||P^T G||² / ||G||² "
+        "of the basis; the subspace iteration starts from the exact basis of the LM gradient one Adam step "
+        "earlier, or of another Gaussian matrix (no information).",
+        "",
+        "| shape | rank | matrix | "
+        + " | ".join(f"{m} s" for m in methods)
+        + " | exact / subspace | "
+        + " | ".join(f"energy {m}" for m in methods)
+        + " |",
+        "|---|---|---|" + "---|" * (2 * len(methods) + 1),
+    ]
+    for row in record["rows"]:
+        t, e = row["seconds"], row["energy"]
+        seconds = " | ".join(f"{t[m]:.3f}" for m in methods)
+        energies = " | ".join(f"{e[m]:.6f}" for m in methods)
+        speedup = t["exact"] / t["subspace"]
+        lines.append(f"| {row['shape']} | {row['rank']} | {row['matrix']} | {seconds} | {speedup:.1f}× | {energies} |")
+    return "\n".join(lines) + "\n"
+
+
 def part_stagger(args: argparse.Namespace) -> None:
     h, i, r = 512, 1376, 128
     per_layer = {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
@@ -165,6 +201,7 @@ def main() -> None:
             record = {"provenance": provenance.record(sys.argv[1:], __file__), "oversample": args.oversample,
                       "power_iters": {"randomized": args.power_iters, "subspace": 1}, "rows": rows}  # fmt: skip
             pathlib.Path(args.json).write_text(json.dumps(record, indent=1))
+            pathlib.Path(args.json).with_suffix(".md").write_text(render(record))
     if "stagger" in args.part:
         part_stagger(args)
 

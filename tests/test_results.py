@@ -11,7 +11,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_refresh  # noqa: E402
 import compare  # noqa: E402
 import finetune_demo  # noqa: E402
 import memory_report  # noqa: E402
@@ -19,7 +21,8 @@ import similarity  # noqa: E402
 from lm import sweep  # noqa: E402
 
 RENDER = {"compare.json": compare.render, "rank_sweep.json": sweep.render, "similarity.json": similarity.render,
-          "finetune.json": finetune_demo.render}  # fmt: skip
+          "finetune.json": finetune_demo.render, "family_sweep.json": sweep.render_family,
+          "refresh_7b.json": bench_refresh.render}  # fmt: skip
 MARKER = re.compile(r"<!-- table from (results/[\w/.-]+\.md) -->")
 
 
