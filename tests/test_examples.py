@@ -21,7 +21,7 @@ from lm import data as data_lib  # noqa: E402
 from lm import prepare as prepare_lib  # noqa: E402
 
 
-@pytest.mark.parametrize("optimizer", ["fira", "galore", "adamw"])
+@pytest.mark.parametrize("optimizer", ["fira", "galore", "apollo", "apollo-mini", "adamw"])
 def test_train_lm_micro_one_step(tmp_path, optimizer):
     out = tmp_path / optimizer
     result = train_lm.main(
@@ -219,6 +219,21 @@ def test_rank_sweep_tables_and_reuse(tmp_path, monkeypatch):
     assert (
         sweep.render(json.loads((tmp_path / "rank_sweep.json").read_text())) == (tmp_path / "rank_sweep.md").read_text()
     )
+
+    # The family sweep beside it: APOLLO at rank 2 and APOLLO-Mini on a one-point grid, Fira with
+    # svd="subspace" at Fira's lr, and the check run; then seed 1 for the three cells.
+    monkeypatch.undo()
+    compare.main(["--family-sweep", *flags[1:flags.index("--lrs")], "--lrs", "1e-2", "--eval-every", "5",
+                  "--out", str(tmp_path)])  # fmt: skip
+    family = json.loads((tmp_path / "family_sweep.json").read_text())
+    assert [(c["label"], c["rank"]) for c in family["cells"]] == [("APOLLO", 2), ("APOLLO-Mini", 1),
+                                                                   ("Fira, svd=subspace", 2)]  # fmt: skip
+    subspace = family["cells"][2]
+    assert subspace["lr"] == numbers["ranks"]["2"]["fira"]["lr"] and set(subspace["losses"]) == {"0", "1"}
+    check = family["check"]
+    assert check["loss"] == pytest.approx(check["published"], abs=1e-6)  # the same run again: deterministic
+    assert sweep.render_family(family) == (tmp_path / "family_sweep.md").read_text()
+    assert "| APOLLO-Mini | 1 (h/32) |" in (tmp_path / "family_sweep.md").read_text()
 
 
 def test_compare_page_is_rendered_from_its_json(tmp_path):
