@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 ROWS = ("adamw", "galore", "fira", "apollo", "apollo-mini")
+DEFAULT_ROWS = ("adamw", "galore", "fira")  # APOLLO's rows on request (--optimizer)
 
 
 def block_params(preset: str, blocks: int, dtype: Any) -> dict:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1b", choices=sorted(model_lib.PRESETS))
     p.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="blocks per compiled update")
-    p.add_argument("--optimizer", nargs="+", choices=ROWS, default=["adamw", "galore", "fira"])
+    p.add_argument("--optimizer", nargs="+", choices=ROWS, default=list(DEFAULT_ROWS))
     p.add_argument("--platform", choices=memory_report.PLATFORMS, default="cpu")
     p.add_argument("--svd", choices=SVD_METHODS, default="exact")
     p.add_argument("--refresh-by-shape", action="store_true")

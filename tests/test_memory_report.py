@@ -67,7 +67,7 @@ def test_compile_time_benchmark_times_each_optimizers_block_update(capsys, tmp_p
     import compile_time
 
     out = compile_time.main(["--preset", "micro", "--blocks", "1", "2", "--json", str(tmp_path / "t.json")])
-    assert list(out) == list(compile_time.ROWS)
+    assert list(out) == list(compile_time.DEFAULT_ROWS)
     assert all(list(row) == [1, 2] and all(s > 0 for s in row.values()) for row in out.values())
     printed = capsys.readouterr().out
     assert "| fira |" in printed and "2 blocks" in printed
