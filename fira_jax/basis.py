@@ -250,10 +250,16 @@ def gram_top_vectors(g: jax.Array, rank: int, side: str) -> tuple[jax.Array | No
 
 
 def _previous_columns(old: Basis) -> jax.Array:
-    """The vectors of the side that starts a subspace iteration, as columns: ``batch + (p, r)``."""
+    """The vectors of the side that starts a subspace iteration, as columns: ``batch + (p, r)``, in
+    the basis's dtype (the iteration casts one matrix at a time)."""
     if old.left is not None:
-        return old.left.astype(jnp.float32)
-    return jnp.swapaxes(old.right, -1, -2).astype(jnp.float32)
+        return old.left
+    return jnp.swapaxes(old.right, -1, -2)
+
+
+def _indexers(stacks: list[jax.Array]) -> list:
+    """One function per ``(k, ...)`` stack: ``j -> stack[j]``, for ``lax.switch`` over the leaves."""
+    return [lambda j, f=f: jax.lax.dynamic_index_in_dim(f, j, keepdims=False) for f in stacks]
 
 
 def _top_vectors(
@@ -345,9 +351,9 @@ def top_singular_bases(
     if keys is not None:
         item_keys = jnp.concatenate([jax.random.split(k, n) if g.ndim > 2 else k[None]
                                      for k, n, g in zip(keys, sizes, grads, strict=True)])  # fmt: skip
-    takes = [lambda j, f=f: jax.lax.dynamic_index_in_dim(f, j, keepdims=False) for f in flats]
-    prevs = [_previous_columns(o).reshape(-1, *_previous_columns(o).shape[-2:]) for o in olds] if warm else []
-    prev_takes = [lambda j, f=f: jax.lax.dynamic_index_in_dim(f, j, keepdims=False) for f in prevs]
+    takes = _indexers(flats)
+    prevs = [_previous_columns(o) for o in olds] if warm else []
+    prev_takes = _indexers([p.reshape(-1, *p.shape[-2:]) for p in prevs])
     wants_u, wants_vh = layout.side in ("left", "full"), layout.side in ("right", "full")
     # The stacked vectors are stored in the bases' dtype: a bf16 basis needs no float32 stack.
     u_dtype = olds[0].left.dtype if wants_u else None

@@ -159,12 +159,9 @@ def _run_reference(kind: str, proj_type: str, scale: float, wd: float, magnitude
     return traj
 
 
-def _run_ours(kind: str, proj_type: str, scale: float, wd: float, magnitude: float) -> list[dict]:
+def _trajectory(tx, magnitude: float, steps: int) -> tuple[list[dict], list]:
+    """Our parameters after each of ``steps`` jitted steps of ``tx`` on ``_problem(magnitude)``, and the states."""
     params, grad_np = _problem(magnitude)
-    factory = fira_jax.fira if kind == "fira" else fira_jax.galore
-    tx = factory(
-        LR, rank=RANK, update_proj_gap=GAP, scale=scale, weight_decay=wd, proj_type=proj_type, canonical_signs=True
-    )
     p = jax.tree.map(jnp.asarray, params)
     state = tx.init(p)
 
@@ -173,12 +170,21 @@ def _run_ours(kind: str, proj_type: str, scale: float, wd: float, magnitude: flo
         u, state = tx.update(g, state, p)
         return optax.apply_updates(p, u), state
 
-    traj = []
-    for _ in range(STEPS):
+    traj, states = [], []
+    for _ in range(steps):
         g = jax.tree.map(jnp.asarray, grad_np(jax.tree.map(np.asarray, p)))
         p, state = step(g, state, p)
         traj.append(jax.tree.map(np.asarray, p))
-    return traj
+        states.append(state)
+    return traj, states
+
+
+def _run_ours(kind: str, proj_type: str, scale: float, wd: float, magnitude: float) -> list[dict]:
+    factory = fira_jax.fira if kind == "fira" else fira_jax.galore
+    tx = factory(
+        LR, rank=RANK, update_proj_gap=GAP, scale=scale, weight_decay=wd, proj_type=proj_type, canonical_signs=True
+    )
+    return _trajectory(tx, magnitude, STEPS)[0]
 
 
 def _max_rel_error(ours: list[dict], ref: list[dict], w0: dict) -> float:
@@ -210,27 +216,13 @@ APOLLO_GAP, APOLLO_STEPS = 8, 20
 
 def _run_apollo_ours(scale_type: str, proj: str, scale: float, wd: float, magnitude: float):
     """Our trajectory, and the projection each leaf used at each step."""
-    params, grad_np = _problem(magnitude)
     tx = fira_jax.apollo(
         LR, rank=RANK, update_proj_gap=APOLLO_GAP, scale=scale, weight_decay=wd, scale_type=scale_type, proj=proj,
         canonical_signs=proj == "svd", mask=lambda p: {k: k in SHAPES for k in p}, seed=3,
     )  # fmt: skip
-    p = jax.tree.map(jnp.asarray, params)
-    state = tx.init(p)
-
-    @jax.jit
-    def step(g, state, p):
-        u, state = tx.update(g, state, p)
-        return optax.apply_updates(p, u), state
-
-    traj, projections = [], []
-    for _ in range(APOLLO_STEPS):
-        g = jax.tree.map(jnp.asarray, grad_np(jax.tree.map(np.asarray, p)))
-        p, state = step(g, state, p)
-        traj.append(jax.tree.map(np.asarray, p))
-        low = state[0]
-        projections.append({k: np.asarray(low.right[k] if np_side("std", *SHAPES[k]) == "right" else low.left[k])
-                            for k in SHAPES})  # fmt: skip
+    traj, states = _trajectory(tx, magnitude, APOLLO_STEPS)
+    projections = [{k: np.asarray(s[0].right[k] if np_side("std", *SHAPES[k]) == "right" else s[0].left[k])
+                    for k in SHAPES} for s in states]  # fmt: skip
     return traj, projections
 
 
