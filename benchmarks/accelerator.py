@@ -35,6 +35,7 @@ nothing into ``results/``; ``--render FILE`` prints a results page from such a J
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import importlib
 import importlib.util
@@ -159,21 +160,30 @@ def part_env(smoke: bool, emit: Callable[[dict], None]) -> None:
 # update
 
 
-def _jax_runners(tx: Any, params: dict, grads: dict) -> dict:
-    """A whole donated step of ``tx``: ``plain`` (count 1, no refresh) and ``refresh`` (count 0)."""
+def _lower(tx: Any, params: dict, grads: dict) -> tuple:
+    """``tx``'s whole donated step (update and apply), lowered; and its initial state."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     def step(p: Any, s: Any, g: Any) -> tuple:
         updates, s = tx.update(g, s, p)
         return optax.apply_updates(p, updates), s
 
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
     state0 = tx.init(params)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state0, grads), state0
+
+
+def _compile(lowered: Any) -> tuple:
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state0, grads).compile()
-    compile_s = time.perf_counter() - t0
+    return lowered.compile(), time.perf_counter() - t0
+
+
+def _jax_runners(compiled: Any, compile_s: float, state0: Any, params: dict, grads: dict) -> dict:
+    """The compiled step: ``plain`` (count 1 onwards, no refresh) and ``refresh`` (from count 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
     live = list(compiled(copy(params), copy(state0), grads))  # count 0 -> 1: later calls are plain steps
     jax.block_until_ready(live)
 
@@ -275,7 +285,13 @@ def part_update(smoke: bool, emit: Callable[[dict], None]) -> None:
             "optax.contrib.galore": contrib.galore(lr, rank=rank, update_proj_gap=gap),
             "optax.adamw": optax.adamw(lr),
         }
-        runners = {name: _jax_runners(tx, params, grads) for name, tx in jax_rows.items()}
+        lowered = {name: _lower(tx, params, grads) for name, tx in jax_rows.items()}
+        print(f"{preset}: {len(lowered)} steps lowered; compiling them side by side", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:  # XLA compiles without the GIL
+            compiled = dict(zip(lowered, pool.map(_compile, [low for low, _ in lowered.values()]), strict=True))
+        runners = {name: _jax_runners(*compiled[name], state0, params, grads)
+                   for name, (_, state0) in lowered.items()}  # fmt: skip
+        print(f"{preset}: compiled in " + ", ".join(f"{n} {c[1]:.0f} s" for n, c in compiled.items()), flush=True)
         if torch is not None:
             torch_rows = {
                 "torch FiraAdamW": (("fira", "fira_adamw"), {"alpha": 0.25, "proj_type": "std"}),
@@ -317,9 +333,11 @@ def part_update(smoke: bool, emit: Callable[[dict], None]) -> None:
                 r["sync"](last)
                 rows[name]["plain_s"] = min(rows[name]["plain_s"], (time.perf_counter() - t0) / repeats)
             emit(out)
+            print(f"{preset}: a round of plain steps timed", flush=True)
         for name, r in runners.items():  # one refresh each (a full SVD of every matrix is slow)
             rows[name]["refresh_s"] = r["refresh"]()
             emit(out)
+            print(f"{preset}: {name} refresh {rows[name]['refresh_s']:.3f} s", flush=True)
         del runners
 
 
@@ -514,7 +532,12 @@ def drive(args: argparse.Namespace, argv: list[str]) -> int:
 
     out = pathlib.Path(args.out or os.environ.get("OUT") or ROOT / "runs/accelerator")
     out.mkdir(parents=True, exist_ok=True)
-    limits = SMOKE_LIMITS if args.smoke else LIMITS
+    limits = dict(SMOKE_LIMITS if args.smoke else LIMITS)
+    for item in args.limits:
+        part, _, seconds = item.partition("=")
+        if part not in limits or not seconds.replace(".", "", 1).isdigit():
+            raise SystemExit(f"--limits {item}: expected PART=SECONDS with PART one of {', '.join(limits)}")
+        limits[part] = float(seconds)
     data = pathlib.Path(args.data) if args.data else PREPARED / "data"
     prepared_here = None
     if args.smoke and not args.data:  # CI: prepare a tiny folder on the spot
@@ -530,19 +553,14 @@ def drive(args: argparse.Namespace, argv: list[str]) -> int:
     with (out / "accelerator.log").open("w") as log:
         parts = record["parts"]
         for name in ("env", "update"):
-            parts[name] = run_part(name, limits[name], args.smoke, log, [])
-            print(f"{name}: {parts[name]['status']} in {parts[name]['seconds']:.0f} s", flush=True)
-        tests_log = pathlib.Path(tempfile.mkstemp(prefix="accel-tests-", suffix=".log")[1])
-        t_tests = time.monotonic()
-        tests = start_tests(args.smoke, tests_log)
-        parts["memory"] = run_part("memory", limits["memory"], args.smoke, log, [])
-        print(f"memory: {parts['memory']['status']} in {parts['memory']['seconds']:.0f} s", flush=True)
-        parts["tests"] = finish_tests(tests, tests_log, t_tests + limits["memory"], t_tests)
-        log.write("\n===== tests =====\n" + tests_log.read_text(errors="replace"))
-        tests_log.unlink()
-        print(f"tests: {parts['tests']['status']}: {parts['tests']['figures']['summary']}", flush=True)
-        parts["train"] = run_part("train", limits["train"], args.smoke, log, ["--data", str(data)])
-        print(f"train: {parts['train']['status']} in {parts['train']['seconds']:.0f} s", flush=True)
+            if name in args.parts:
+                parts[name] = run_part(name, limits[name], args.smoke, log, [])
+                print(f"{name}: {parts[name]['status']} in {parts[name]['seconds']:.0f} s", flush=True)
+        if "memory" in args.parts:
+            memory_and_tests(parts, limits["memory"], args.smoke, log)
+        if "train" in args.parts:
+            parts["train"] = run_part("train", limits["train"], args.smoke, log, ["--data", str(data)])
+            print(f"train: {parts['train']['status']} in {parts['train']['seconds']:.0f} s", flush=True)
     record["seconds"] = round(time.monotonic() - started, 1)
     (out / "accelerator.json").write_text(json.dumps(record, indent=1))
     if prepared_here:
@@ -550,10 +568,23 @@ def drive(args: argparse.Namespace, argv: list[str]) -> int:
     print("\n" + render(record))
     print(f"wrote {out / 'accelerator.json'} and {out / 'accelerator.log'} ({record['seconds']:.0f} s in all)")
     bad = [f"{n}: {p['status']}" for n, p in parts.items() if p["status"] != "ok"]
-    bad += smoke_problems(record) if args.smoke else []
+    bad += smoke_problems(record) if args.smoke and set(args.parts) == set(LIMITS) else []
     if bad:
         print(f"not ok: {'; '.join(bad)} (see {out / 'accelerator.log'})", file=sys.stderr)
     return 1 if bad else 0
+
+
+def memory_and_tests(parts: dict, limit: float, smoke: bool, log: Any) -> None:
+    """The memory part, with the tests in the background for as long as it is allowed (not beside a timing part)."""
+    tests_log = pathlib.Path(tempfile.mkstemp(prefix="accel-tests-", suffix=".log")[1])
+    t_tests = time.monotonic()
+    tests = start_tests(smoke, tests_log)
+    parts["memory"] = run_part("memory", limit, smoke, log, [])
+    print(f"memory: {parts['memory']['status']} in {parts['memory']['seconds']:.0f} s", flush=True)
+    parts["tests"] = finish_tests(tests, tests_log, t_tests + limit, t_tests)
+    log.write("\n===== tests =====\n" + tests_log.read_text(errors="replace"))
+    tests_log.unlink()
+    print(f"tests: {parts['tests']['status']}: {parts['tests']['figures']['summary']}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,6 +689,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="results folder (default $OUT, else runs/accelerator)")
     p.add_argument("--data", help=f"prepared data folder (default {PREPARED.name}/data)")
     p.add_argument("--commit", help="the commit to record (a copy of the working tree has no .git)")
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        choices=tuple(LIMITS),
+        default=list(LIMITS),
+        help="the parts to run (the tests run with the memory part)",
+    )
+    p.add_argument("--limits", nargs="+", default=[], metavar="PART=SECONDS", help="change parts' time limits")
     p.add_argument("--render", metavar="FILE", help="print the results page of an accelerator.json")
     p.add_argument("--part", help=argparse.SUPPRESS)  # the driver's children
     p.add_argument("--result", help=argparse.SUPPRESS)
