@@ -58,14 +58,14 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # Seconds per part on the accelerator (the tests run inside the memory part's window), and at --smoke.
-LIMITS = {"env": 20, "update": 110, "memory": 200, "train": 150}
+LIMITS = {"env": 15, "update": 150, "memory": 205, "train": 110}
 SMOKE_LIMITS = {"env": 60, "update": 90, "memory": 150, "train": 120}
 # Nominal memory bandwidth (bytes/s, the vendors' datasheets), beside the measured copy bandwidth.
 NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 REFERENCES = {"fira": "fira", "galore_torch": "galore-torch", "apollo_torch": "apollo-torch"}
 # The update part's shapes: (hidden, intermediate, the authors' rank, layers).
 UPDATE_SHAPES = {"60m": (512, 1376, 128, 8), "1b": (2048, 5461, 512, 4)}
-SMOKE_UPDATE_SHAPES = {"tiny": (64, 172, 16, 1)}
+SMOKE_UPDATE_SHAPES = {"tiny": (64, 172, 16, 1), "tiny-2": (32, 88, 8, 2)}  # two: as many as the full run
 # The memory part's rows: (preset, optimizer, per-layer updates), the headline first.
 MEMORY_ROWS = [("7b", "fira", True), ("7b", "fira", False), ("1b", "fira", True), ("1b", "adamw", True),
                ("1b", "sgd", True), ("1b", "fira", False), ("1b", "adamw", False), ("1b", "sgd", False)]  # fmt: skip
@@ -227,9 +227,14 @@ def _torch_runners(torch: Any, make: Callable[[list, int], Any], params: dict, g
         sync()
         return time.perf_counter() - t0
 
-    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    def tensors_in(v: Any) -> list:  # a state entry, or the tensors an object in the state holds (a projector's basis)
+        if torch.is_tensor(v):
+            return [v]
+        return [t for t in vars(v).values() if torch.is_tensor(t)] if hasattr(v, "__dict__") else []
+
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for v in s.values() for t in tensors_in(v))
     return {"plain": opt.step, "sync": sync, "refresh": refresh, "compile_s": None, "state_bytes": state,
-            "temp_bytes": None}  # fmt: skip
+            "temp_bytes": None, "state_counts_objects": True}  # fmt: skip
 
 
 def _to_torch(torch: Any, x: Any, device: str) -> Any:
@@ -318,8 +323,8 @@ def part_update(smoke: bool, emit: Callable[[dict], None]) -> None:
                     return torch.optim.AdamW(tensors, lr=lr, foreach=True)
 
             runners["torch AdamW fused"] = _torch_runners(torch, fused, params, grads, device)
-        rows = {name: {"plain_s": float("inf"), "refresh_s": float("inf"), "compile_s": r["compile_s"],
-                       "state_bytes": r["state_bytes"], "temp_bytes": r["temp_bytes"]}
+        keep = ("compile_s", "state_bytes", "temp_bytes", "state_counts_objects")
+        rows = {name: {"plain_s": float("inf"), "refresh_s": float("inf")} | {k: r[k] for k in keep if k in r}
                 for name, r in runners.items()}  # fmt: skip
         record = {"hidden": h, "intermediate": inter, "rank": rank, "layers": layers, "params": n_params,
                   "repeats": repeats, "rounds": rounds, "rows": rows}  # fmt: skip
@@ -425,7 +430,7 @@ def part_memory(smoke: bool, emit: Callable[[dict], None], deadline: float) -> N
 def part_train(smoke: bool, emit: Callable[[dict], None], data: pathlib.Path) -> None:
     out: dict[str, Any] = {"runs": {}}
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="accel-train-"))
-    base = ["--recipe", "paper-60m", "--steps", "100", "--eval-every", "100", "--eval-batches", "4"]
+    base = ["--recipe", "paper-60m", "--steps", "60", "--eval-every", "60", "--eval-batches", "4"]
     if smoke:
         base = ["--preset", "micro", "--steps", "6", "--eval-every", "6", "--eval-batches", "1", "--batch-size", "4",
                 "--seq-len", "32", "--log-every", "2"]  # fmt: skip
@@ -486,6 +491,7 @@ def run_part(name: str, limit: float, smoke: bool, log: Any, extra: list[str]) -
     cmd += ["--smoke"] if smoke else []
     log.write(f"\n===== {name} (limit {limit:.0f} s) =====\n")
     log.flush()
+    start = log.tell()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -498,9 +504,14 @@ def run_part(name: str, limit: float, smoke: bool, log: Any, extra: list[str]) -
     seconds = time.perf_counter() - t0
     figures = json.loads(result.read_text()) if result.stat().st_size else {}
     result.unlink()
+    log.flush()
+    with open(log.name, errors="replace") as f:  # what the part said last: why it failed, where it stopped
+        f.seek(start)
+        said = [line.rstrip() for line in f.read().splitlines() if line.strip()]
     log.write(f"===== {name}: {status} in {seconds:.0f} s =====\n")
     log.flush()
-    return {"status": status, "seconds": round(seconds, 1), "limit_s": limit, "figures": figures}
+    out = {"status": status, "seconds": round(seconds, 1), "limit_s": limit, "figures": figures}
+    return out | ({"last_output": said[-3:]} if status != "ok" else {})
 
 
 def start_tests(smoke: bool, log_path: pathlib.Path) -> subprocess.Popen:
@@ -612,7 +623,9 @@ def render(saved: dict) -> str:
               f"nvidia-smi: {env.get('nvidia_smi', 'n/a')}; torch {env.get('versions', {}).get('torch', 'n/a')} on "
               f"{env.get('torch_device', 'n/a')}.", ""]  # fmt: skip
     lines += ["| part | status | seconds | limit s |", "|---|---|---|---|"]
-    lines += [f"| {n} | {p['status']} | {p['seconds']:.0f} | {p.get('limit_s', '')} |" for n, p in parts.items()]
+    lines += [f"| {n} | {p['status']} | {p['seconds']:.0f} | {p.get('limit_s', 0):.0f} |" for n, p in parts.items()]
+    for n, p in parts.items():
+        lines += [f"- {n}, its last output: `{line}`" for line in p.get("last_output", [])]
     bw = env.get("copy_bandwidth")
     nominal = next((v for k, v in NOMINAL_BANDWIDTH.items() if k in device.get("kind", "")), None)
     if bw:
@@ -631,30 +644,39 @@ def render(saved: dict) -> str:
         torch_fira = rows.get("torch FiraAdamW", {}).get("plain_s")
         for name, r in rows.items():
             ratio = lambda base, r=r: f"{r['plain_s'] / base:.2f}x" if base and r["plain_s"] != float("inf") else "-"  # noqa: E731
+            # The first run counted a torch optimizer's state tensors but not its projector's basis: not shown.
+            counted = "AdamW" not in name or "fused" in name or r.get("state_counts_objects")
+            state = f"{r['state_bytes'] / 2**20:.1f}" if counted else "n/a"
             lines.append(f"| {name} | {_ms(r['plain_s'])} | {_ms(r['refresh_s'])} | {ratio(adamw)} | "
-                         f"{ratio(torch_fira)} | {r['state_bytes'] / 2**20:.1f} |")  # fmt: skip
+                         f"{ratio(torch_fira)} | {state} |")  # fmt: skip
         if adamw and adamw != float("inf"):
             eff = 28 * rec["params"] / adamw
             share = f", {eff / bw['bytes_per_s']:.0%} of the measured copy bandwidth" if bw else ""
             lines += ["", f"optax.adamw moves 28 bytes per weight: {eff / 1e12:.2f} TB/s effective{share}."]
     mem = parts.get("memory", {}).get("figures", {})
     if mem.get("rows"):
+        first = mem["rows"][0]
         lines += ["", "## Train-step memory, executed", "",
-                  "`peak_bytes_in_use` after each step (the process's high-water mark) beside the compiler's analysis "
-                  "of the same compiled step (arguments + outputs + temporaries - aliased); bf16, Fira with "
-                  "svd='subspace' refreshed by shape.", "",
-                  "| preset | optimizer | per-layer | tokens | in use before GiB | peak after refresh GiB "
-                  "| peak after plain GiB | analysed GiB | compile s |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "The real train step (`lm/step.py`), one process per row, bf16, "
+                  f"{first['tokens'][0]} x {first['tokens'][1]} tokens, vocabulary {first['vocab']:,}; Fira with "
+                  "svd='subspace' refreshed by shape. `peak_bytes_in_use` is the process's high-water mark: before "
+                  "the first step (initialisation, compilation), after a refresh step and after a plain step. "
+                  "*Added* is the peak after both steps minus the bytes in use before them; the compiler's "
+                  "figure for the same thing is its peak (arguments + outputs + temporaries - aliased) minus the "
+                  "arguments.", "",
+                  "| preset | optimizer | per-layer | in use before GiB | peak before GiB | peak after refresh GiB "
+                  "| peak after plain GiB | analysed peak GiB | added GiB | analysed added GiB | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         order = {(p, o, pl): i for i, (p, o, pl) in enumerate(MEMORY_ROWS + SMOKE_MEMORY_ROWS)}
         for r in sorted(mem["rows"], key=lambda r: order.get((r["preset"], r["optimizer"], r["per_layer"]), 99)):
-            peak = lambda key, r=r: (r.get(key) or {}).get("peak_bytes_in_use")  # noqa: E731
-            before = (r.get("before") or {}).get("bytes_in_use")
-            cells = [r["preset"], r["optimizer"], "yes" if r["per_layer"] else "no", "{} x {}".format(*r["tokens"]),
-                     _gib(before), _gib(peak("after_refresh")), _gib(peak("after_plain")),
-                     _gib(r["analysed_peak_bytes"]), f"{r['compile_s']:.0f}"]  # fmt: skip
+            stat = lambda when, key, r=r: (r.get(when) or {}).get(key)  # noqa: E731
+            before, last = stat("before", "bytes_in_use"), stat("after_plain", "peak_bytes_in_use")
+            cells = [r["preset"], r["optimizer"], "yes" if r["per_layer"] else "no", _gib(before),
+                     _gib(stat("before", "peak_bytes_in_use")), _gib(stat("after_refresh", "peak_bytes_in_use")),
+                     _gib(last), _gib(r["analysed_peak_bytes"]), _gib(None if last is None else last - before),
+                     _gib(r["analysed_peak_bytes"] - r["argument_bytes"]), f"{r['compile_s']:.0f}"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
-        lines += [f"- not measured: {f['row']}: {f['why']}" for f in mem.get("failed", [])]
+        lines += [f"- not measured: {' '.join(map(str, f['row']))}: {f['why']}" for f in mem.get("failed", [])]
     runs = parts.get("train", {}).get("figures", {}).get("runs", {})
     if runs:
         lines += ["", "## Training throughput", "",

@@ -68,8 +68,15 @@ def bench_jax(tx: optax.GradientTransformation, params: dict, grads: dict) -> di
 
 
 def load_torch_reference(package: str, module: str) -> tuple[types.ModuleType, type] | None:
-    """torch and the authors' ``package.module.AdamW``, loaded without the package's ``__init__``."""
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec(package) is None:
+    """torch and the authors' ``package.module.AdamW``, loaded without the package's ``__init__``
+    (again and again: the stand-in package this puts in ``sys.modules`` has no spec to find)."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    if package in sys.modules:
+        import torch
+
+        return torch, importlib.import_module(f"{package}.{module}").AdamW
+    if importlib.util.find_spec(package) is None:
         return None
     import torch
 

@@ -11,6 +11,11 @@
   through the environment, for the subprocesses tests start), so a program that several tests
   compile alike (the same model and optimizer, another seed) is compiled once: the suite runs
   about a fifth faster on 2 cores. Nothing outlives the session.
+- Float32 matrix products run at full float32 precision (``jax_default_matmul_precision``
+  ``"highest"``), also on accelerators whose default is lower (TF32 on NVIDIA GPUs since Ampere,
+  bf16 passes on TPUs): the tests compare against float64 NumPy transcriptions, i.e. they check
+  the equations, not the device's default rounding. On the H200 without this, 86 of 352 core tests
+  failed by up to 3.4e-3 (results/accelerator.md); see docs/devices.md.
 """
 
 import atexit
@@ -19,6 +24,7 @@ import pathlib
 import shutil
 import tempfile
 
+import jax
 import pytest
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -26,12 +32,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ |= {"JAX_COMPILATION_CACHE_DIR": _cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # fmt: skip
-    import jax
-
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")  # and in the processes tests start
+jax.config.update("jax_default_matmul_precision", "highest")
 
 MARKERS = {
     "test_alias": ("core",),

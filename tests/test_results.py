@@ -13,6 +13,7 @@ RESULTS = ROOT / "results"
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import accelerator  # noqa: E402
 import bench_refresh  # noqa: E402
 import compare  # noqa: E402
 import finetune_demo  # noqa: E402
@@ -22,7 +23,8 @@ from lm import sweep  # noqa: E402
 
 RENDER = {"compare.json": compare.render, "rank_sweep.json": sweep.render, "similarity.json": similarity.render,
           "finetune.json": finetune_demo.render, "family_sweep.json": sweep.render_family,
-          "refresh_7b.json": bench_refresh.render}  # fmt: skip
+          "refresh_7b.json": bench_refresh.render, "accelerator.json": accelerator.render,
+          "accelerator_update.json": accelerator.render}  # fmt: skip
 MARKER = re.compile(r"<!-- table from (results/[\w/.-]+\.md) -->")
 
 
