@@ -71,7 +71,9 @@ class Layout(NamedTuple):
 
 
 def side(proj_type: str, m: int, n: int) -> str:
-    """The side an m × n matrix is projected on: ``std`` keeps the smaller state."""
+    """The side an m × n matrix is projected on: ``std`` the smaller dimension's (right if m ≥ n), so
+    the basis is the smaller one and the moments the larger (m × r): for m > n it keeps more state
+    than ``reverse_std`` (2 m r + r n against 2 r n + m r; docs/semantics.md has the table)."""
     if proj_type == "std":
         return "right" if m >= n else "left"
     if proj_type == "reverse_std":

@@ -258,7 +258,9 @@ def scale_by_galore(
         a chain with a stateless transformation such as ``optax.clip_by_global_norm`` (which then
         sees the low-rank update only), and so on. Its state is low-rank.
       proj_type: which side each m × n matrix is projected on: ``"std"`` right if m ≥ n else left
-        (the smaller state), ``"reverse_std"`` the opposite, ``"right"``, ``"left"`` or ``"full"``.
+        (the authors' default: the smaller basis, the larger moments), ``"reverse_std"`` the
+        opposite (the smaller state when m ≠ n), ``"right"``, ``"left"`` or ``"full"``; the state
+        each keeps is tabled in docs/semantics.md.
       mask: which leaves to project: a pytree of bools or a callable from the params to one (as
         in :func:`optax.masked`); default every leaf with at least 2 dimensions. See
         :func:`fira_jax.mask_by_path`.

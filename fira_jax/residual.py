@@ -32,6 +32,9 @@ from fira_jax.layout import Layout
 
 GRANULARITIES = ("column", "matrix", "none")
 NORM_EPS = 1e-8  # the reference's constant in the denominators of the scaling factor and the limiter
+# residual_norm forms the complement when the shortcut keeps less than this share of ||phi G||^2
+# (its relative error is then at most about eps32 / CANCELLATION).
+CANCELLATION = 0.25
 
 
 def _phi_axis(low: jax.Array, layout: Layout) -> int:
@@ -140,8 +143,26 @@ def residual(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array, resi
 
 
 def residual_norm(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array, residual_scale: Any) -> jax.Array:
-    """``||S||_F`` of :func:`residual` per matrix (shape ``batch``), in float32, without forming S
-    where the factored identity holds (module docstring)."""
+    r"""``||S||_F`` of :func:`residual` per matrix (shape ``batch``), in float32.
+
+    Where the factored identity holds (module docstring), S is not formed:
+    :math:`\|S\|^2 = \|\phi G\|^2 - (2s - s^2) \|\phi R\|^2`. That difference cancels when
+    ``s`` is near 1 and G lies almost inside the subspace (the paper's form of the residual, s = 1,
+    right after a refresh), so when it falls below :data:`CANCELLATION` of
+    :math:`\|\phi G\|^2` the complement :math:`E = G - \text{back}(R)` is formed instead and
+    :math:`\|S\|^2 = (1 - s)^2 \|\phi R\|^2 + \|\phi E\|^2`, a sum of two non-negative terms
+    (one more product with the basis, only then: a ``lax.cond``).
+
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> from fira_jax.basis import Basis
+      >>> lay = fira_jax.Layout("w", (1, 2), (0, 1), 1, (), 1, 2, 1, "right")
+      >>> basis = Basis(None, jnp.array([[1.0, 0.0]]), lay)  # the subspace: G's first coordinate
+      >>> g = jnp.array([[1.0, 1e-4]])  # almost inside it
+      >>> norm = fira_jax.residual_norm(g, basis.project(g), basis, jnp.ones((1, 1)), 1.0)
+      >>> round(float(norm), 10)  # the 1e-4 outside (the shortcut 1 + 1e-8 - 1 would give 0 in float32)
+      0.0001
+    """
     bases = [b for b in (basis.left, basis.right) if b is not None]
     precise = all(jnp.finfo(b.dtype).bits >= 32 for b in bases)
     if not (_factored(phi, basis.layout.side) and precise):
@@ -151,7 +172,15 @@ def residual_norm(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array,
     phi_g2 = jnp.square(_like_grad(phi, grad, basis.layout).astype(jnp.float32))
     g2 = jnp.sum(phi_g2 * jnp.square(grad.astype(jnp.float32)), axis=(-2, -1))
     r2 = jnp.sum(jnp.square(phi.astype(jnp.float32)) * jnp.square(low.astype(jnp.float32)), axis=(-2, -1))
-    return jnp.sqrt(jnp.maximum(g2 - (2 * s - s * s) * r2, 0.0))
+    shortcut = g2 - (2 * s - s * s) * r2
+
+    def formed() -> jax.Array:
+        g = grad.astype(jnp.float32)
+        complement = g - basis.back(low.astype(jnp.float32), like=g)
+        return jnp.square(1 - s) * r2 + jnp.sum(phi_g2 * jnp.square(complement), axis=(-2, -1))
+
+    exact = jax.lax.cond(jnp.all(shortcut >= CANCELLATION * g2), lambda: shortcut, formed)
+    return jnp.sqrt(jnp.maximum(exact, 0.0))
 
 
 def fira_update(

@@ -103,3 +103,16 @@ def test_updates_keep_each_leafs_layout_and_dtype():
 def test_bad_arguments_raise_at_build(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fira_jax.scale_by_fira(**({"rank": 2, "update_proj_gap": 5} | kwargs))
+
+
+@pytest.mark.parametrize(
+    "proj_type, elements",
+    [("std", 40), ("reverse_std", 32), ("right", 40), ("left", 32), ("full", 32)],
+)
+def test_state_per_proj_type_is_docs_table(proj_type, elements):
+    """docs/semantics.md's table: GaLore's moments and basis for one 8 x 4 matrix at rank 2
+    (``std`` keeps the larger moments, so more state than ``reverse_std`` when m > n)."""
+    tx = fira_jax.scale_by_galore(rank=2, proj_type=proj_type)
+    state = tx.init({"w": jnp.zeros((8, 4))})
+    matrices = [x for x in jax.tree.leaves(state) if hasattr(x, "ndim") and x.ndim >= 2]
+    assert sum(x.size for x in matrices) == elements

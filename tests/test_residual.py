@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import fira_jax
+from fira_jax.basis import Basis
 from fira_jax.layout import layout
 
 
@@ -107,3 +108,29 @@ def test_stacked_matrices_have_their_own_factors():
         np.asarray(phi)[..., 0], np.linalg.norm(n, axis=-1) / (np.linalg.norm(r, axis=-1) + 1e-8), rtol=1e-5
     )
     assert fira_jax.scaling_factor(jnp.asarray(n), jnp.asarray(r), lay, "matrix").shape == (2, 1, 1)
+
+
+@pytest.mark.parametrize("s", [0.25, 0.9, 1.0])
+def test_residual_norm_is_exact_where_the_shortcut_cancels(variant, s):
+    """||S|| against float64 for G = rank 32 + noise (1e-1 ... 1e-5, and none), P its exact top-32
+    right singular vectors: with s near 1 the shortcut ||phi G||^2 - (2s - s^2) ||phi R||^2 cancels
+    (at s = 1 and noise 1e-4 it gave 0 for a norm of 0.045); residual_norm must not. The bound is
+    float32's: an error within 1e-6 of ||phi G||, and within 1e-5 of ||S|| while ||S|| is at least
+    1e-4 of ||phi G||."""
+    m, n, r = 512, 256, 32
+    rng = np.random.default_rng(0)
+    lay = fira_jax.Layout("w", (m, n), (0, 1), 1, (), m, n, r, "right")
+    phi = rng.uniform(0.5, 2.0, (m, 1)).astype(np.float32)
+    for noise in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 0.0):
+        signal = rng.standard_normal((m, r)) @ rng.standard_normal((r, n)) / np.sqrt(r)
+        g = (signal + noise * rng.standard_normal((m, n))).astype(np.float32)
+        vh = np.linalg.svd(g.astype(np.float64), full_matrices=False)[2][:r].astype(np.float32)
+        basis = Basis(None, jnp.asarray(vh), lay)
+        low = basis.project(jnp.asarray(g))
+        g64, p64, phi64 = g.astype(np.float64), vh.astype(np.float64), phi.astype(np.float64)
+        true = np.linalg.norm(phi64 * (g64 - s * (g64 @ p64.T) @ p64))
+        scale = np.linalg.norm(phi64 * g64)
+        got = float(variant(fira_jax.residual_norm)(jnp.asarray(g), low, basis, jnp.asarray(phi), s))
+        assert abs(got - true) <= 1e-6 * scale, (noise, got, true)
+        if true >= 1e-4 * scale:
+            assert abs(got - true) <= 1e-5 * true, (noise, got, true)
