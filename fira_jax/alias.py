@@ -99,12 +99,15 @@ def fira(
       gamma: the limiter's growth bound (``inf`` disables it).
       proj_type: ``"std"``, ``"reverse_std"``, ``"right"`` or ``"left"``
         (``"full"`` is GaLore-only: the column scaling is undefined there).
-      mask: which leaves get Fira (see :func:`fira_jax.mask_by_path`); default
-        every leaf with at least 2 dimensions.
+      mask: which leaves get Fira (see :func:`fira_jax.mask_by_path`); default every
+        floating-point leaf with exactly 2 dimensions, and those with more whose ``axes`` are
+        declared (:func:`fira_jax.layout.selection` says which leaves are left full-rank).
       base_optimizer: run this optax transformation in the subspace instead of
         Adam (e.g. :func:`optax.scale_by_lion`). No Adam bias correction is
         then applied; ``b1``, ``b2`` and ``eps`` are unused.
-      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`).
+      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`, a pytree of them,
+        or :func:`fira_jax.axes_by_path`); a leaf with more than 2 axes is projected only where
+        they are declared.
       granularity: ``"column"`` (Fira), ``"matrix"`` (one factor per matrix)
         or ``"none"`` (no scaling: phi = 1) — the paper's Table 5 ablations.
       residual_scale: the multiple of ``P P^T G`` removed from G in step 3;
@@ -191,7 +194,9 @@ def galore(
       proj_type: ``"std"``, ``"reverse_std"``, ``"right"``, ``"left"`` or ``"full"``.
       mask: which leaves to project; default every leaf with at least 2 dims.
       base_optimizer: run this optax transformation in the subspace instead of Adam.
-      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`).
+      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`, a pytree of them,
+        or :func:`fira_jax.axes_by_path`); a leaf with more than 2 axes is projected only where
+        they are declared.
       canonical_signs: fix the singular vectors' signs.
       mu_dtype: dtype of Adam's first moment.
       basis_dtype: dtype of the stored bases.
@@ -282,13 +287,16 @@ def apollo(
       proj_type: ``"std"``, ``"reverse_std"``, ``"right"`` or ``"left"``. The reference's
         channel-wise factor broadcasts for ``"std"`` only; here it always runs along the rank
         axis, which is the reference's for ``"std"``.
-      mask: which leaves are projected (see :func:`fira_jax.mask_by_path`); default every leaf
-        with at least 2 dimensions.
+      mask: which leaves are projected (see :func:`fira_jax.mask_by_path`); default every
+        floating-point leaf with exactly 2 dimensions, and those with more whose ``axes`` are
+        declared.
       base_optimizer: run this optax transformation in the subspace instead of Adam. No Adam
         bias correction is then applied; ``b1``, ``b2`` and ``eps`` are unused.
       scale_type: ``"channel"`` or ``"tensor"`` (see :func:`fira_jax.scale_by_apollo`).
       proj: ``"random"`` or ``"svd"`` (see :func:`fira_jax.scale_by_apollo`).
-      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`).
+      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`, a pytree of them,
+        or :func:`fira_jax.axes_by_path`); a leaf with more than 2 axes is projected only where
+        they are declared.
       mu_dtype: dtype of Adam's first moment.
       basis_dtype: dtype of the stored projections.
       svd: the SVD method when ``proj="svd"`` (see :func:`fira_jax.scale_by_galore`).
@@ -357,8 +365,11 @@ def apollo_mini(
       eps: Adam's epsilon.
       weight_decay: decoupled weight decay, applied after the step.
       gamma: the limiter's growth bound.
-      mask: which leaves are projected; default every leaf with at least 2 dimensions.
-      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`).
+      mask: which leaves are projected; default every floating-point leaf with exactly 2
+        dimensions, and those with more whose ``axes`` are declared.
+      axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`, a pytree of them,
+        or :func:`fira_jax.axes_by_path`); a leaf with more than 2 axes is projected only where
+        they are declared.
       mu_dtype: dtype of Adam's first moment.
       seed: seed of the random projections.
       weight_decay_mask: which leaves are decayed.

@@ -7,6 +7,7 @@ wherever it is needed (at init, at every update) and is never stored in the stat
 """
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -24,9 +25,10 @@ class MatrixAxes(NamedTuple):
     The leaf is viewed as a stack of (rows × cols) matrices: ``rows`` and
     ``cols`` name one axis or a tuple of axes each (flattened, in that order);
     every other axis indexes independent matrices, each with its own basis,
-    moments, scaling factors and limiter norm. The default for a selected leaf
-    is ``MatrixAxes(rows=-2, cols=-1)``, which treats layers stacked by
-    ``nnx.scan`` as separate matrices.
+    moments, scaling factors and limiter norm. ``MatrixAxes()`` (rows -2, cols
+    -1) declares a stack of matrices over the leading axes, as ``nnx.scan``
+    stacks layers. A 2-D leaf needs no declaration; a leaf with more axes is
+    projected only where one is given (:func:`fira_jax.axes_by_path`).
 
     Example: a ``DenseGeneral`` kernel of shape (embed, heads, head_dim) is one
     embed × (heads·head_dim) matrix with ``MatrixAxes(rows=0, cols=(1, 2))``.
@@ -129,20 +131,114 @@ def layout(path: str, leaf: Any, axes: MatrixAxes | None, rank: int, proj_type: 
 
 
 def layouts(tree: Any, rank: int, proj_type: str, mask: masks.Mask = None, axes: Any = None) -> list[Layout | None]:
-    """The :class:`Layout` of every leaf of ``tree`` (None for unselected leaves).
+    """The :class:`Layout` of every leaf of ``tree`` (None for leaves left full-rank).
 
     Raises a ValueError or TypeError naming the leaf's path when a selected
-    leaf cannot be projected.
+    leaf cannot be projected. :func:`selection` also says why a leaf was left full-rank.
+    """
+    return selection(tree, rank, proj_type, mask, axes)[0]
+
+
+def selection(
+    tree: Any, rank: int, proj_type: str, mask: masks.Mask = None, axes: Any = None
+) -> tuple[list[Layout | None], list[tuple[str, str]]]:
+    """Which leaves are projected, and how; and the ``(path, reason)`` of each leaf left full-rank.
+
+    The matrix of a leaf is declared, never guessed:
+
+    * With the default ``mask`` (None) and ``axes`` declared leaf by leaf (a pytree, a callable,
+      :func:`fira_jax.axes_by_path`), exactly the floating-point leaves with declared axes are
+      projected. Otherwise (``axes`` None, or one :class:`MatrixAxes` for every leaf) the
+      floating-point leaves with exactly two axes are, and those with more only where a
+      :class:`MatrixAxes` for every leaf declares them: an undeclared leaf with more axes (a
+      ``DenseGeneral`` or ``MultiHeadAttention`` kernel, a stack of layers) is left full-rank.
+    * With an explicit ``mask``, a selected leaf with fewer than two axes or not floating is an
+      error; one with more axes and no declared ``axes`` is left full-rank.
+    * Either way, a matrix whose smaller side is at most ``rank`` is left full-rank: projecting
+      it would keep at least Adam's state and add a decomposition every refresh.
+
+    Leaves left full-rank get the subspace optimizer on their whole gradient (as unselected leaves
+    do); the transformations' ``init`` logs them once (logger ``"fira_jax"``, a warning).
     """
     with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
-    selected = masks.resolve_per_leaf(tree, mask, lambda x: getattr(x, "ndim", 0) >= 2, "mask")
     if isinstance(axes, MatrixAxes):
-        leaf_axes = [axes] * len(with_path)
+        leaf_axes: list[Any] = [axes] * len(with_path)
     else:
         leaf_axes = masks.resolve_per_leaf(tree, axes, lambda x: None, "axes")
-    out = []
+
+    if mask is None:
+        per_leaf = axes is not None and not isinstance(axes, MatrixAxes)
+        selected = [getattr(leaf, "ndim", 0) >= 2 and masks.is_float(leaf) and (ax is not None or not per_leaf)
+                    for (_, leaf), ax in zip(with_path, leaf_axes, strict=True)]  # fmt: skip
+    else:
+        selected = masks.resolve_per_leaf(tree, mask, lambda x: None, "mask")
+    out: list[Layout | None] = []
+    skipped: list[tuple[str, str]] = []
     for (path, leaf), sel, ax in zip(with_path, selected, leaf_axes, strict=True):
+        name = masks.path_str(path)
         if not isinstance(sel, bool | np.bool_):
-            raise TypeError(f"`mask` must hold bools; got {sel!r} for leaf '{masks.path_str(path)}'.")
-        out.append(layout(masks.path_str(path), leaf, ax, rank, proj_type) if sel else None)
-    return out
+            raise TypeError(f"`mask` must hold bools; got {sel!r} for leaf '{name}'.")
+        if not sel:
+            out.append(None)
+            continue
+        if getattr(leaf, "ndim", 0) > 2 and ax is None:
+            skipped.append((name, f"shape {tuple(leaf.shape)}: more than 2 axes and no `axes` declared for it"))
+            out.append(None)
+            continue
+        lay = layout(name, leaf, ax, rank, proj_type)
+        if rank >= min(lay.m, lay.n):
+            skipped.append((name, f"{lay.m} x {lay.n} matrix: rank {rank} is not below its smaller side"))
+            out.append(None)
+            continue
+        out.append(lay)
+    return out, skipped
+
+
+def axes_by_path(rules: dict[str, MatrixAxes]) -> Callable[[Any], Any]:
+    """Declares the matrix of each leaf whose '/'-joined path contains a pattern (the first that matches).
+
+    For leaves with more than two axes, whose matrix :func:`fira_jax.fira` and the others never
+    guess. With the default ``mask``, exactly the declared leaves are projected, so a scanned
+    model's stacked norm scales or biases (2-D, but not matrices) are left out unless declared.
+
+    Common layouts (``nnx`` names):
+
+    * a stack of layers made by ``nnx.scan`` / ``nnx.vmap`` (layers, m, n): ``MatrixAxes()``;
+    * ``nnx.MultiHeadAttention``'s query, key and value kernels (features, heads, head_dim):
+      ``MatrixAxes(rows=0, cols=(1, 2))``; its output kernel (heads, head_dim, features):
+      ``MatrixAxes(rows=(0, 1), cols=2)``; scanned, with a leading layer axis, each axis + 1;
+    * a ``DenseGeneral`` kernel: its input axes as ``rows``, its output axes as ``cols``.
+
+    Args:
+      rules: pattern -> :class:`MatrixAxes`.
+
+    Returns:
+      A callable from the params to a pytree of :class:`MatrixAxes` or None, the ``axes`` of
+      :func:`fira_jax.fira`, :func:`fira_jax.galore`, :func:`fira_jax.apollo` and the
+      ``scale_by_*`` transformations.
+
+    Example:
+      >>> import jax.numpy as jnp, fira_jax
+      >>> from fira_jax import MatrixAxes
+      >>> params = {"query": {"kernel": jnp.zeros((64, 4, 16))}, "out": {"kernel": jnp.zeros((4, 16, 64))},
+      ...           "norm": {"scale": jnp.zeros(64)}}
+      >>> axes = fira_jax.axes_by_path({"query": MatrixAxes(rows=0, cols=(1, 2)),  # features x heads.head_dim
+      ...                               "out": MatrixAxes(rows=(0, 1), cols=2)})
+      >>> state = fira_jax.scale_by_fira(rank=8, update_proj_gap=10, axes=axes).init(params)
+      >>> state.right["query"]["kernel"].shape  # one 64 x 64 matrix, rank 8
+      (8, 64)
+    """
+    if not isinstance(rules, dict) or not rules:
+        raise TypeError(f"axes_by_path needs a non-empty dict of pattern -> MatrixAxes, got {rules!r}.")
+    for pattern, ax in rules.items():
+        if not isinstance(pattern, str) or not pattern or not isinstance(ax, MatrixAxes):
+            raise TypeError(f"axes_by_path: {pattern!r}: {ax!r} is not a pattern (str) -> MatrixAxes rule.")
+
+    def axes_fn(params: Any) -> Any:
+        def declare(path: tuple[Any, ...], leaf: Any) -> MatrixAxes | None:
+            name = masks.path_str(path)
+            return next((ax for pattern, ax in rules.items() if pattern in name), None)
+
+        return jax.tree_util.tree_map_with_path(declare, params)
+
+    return axes_fn

@@ -21,6 +21,7 @@ optimizer's output. Every value passes from one step to the next as an argument:
 carried beside the arrays, and the state is a :class:`LowRankState` of arrays.
 """
 
+import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,10 +33,12 @@ from fira_jax import masks, sharding
 from fira_jax._validation import check_choice, check_float, check_int
 from fira_jax.adam import scale_by_adam
 from fira_jax.basis import RANDOM_METHODS, SVD_METHODS, Basis, default_basis
-from fira_jax.layout import PROJ_TYPES, Layout, layouts
+from fira_jax.layout import PROJ_TYPES, Layout, layouts, selection
 from fira_jax.limiter import limit_norm_growth
 from fira_jax.projection import refresh_bases
 from fira_jax.residual import GRANULARITIES, fira_update, residual_norm, scaled_gradient, scaling_factor
+
+_log = logging.getLogger("fira_jax")
 
 
 class LowRankState(NamedTuple):
@@ -143,7 +146,13 @@ def _scale_by_low_rank(
     def init_fn(params: Any) -> LowRankState:
         slots, treedef = sharding.flatten(params)
         left, right, proxies, norms = [], [], [], []
-        for slot, lay in zip(slots, tree_layouts(sharding.pure(params)), strict=True):
+        lays, skipped = selection(sharding.pure(params), rank, proj_type, mask, axes)
+        if skipped:
+            _log.warning(
+                "fira_jax: %d selected leaves left full-rank (the subspace optimizer on their whole gradient): %s",
+                len(skipped), "; ".join(f"{path} ({why})" for path, why in skipped),
+            )  # fmt: skip
+        for slot, lay in zip(slots, lays, strict=True):
             if lay is None:
                 left.append(optax.MaskedNode())
                 right.append(optax.MaskedNode())
@@ -249,7 +258,8 @@ def scale_by_galore(
     the learning rate and weight decay.
 
     Args:
-      rank: the subspace's dimension ``r`` (an int ≥ 1); the effective rank is ``min(rank, m, n)``.
+      rank: the subspace's dimension ``r`` (an int ≥ 1); a matrix whose smaller side is at most
+        ``rank`` is left full-rank.
       update_proj_gap: ``T``, steps between refreshes of the bases (≥ 1).
       scale: the low-rank update's scale (``alpha``; 0.25 in the papers' pre-training runs).
       base_optimizer: the optimizer in the subspace, any optax transformation that does not need
@@ -262,11 +272,16 @@ def scale_by_galore(
         opposite (the smaller state when m ≠ n), ``"right"``, ``"left"`` or ``"full"``; the state
         each keeps is tabled in docs/semantics.md.
       mask: which leaves to project: a pytree of bools or a callable from the params to one (as
-        in :func:`optax.masked`); default every leaf with at least 2 dimensions. See
-        :func:`fira_jax.mask_by_path`.
-      axes: which axes form each leaf's matrix: a :class:`fira_jax.MatrixAxes`, a pytree of them
-        (None for the default), or a callable from the params to one. Default: the last two
-        axes; leading axes index independent matrices.
+        in :func:`optax.masked`); default every floating-point leaf with exactly 2 dimensions,
+        and those with more whose ``axes`` are declared. See :func:`fira_jax.mask_by_path`. A
+        selected matrix whose smaller side is at most ``rank``, or a leaf with more than 2 axes
+        and no declared ``axes``, is left full-rank (``init`` logs which;
+        :func:`fira_jax.layout.selection`).
+      axes: which axes form each leaf's matrix: a :class:`fira_jax.MatrixAxes` (for every leaf),
+        a pytree of them (None: undeclared), a callable from the params to one, or
+        :func:`fira_jax.axes_by_path`. A 2-D leaf is its own matrix; a leaf with more axes is
+        projected only where declared (``MatrixAxes()`` declares a stack of matrices over the
+        leading axes, as ``nnx.scan`` makes them).
       canonical_signs: fix each singular vector's sign so that its largest entry is positive. SVD
         signs are implementation-defined (LAPACK, cuSOLVER and TPU differ), and because the
         moments carry over across refreshes the signs shape the trajectory; this makes runs
@@ -314,6 +329,7 @@ def scale_by_galore(
       Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
       <https://arxiv.org/abs/2403.03507>`_, 2024.
     """
+    check_float("scale", scale, low=0.0, high=float("inf"), high_open=False)
     return _scale_by_low_rank(
         rank, update_proj_gap, base_optimizer, proj_type, mask, leaf_update=_galore_leaf(scale), limited=False,
         axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, oversample=oversample,
@@ -374,7 +390,7 @@ def scale_by_fira(
 
     Example:
       >>> import jax.numpy as jnp, fira_jax
-      >>> tx = fira_jax.scale_by_fira(rank=2, update_proj_gap=10)
+      >>> tx = fira_jax.scale_by_fira(rank=2, update_proj_gap=10, axes=fira_jax.MatrixAxes())  # w: a stack
       >>> state = tx.init({"w": jnp.ones((3, 6, 4)), "b": jnp.zeros(4)})
       >>> state.norms["w"].shape  # the limiter keeps one norm per stacked matrix
       (3,)
@@ -390,6 +406,9 @@ def scale_by_fira(
         )
     check_choice("granularity", granularity, GRANULARITIES)
     check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
+    check_float("scale", scale, low=0.0, high=float("inf"), high_open=False)
+    if residual_scale is not None:
+        check_float("residual_scale", residual_scale, low=0.0, high=float("inf"), high_open=False)
     leaf_update = _fira_leaf(scale, granularity, scale if residual_scale is None else residual_scale, gamma)
     return _scale_by_low_rank(
         rank, update_proj_gap, base_optimizer, proj_type, mask, leaf_update=leaf_update, limited=True, axes=axes,

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Mask = Any  # a pytree of bools, or a callable from params to one, or None
 
@@ -107,7 +108,14 @@ def resolve_per_leaf(tree: Any, spec: Any, default: Callable[[Any], Any], what: 
     try:
         return treedef.flatten_up_to(spec)
     except (ValueError, TypeError) as err:
+        hint = ""
+        if isinstance(spec, bool | np.bool_) or getattr(spec, "shape", None) == ():
+            hint = (
+                f" A single {spec!r} where a pytree was expected is what optax.inject_hyperparams makes of a "
+                f"callable `{what}`: it calls every callable argument as a schedule of the step. Name it static: "
+                f'optax.inject_hyperparams(fira_jax.fira, static_args=("rank", "{what}"))(...).'
+            )
         raise ValueError(
             f"`{what}` must be a pytree with the structure of the parameters "
-            f"(or a callable returning one); it does not match: {err}"
+            f"(or a callable returning one); it does not match: {str(err).rstrip('.')}.{hint}"
         ) from None

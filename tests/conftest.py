@@ -92,7 +92,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(params=["jit", "no_jit"])
 def variant(request: pytest.FixtureRequest):
-    """``jax.jit`` or the identity: a test taking ``variant`` runs its function both ways."""
+    """``jax.jit`` or the identity: a test taking ``variant`` runs its function both ways.
+
+    (``chex.variants`` does the same for ``chex.TestCase`` classes, absltest's parameterization;
+    the tests here are plain pytest functions, so a parametrized fixture gives them the same two
+    runs, with ids ``jit`` / ``no_jit`` that ``-k`` can select.)
+    """
     import jax
 
     return jax.jit if request.param == "jit" else (lambda f: f)

@@ -69,7 +69,7 @@ def main():
     for kind in ("fira", "galore"):
         for rank in (6, 8):
             factory = fira_jax.fira if kind == "fira" else fira_jax.galore
-            tx = factory(1e-2, rank=rank, update_proj_gap=2, weight_decay=0.1)
+            tx = factory(1e-2, rank=rank, update_proj_gap=2, weight_decay=0.1, axes=fira_jax.MatrixAxes())
             reference, _ = run(tx, params, grads)
             for layout, shape in (("fsdp", (8,)), ("2d", (4, 2))):
                 names = ("fsdp",) if layout == "fsdp" else ("fsdp", "tensor")

@@ -349,7 +349,7 @@ def test_stacked_leaf_equals_separate_leaves():
     rng = np.random.default_rng(7)
     stacked = {"w": jnp.asarray(rng.standard_normal((3, 10, 6)), jnp.float32)}
     separate = {f"w{i}": stacked["w"][i] for i in range(3)}
-    tx = fira_jax.fira(1e-2, rank=2, update_proj_gap=3, weight_decay=0.1)
+    tx = fira_jax.fira(1e-2, rank=2, update_proj_gap=3, weight_decay=0.1, axes=fira_jax.MatrixAxes())  # a stack
     s_state, p_state = tx.init(stacked), tx.init(separate)
     ps, pp = stacked, separate
     for t in range(7):
@@ -379,24 +379,23 @@ def test_state_bytes_llama_60m():
 
 
 def test_one_compilation_serves_refresh_and_other_steps():
-    traces = []
-    tx = fira_jax.fira(1e-2, rank=2, update_proj_gap=2)
+    tx = fira_jax.fira(1e-2, rank=2, update_proj_gap=2, axes=fira_jax.MatrixAxes())  # "stack": a stack
     p = {"w": jnp.ones((6, 4)), "stack": jnp.ones((3, 5, 7)), "b": jnp.ones(3)}
     state = tx.init(p)
 
     @jax.jit
+    @chex.assert_max_traces(n=1)  # refresh steps and the others: one trace, one compilation
     def step(g, state):
-        traces.append(1)
         return tx.update(g, state, p)
 
     for t in range(5):
         g = jax.tree.map(lambda x, t=t: jnp.sin(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) * (t + 1)), p)
         _, state = step(g, state)
-    assert len(traces) == 1
     jaxpr = str(jax.make_jaxpr(tx.update)(p, state, p))
-    # One cond per selected leaf; one SVD per selected leaf, inside it (the stacked leaf's
-    # matrices one after another, in a loop over the stack).
-    assert len(re.findall(r"= cond\[", jaxpr)) == 2
+    # Two conds per selected leaf (the refresh, and residual_norm's exact form); one SVD per
+    # selected leaf, inside its refresh (the stacked leaf's matrices one after another, in a
+    # loop over the stack).
+    assert len(re.findall(r"= cond\[", jaxpr)) == 4
     assert len(re.findall(r"= svd\[", jaxpr)) == 2
     assert re.search(r"= scan\[(.|\n)*= svd\[", jaxpr)
 

@@ -92,7 +92,7 @@ def test_random_projection_statistics():
 
 def test_projections_refresh_every_gap_with_new_draws_per_leaf():
     params = {"a": jnp.zeros((8, 6)), "b": jnp.zeros((8, 6)), "s": jnp.zeros((3, 8, 6))}
-    tx = fira_jax.scale_by_apollo(rank=2, update_proj_gap=3, seed=5)
+    tx = fira_jax.scale_by_apollo(rank=2, update_proj_gap=3, seed=5, axes=fira_jax.MatrixAxes())
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     update = jax.jit(tx.update)

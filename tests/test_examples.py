@@ -160,6 +160,15 @@ def test_train_lm_fsdp_on_8_simulated_devices(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     per_layer = json.loads((tmp_path / "per_layer" / "summary.json").read_text())["final_val_loss"]
     assert per_layer == pytest.approx(final, rel=1e-5)
+    # The same run on one device, unsharded: the same losses (sharding reorders reductions only).
+    one = [a for a in cmd if a not in ("--mesh", "fsdp")]
+    one[one.index("--out") + 1] = str(tmp_path / "one_device")
+    env_one = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(one, capture_output=True, text=True, env=env_one, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 cpu device(s)" in proc.stdout
+    unsharded = json.loads((tmp_path / "one_device" / "summary.json").read_text())["final_val_loss"]
+    assert unsharded == pytest.approx(final, rel=1e-5)
 
 
 def test_weight_decay_goes_to_kernels_only():

@@ -66,7 +66,7 @@ def test_inner_sees_the_low_rank_gradients_and_the_other_leaves(variant):
     """GaLore with scale 1 and RMSProp inside: U = back(rms(R)) for w, rms(b) for b (NumPy)."""
     params, grads = problem()
     inner = optax.scale_by_rms(decay=0.5)
-    tx = fira_jax.scale_by_galore(2, 5, 1.0, inner)
+    tx = fira_jax.scale_by_galore(2, 5, 1.0, inner, axes=fira_jax.MatrixAxes())  # "stack" is a declared stack
     state = tx.init(params)
     chex.assert_trees_all_equal_shapes(
         state.inner.nu, {"w": jnp.zeros((8, 2)), "b": jnp.zeros(5), "stack": jnp.zeros((2, 2, 6))}
@@ -98,6 +98,8 @@ def test_updates_keep_each_leafs_layout_and_dtype():
         ({"gamma": 0.9}, ValueError, "gamma"),
         ({"rank": 0}, ValueError, "rank"),
         ({"svd": "qr"}, ValueError, "svd"),
+        ({"scale": -0.25}, ValueError, "`scale`"),
+        ({"residual_scale": -1.0}, ValueError, "residual_scale"),
     ],
 )
 def test_bad_arguments_raise_at_build(kwargs, exc, match):
@@ -116,3 +118,8 @@ def test_state_per_proj_type_is_docs_table(proj_type, elements):
     state = tx.init({"w": jnp.zeros((8, 4))})
     matrices = [x for x in jax.tree.leaves(state) if hasattr(x, "ndim") and x.ndim >= 2]
     assert sum(x.size for x in matrices) == elements
+
+
+def test_negative_galore_scale_raises_at_build():
+    with pytest.raises(ValueError, match="`scale`"):
+        fira_jax.galore(1e-2, rank=2, scale=-1.0)

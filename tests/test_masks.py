@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 from flax import nnx
 
@@ -42,3 +43,18 @@ def test_mask_by_path_needs_patterns():
         fira_jax.mask_by_path()
     with pytest.raises(TypeError, match="pattern"):
         fira_jax.mask_by_path("attn", 3)
+
+
+def test_inject_hyperparams_with_a_mask_names_the_fix():
+    """optax.inject_hyperparams calls every callable argument as a schedule, the mask included; the
+    error says to name it static, and with static_args the learning rate becomes a hyperparameter."""
+    params = {"w": jnp.ones((6, 4)), "b": jnp.ones(4)}
+    mask = fira_jax.mask_by_path("w")
+    tx = optax.inject_hyperparams(fira_jax.fira, static_args=("rank",))(learning_rate=1e-2, rank=2, mask=mask)
+    with pytest.raises(ValueError, match=r'static_args=\("rank", "mask"\)'):
+        tx.init(params)
+    tx = optax.inject_hyperparams(fira_jax.fira, static_args=("rank", "mask"))(learning_rate=1e-2, rank=2, mask=mask)
+    state = tx.init(params)
+    state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))

@@ -65,19 +65,35 @@ def test_refresh_only_every_gap_steps(variant):
     assert changed == [False, False, True, False, False, True]  # refreshes at t = 3 and 6
 
 
-def test_effective_rank_and_default_basis():
-    tx = project(rank=50, update_proj_gap=2)
+def test_default_basis_is_orthonormal():
+    tx = project(rank=2, update_proj_gap=2)
     state = tx.init({"w": jnp.zeros((6, 4)), "v": jnp.zeros((3, 8))})
-    assert state.right["w"].shape == (4, 4)  # min(rank, m, n)
-    assert state.left["v"].shape == (3, 3)
+    assert state.right["w"].shape == (2, 4)
+    assert state.left["v"].shape == (3, 2)
     # Before the first refresh the basis is a valid orthonormal default.
-    np.testing.assert_allclose(np.asarray(state.left["v"]) @ np.asarray(state.left["v"]).T, np.eye(3))
+    np.testing.assert_allclose(np.asarray(state.left["v"]).T @ np.asarray(state.left["v"]), np.eye(2))
+
+
+def test_rank_not_below_a_matrix_side_leaves_it_full_rank_and_says_so(caplog):
+    """Projecting at a rank >= the smaller side would keep at least Adam's state and add an SVD
+    per refresh: such a matrix gets the subspace optimizer on its whole gradient, logged once."""
+    tx = project(rank=3, update_proj_gap=2)
+    params = {"w": jnp.zeros((6, 4)), "v": jnp.zeros((3, 8)), "big": jnp.zeros((8, 5))}
+    with caplog.at_level("WARNING", logger="fira_jax"):
+        state = tx.init(params)
+    assert isinstance(state.left["v"], optax.MaskedNode) and isinstance(state.right["v"], optax.MaskedNode)
+    assert state.right["w"].shape == (3, 4) and state.right["big"].shape == (3, 5)
+    (record,) = caplog.records
+    assert "v (3 x 8 matrix: rank 3 is not below its smaller side)" in record.getMessage()
+    g = {k: jnp.full(x.shape, 2.0) for k, x in params.items()}
+    updates, _ = tx.update(g, state)
+    np.testing.assert_array_equal(updates["v"], g["v"])  # the (identity) subspace optimizer, unprojected
 
 
 def test_stacked_leaf_has_one_basis_per_matrix():
     rng = np.random.default_rng(2)
     g = rng.standard_normal((4, 10, 6)).astype(np.float32)
-    tx = project(2, update_proj_gap=5)
+    tx = project(2, update_proj_gap=5, axes=fira_jax.MatrixAxes(rows=-2, cols=-1))  # a declared stack
     _, state = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros((4, 10, 6))}))
     assert state.right["w"].shape == (4, 2, 6)
     for i in range(4):
@@ -174,7 +190,7 @@ def test_bad_arguments(kwargs, exc, match):
     ("params", "mask", "axes", "match"),
     [
         ({"x": {"b": jnp.ones(3)}}, {"x": {"b": True}}, None, "x/b"),
-        ({"ids": jnp.ones((3, 3), jnp.int32)}, None, None, "ids"),
+        ({"ids": jnp.ones((3, 3), jnp.int32)}, {"ids": True}, None, "ids"),
         ({"w": jnp.ones((3, 3))}, {"w": 1}, None, "mask"),
         ({"w": jnp.ones((3, 3))}, {"v": True}, None, "mask"),
         ({"w": jnp.ones((3, 4, 5))}, None, fira_jax.MatrixAxes(rows=0, cols=0), "w"),
@@ -246,7 +262,7 @@ def test_svd_call_sites_per_leaf_or_per_shape(variant, by_shape):
     rng = np.random.default_rng(0)
     shapes = {"a": (6, 4), "b": (6, 4), "stack": (3, 6, 4), "c": (4, 6), "d": (4, 6), "e": (5, 5)}
     grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
-    tx = project(2, update_proj_gap=4, refresh_by_shape=by_shape)
+    tx = project(2, update_proj_gap=4, refresh_by_shape=by_shape, axes=fira_jax.MatrixAxes())
     state = tx.init(grads)
     hlo = jax.jit(tx.update).lower(grads, state).compile().as_text()  # LAPACK's gesdd on CPU
     assert hlo.count('custom_call_target="lapack_sgesdd') == (3 if by_shape else 6)  # (6, 4), (4, 6), (5, 5)
@@ -324,3 +340,77 @@ def test_subspace_iteration_keeps_an_exact_start_and_compiles_once():
     for t in range(5):  # refreshes at 0 (Gaussian start) and 2, 4 (warm): one program
         _, state = step({"w": g * (1 + 0.1 * t)}, state)
     assert_same_subspace(np.asarray(state[0].right["w"]), vh, "right")
+
+
+def _mha_params():
+    """``nnx.MultiHeadAttention`` (features 64, 4 heads of 16): kernels (64, 4, 16), (4, 16, 64); biases (4, 16)."""
+    from flax import nnx
+
+    mha = nnx.MultiHeadAttention(num_heads=4, in_features=64, decode=False, rngs=nnx.Rngs(0))
+    return nnx.to_pure_dict(nnx.state(mha, nnx.Param))
+
+
+def test_leaves_with_more_axes_are_not_guessed(caplog):
+    """``nnx.MultiHeadAttention`` at rank 8: before, its (64, 4, 16) query kernel was taken as 64
+    stacked 4 x 16 matrices (at rank 4: full rank, no saving) and its (4, 16) biases as matrices.
+    Now, undeclared, every kernel is left full-rank, the biases too (4 <= rank), and init says so."""
+    params = _mha_params()
+    tx = fira_jax.scale_by_fira(rank=8, update_proj_gap=5)
+    with caplog.at_level("WARNING", logger="fira_jax"):
+        state = tx.init(params)
+    assert jax.tree.leaves(state.right) == [] and jax.tree.leaves(state.left) == []
+    (record,) = caplog.records
+    message = record.getMessage()
+    for name in ("query", "key", "value", "out"):
+        assert f"{name}/kernel (shape" in message and "no `axes` declared" in message
+    assert "query/bias (4 x 16 matrix: rank 8 is not below its smaller side)" in message
+
+
+@pytest.mark.parametrize("variant_name", ["galore", "fira", "apollo"])
+def test_multi_head_attention_kernels_declared_by_path(variant_name):
+    """Declared, each kernel is one 64 x 64 matrix at rank 8, and only the kernels are projected."""
+    params = _mha_params()
+    qkv = fira_jax.MatrixAxes(rows=0, cols=(1, 2))  # features x (heads, head_dim)
+    out = fira_jax.MatrixAxes(rows=(0, 1), cols=2)  # (heads, head_dim) x features
+    axes = fira_jax.axes_by_path({"query/kernel": qkv, "key/kernel": qkv, "value/kernel": qkv, "out/kernel": out})
+    tx = getattr(fira_jax, f"scale_by_{variant_name}")(rank=8, update_proj_gap=5, axes=axes)
+    state = tx.init(params)
+    for name in ("query", "key", "value", "out"):
+        assert state.right[name]["kernel"].shape == (8, 64), name  # std: m >= n, right side
+    assert isinstance(state.right["query"]["bias"], optax.MaskedNode)
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+    updates, state = jax.jit(tx.update)(grads, state)
+    if variant_name != "apollo":  # (APOLLO's projection is random)
+        g = np.asarray(grads["query"]["kernel"]).reshape(64, 64)
+        assert_same_subspace(np.asarray(state.right["query"]["kernel"]), np.linalg.svd(g)[2][:8], "right")
+    assert updates["out"]["kernel"].shape == (4, 16, 64)
+
+
+def test_scanned_stack_is_projected_only_where_declared():
+    """A scanned model's leaves, (layers, m, n) kernels and (layers, n) biases: with the kernels
+    declared as stacks, each layer's matrix has its own basis and the stacked biases (2-D, not
+    matrices) are left alone. Undeclared, the kernels are left full-rank (and a stacked bias, 2-D,
+    would be taken for a matrix were its smaller side above the rank: declare by path)."""
+    from flax import nnx
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return nnx.Linear(16, 24, rngs=nnx.Rngs(params=key))
+
+    layers = make(jax.random.split(jax.random.key(0), 3))
+    params = nnx.to_pure_dict(nnx.state(layers, nnx.Param))
+    assert params["kernel"].shape == (3, 16, 24) and params["bias"].shape == (3, 24)
+    stacks = fira_jax.axes_by_path({"kernel": fira_jax.MatrixAxes()})
+    state = fira_jax.scale_by_galore(rank=4, update_proj_gap=5, axes=stacks).init(params)
+    assert state.left["kernel"].shape == (3, 16, 4) and isinstance(state.left["bias"], optax.MaskedNode)
+    state = fira_jax.scale_by_galore(rank=4, update_proj_gap=5).init(params)
+    assert jax.tree.leaves((state.left, state.right)) == []  # kernel: undeclared; bias: 3 <= rank
+
+
+def test_integer_leaves_are_left_out_by_the_default_mask():
+    """An integer matrix (token ids, a step counter) is not a weight: the default mask skips it
+    (an explicit mask selecting it is an error naming it, test_bad_leaves_raise_at_init)."""
+    params = {"w": jnp.ones((6, 4)), "ids": jnp.ones((3, 3), jnp.int32)}
+    state = fira_jax.scale_by_galore(rank=2, update_proj_gap=5).init(params)
+    assert state.right["w"].shape == (2, 4) and isinstance(state.right["ids"], optax.MaskedNode)

@@ -1,6 +1,7 @@
 """fira_jax.residual: Fira's scaling factor, residual, its norm and the update, against NumPy."""
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -134,3 +135,34 @@ def test_residual_norm_is_exact_where_the_shortcut_cancels(variant, s):
         assert abs(got - true) <= 1e-6 * scale, (noise, got, true)
         if true >= 1e-4 * scale:
             assert abs(got - true) <= 1e-5 * true, (noise, got, true)
+
+
+def test_scaling_factor_epsilon_is_the_references(variant):
+    """phi = ||N|| / (||R|| + 1e-8), the reference's constant: with ||R|| near 1e-7 the epsilon is
+    a tenth of the denominator, so 1e-6 instead would shrink phi about eightfold."""
+    rng = np.random.default_rng(0)
+    lay = fira_jax.Layout("w", (4, 6), (0, 1), 1, (), 4, 6, 2, "right")
+    low = (1e-7 * rng.standard_normal((4, 2))).astype(np.float32)
+    n_upd = rng.standard_normal((4, 2)).astype(np.float32)
+    phi = np.asarray(variant(lambda n, r: fira_jax.scaling_factor(n, r, lay))(jnp.asarray(n_upd), jnp.asarray(low)))
+    n64, r64 = np.linalg.norm(n_upd.astype(np.float64), axis=-1), np.linalg.norm(low.astype(np.float64), axis=-1)
+    np.testing.assert_allclose(phi[:, 0], n64 / (r64 + 1e-8), rtol=1e-5)
+    assert not np.allclose(phi[:, 0], n64 / (r64 + 1e-6), rtol=0.5)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-20, 1e-30])
+def test_zero_and_tiny_gradients_give_finite_updates(variant, scale):
+    """Zero and subnormal-adjacent gradients: phi's and the limiter's epsilons keep every update and
+    state finite, and a zero gradient moves nothing (Fira, GaLore and APOLLO)."""
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.ones((12, 8)), "b": jnp.ones(8)}
+    grads = jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), jnp.float32), params)
+    for tx in (fira_jax.fira(1e-2, rank=2, update_proj_gap=2), fira_jax.galore(1e-2, rank=2, update_proj_gap=2),
+               fira_jax.apollo(1e-2, rank=2, update_proj_gap=2)):  # fmt: skip
+        state = tx.init(params)
+        update = variant(tx.update)
+        for _ in range(3):  # a refresh, a plain step, a refresh
+            updates, state = update(grads, state, params)
+            assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((updates, state)))
+        if scale == 0.0:
+            assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
