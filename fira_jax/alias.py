@@ -7,7 +7,10 @@ import optax
 from fira_jax import masks
 from fira_jax._validation import check_float
 from fira_jax.adam import adam_bias_correction, scale_by_adam
-from fira_jax.low_rank import scale_by_apollo, scale_by_fira, scale_by_galore
+from fira_jax.basis import SvdMethod
+from fira_jax.layout import ProjType
+from fira_jax.low_rank import Projection, ScaleType, scale_by_apollo, scale_by_fira, scale_by_galore
+from fira_jax.residual import Granularity
 from fira_jax.weight_decay import add_decayed_weights_after_step
 
 
@@ -49,17 +52,17 @@ def fira(
     eps: float = 1e-6,
     weight_decay: float = 0.0,
     gamma: float = 1.01,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     mask: masks.Mask = None,
     base_optimizer: optax.GradientTransformation | None = None,
     *,
     axes: Any = None,
-    granularity: str = "column",
+    granularity: Granularity = "column",
     residual_scale: float | None = None,
     canonical_signs: bool = False,
     mu_dtype: Any = None,
     basis_dtype: Any = None,
-    svd: str = "exact",
+    svd: SvdMethod = "exact",
     stagger: bool = False,
     refresh_by_shape: bool = False,
     weight_decay_mask: masks.Mask = None,
@@ -163,7 +166,7 @@ def galore(
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     mask: masks.Mask = None,
     base_optimizer: optax.GradientTransformation | None = None,
     *,
@@ -171,7 +174,7 @@ def galore(
     canonical_signs: bool = False,
     mu_dtype: Any = None,
     basis_dtype: Any = None,
-    svd: str = "exact",
+    svd: SvdMethod = "exact",
     stagger: bool = False,
     refresh_by_shape: bool = False,
     weight_decay_mask: masks.Mask = None,
@@ -239,16 +242,16 @@ def apollo(
     eps: float = 1e-6,
     weight_decay: float = 0.0,
     gamma: float = 1.01,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     mask: masks.Mask = None,
     base_optimizer: optax.GradientTransformation | None = None,
     *,
-    scale_type: str = "channel",
-    proj: str = "random",
+    scale_type: ScaleType = "channel",
+    proj: Projection = "random",
     axes: Any = None,
     mu_dtype: Any = None,
     basis_dtype: Any = None,
-    svd: str = "exact",
+    svd: SvdMethod = "exact",
     canonical_signs: bool = False,
     stagger: bool = False,
     refresh_by_shape: bool = False,

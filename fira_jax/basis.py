@@ -10,7 +10,7 @@ the basis is the first r coordinate vectors.
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from fira_jax import sharding
 from fira_jax.layout import Layout
 
-SVD_METHODS = ("exact", "randomized", "gram", "subspace")  # how a refresh computes the top singular vectors
+SvdMethod = Literal["exact", "randomized", "gram", "subspace"]  # how a refresh computes the top singular vectors
+SVD_METHODS: tuple[str, ...] = get_args(SvdMethod)
 # Refresh methods that draw random numbers (they need a key per matrix); "random" is APOLLO's projection.
 RANDOM_METHODS = ("randomized", "subspace", "random")
 

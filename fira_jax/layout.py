@@ -8,7 +8,7 @@ wherever it is needed (at init, at every update) and is never stored in the stat
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,8 @@ import numpy as np
 
 from fira_jax import masks
 
-PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+ProjType = Literal["std", "reverse_std", "right", "left", "full"]
+PROJ_TYPES: tuple[str, ...] = get_args(ProjType)
 
 
 class MatrixAxes(NamedTuple):

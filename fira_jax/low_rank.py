@@ -23,7 +23,7 @@ carried beside the arrays, and the state is a :class:`LowRankState` of arrays.
 
 import logging
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +32,11 @@ import optax
 from fira_jax import masks, sharding
 from fira_jax._validation import check_choice, check_float, check_int
 from fira_jax.adam import scale_by_adam
-from fira_jax.basis import RANDOM_METHODS, SVD_METHODS, Basis, default_basis
-from fira_jax.layout import PROJ_TYPES, Layout, layouts, selection
+from fira_jax.basis import RANDOM_METHODS, SVD_METHODS, Basis, SvdMethod, default_basis
+from fira_jax.layout import PROJ_TYPES, Layout, ProjType, layouts, selection
 from fira_jax.limiter import limit_norm_growth
 from fira_jax.projection import refresh_bases
-from fira_jax.residual import GRANULARITIES, fira_update, residual_norm, scaled_gradient, scaling_factor
+from fira_jax.residual import GRANULARITIES, Granularity, fira_update, residual_norm, scaled_gradient, scaling_factor
 
 _log = logging.getLogger("fira_jax")
 
@@ -231,13 +231,13 @@ def scale_by_galore(
     update_proj_gap: int = 200,
     scale: float = 0.25,
     base_optimizer: optax.GradientTransformation | None = None,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     mask: masks.Mask = None,
     *,
     axes: Any = None,
     canonical_signs: bool = False,
     basis_dtype: Any = None,
-    svd: str = "exact",
+    svd: SvdMethod = "exact",
     oversample: int = 8,
     power_iters: int | None = None,
     stagger: bool = False,
@@ -342,16 +342,16 @@ def scale_by_fira(
     update_proj_gap: int = 200,
     scale: float = 0.25,
     base_optimizer: optax.GradientTransformation | None = None,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     mask: masks.Mask = None,
     *,
     gamma: float = 1.01,
-    granularity: str = "column",
+    granularity: Granularity = "column",
     residual_scale: float | None = None,
     axes: Any = None,
     canonical_signs: bool = False,
     basis_dtype: Any = None,
-    svd: str = "exact",
+    svd: SvdMethod = "exact",
     oversample: int = 8,
     power_iters: int | None = None,
     stagger: bool = False,
@@ -417,8 +417,12 @@ def scale_by_fira(
     )  # fmt: skip
 
 
-SCALE_TYPES = ("channel", "tensor")  # APOLLO's scaling factor: per channel (Fira's column) or per matrix
-PROJECTIONS = ("random", "svd")  # APOLLO's projection: a Gaussian random matrix, or GaLore's SVD basis
+ScaleType = Literal["channel", "tensor"]
+SCALE_TYPES: tuple[str, ...] = get_args(ScaleType)  # APOLLO's scaling factor: per channel (Fira's column) or per matrix
+Projection = Literal["random", "svd"]
+PROJECTIONS: tuple[str, ...] = get_args(
+    Projection
+)  # APOLLO's projection: a Gaussian random matrix, or GaLore's SVD basis
 
 
 def scale_by_apollo(
@@ -426,15 +430,15 @@ def scale_by_apollo(
     update_proj_gap: int = 200,
     scale: float = 1.0,
     base_optimizer: optax.GradientTransformation | None = None,
-    proj_type: str = "std",
+    proj_type: ProjType = "std",
     mask: masks.Mask = None,
     *,
-    scale_type: str = "channel",
-    proj: str = "random",
+    scale_type: ScaleType = "channel",
+    proj: Projection = "random",
     gamma: float = 1.01,
     axes: Any = None,
     basis_dtype: Any = None,
-    svd: str = "exact",
+    svd: SvdMethod = "exact",
     canonical_signs: bool = False,
     oversample: int = 8,
     power_iters: int | None = None,

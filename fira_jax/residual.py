@@ -21,7 +21,7 @@ Otherwise (or with a basis stored below float32, not orthonormal enough for the 
 formed explicitly.
 """
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,8 @@ from fira_jax import sharding
 from fira_jax.basis import Basis
 from fira_jax.layout import Layout
 
-GRANULARITIES = ("column", "matrix", "none")
+Granularity = Literal["column", "matrix", "none"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 NORM_EPS = 1e-8  # the reference's constant in the denominators of the scaling factor and the limiter
 # residual_norm forms the complement when the shortcut keeps less than this share of ||phi G||^2
 # (its relative error is then at most about eps32 / CANCELLATION).
@@ -52,7 +53,7 @@ def _phi_axis(low: jax.Array, layout: Layout) -> int:
     return -1 if layout.side == "right" else -2
 
 
-def scaling_factor(coeffs: jax.Array, low: jax.Array, layout: Layout, granularity: str = "column") -> jax.Array:
+def scaling_factor(coeffs: jax.Array, low: jax.Array, layout: Layout, granularity: Granularity = "column") -> jax.Array:
     r"""Fira's scaling factor :math:`\phi = \|N\| / (\|R\| + 10^{-8})`, in float32.
 
     Args:
