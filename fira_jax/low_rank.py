@@ -179,6 +179,7 @@ def _scale_by_low_rank(
         lays = tree_layouts(updates)
         old_left, old_right = treedef.flatten_up_to(state.left), treedef.flatten_up_to(state.right)
         picked = [i for i, lay in enumerate(lays) if lay is not None]
+        _check_bases(lays, old_left, old_right)
         grads = {i: lays[i].canonical(leaves[i]) for i in picked}
 
         # 1. The bases (refreshed where due) and the low-rank gradients R.
@@ -224,6 +225,27 @@ def _scale_by_low_rank(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_bases(lays: list[Layout | None], left: list[Any], right: list[Any]) -> None:
+    """Each projected leaf's bases in the state have the shapes its update's layout needs, else a
+    ValueError naming the leaf (updates of another shape than the parameters, e.g. transposed)."""
+    for lay, lb, rb in zip(lays, left, right, strict=True):
+        if lay is None:
+            continue
+        need = {"left": (*lay.batch, lay.m, lay.rank) if lay.side in ("left", "full") else None,
+                "right": (*lay.batch, lay.rank, lay.n) if lay.side in ("right", "full") else None}  # fmt: skip
+        for kind, have in (("left", lb), ("right", rb)):
+            have_shape, need_shape = getattr(have, "shape", None), need[kind]
+            if have_shape is not None:
+                have_shape = tuple(have_shape)
+            if have_shape != need_shape:
+                raise ValueError(
+                    f"The update of leaf '{lay.path}' has shape {lay.shape}, but the state was built for another "
+                    f"shape (its {kind} basis is {have_shape}, this update needs {need_shape}): updates must have "
+                    "the parameters' shapes (a transposed gradient?), and the state must come from this "
+                    "transformation's init on those parameters."
+                )
 
 
 def scale_by_galore(

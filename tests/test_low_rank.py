@@ -123,3 +123,13 @@ def test_state_per_proj_type_is_docs_table(proj_type, elements):
 def test_negative_galore_scale_raises_at_build():
     with pytest.raises(ValueError, match="`scale`"):
         fira_jax.galore(1e-2, rank=2, scale=-1.0)
+
+
+def test_transposed_gradient_is_an_error_naming_the_leaf(variant):
+    """A gradient of another shape than its parameter (here transposed) used to fail deep inside
+    with "'MaskedNode' object has no attribute 'dtype'"; now the leaf and the shapes are named."""
+    params = {"w": jnp.ones((6, 4)), "b": jnp.ones(4)}
+    tx = fira_jax.scale_by_fira(rank=2, update_proj_gap=5)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"leaf 'w' has shape \(4, 6\)"):
+        variant(tx.update)({"w": jnp.ones((4, 6)), "b": jnp.ones(4)}, state)
