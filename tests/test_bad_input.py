@@ -125,6 +125,7 @@ def test_finetune_damaged_checkpoint(tmp_path, checkpoint, capsys, kind, names, 
     ("flag", "name", "says"),
     [
         ("--data", "missing.json", "no such file"),
+        ("--data", "a_folder", "a folder; --data takes one JSON or JSON-lines file"),
         ("--data", "empty.json", "no records"),
         ("--data", "binary.json", "not UTF-8 text"),
         ("--data", "truncated.json", ":1: not JSON"),
@@ -141,6 +142,8 @@ def test_finetune_damaged_checkpoint(tmp_path, checkpoint, capsys, kind, names, 
 def test_finetune_bad_files(tmp_path, checkpoint, capsys, flag, name, says):
     bad = files(tmp_path)
     path = bad.get(name, tmp_path / name)
+    if name == "a_folder":
+        path.mkdir()
     (tmp_path / "good.json").write_text(json.dumps(RECORDS))
     argv = ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "good.json"), "--out", str(tmp_path / "out")]
     argv += [flag, str(path)]
@@ -268,3 +271,12 @@ def test_the_documented_evaluation_example_is_a_valid_task_file(tmp_path):
     records = instruct.load_task(tmp_path / "task.json")
     assert [instruct.candidates(r) for r in records] == [["true", "false"], ["3", "4", "5"], ["red", "seven"]]
     assert block.replace("\n ", "\n   ").strip() in finetune.__doc__.replace("\n  [", "\n[")
+
+
+def test_help_shows_the_defaults(capsys):
+    """--help states each flag's default (the recipes' values are applied on top, per --recipe)."""
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR peak learning rate (paper: 0.01 for Fira/GaLore) (default: 0.01)" in text
+    assert "--steps STEPS" in text and "(default: 1000)" in text

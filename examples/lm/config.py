@@ -207,6 +207,8 @@ def add_flags(parser: argparse.ArgumentParser, names: list[str] | None = None, c
             continue
         typ = next(t for t in typing.get_args(f.type) if t is not type(None)) if typing.get_args(f.type) else f.type
         meta.setdefault("type", typ)  # a field may name its own parser (e.g. a count or a fraction)
+        if default is not None and "default" not in meta["help"]:
+            meta["help"] += f" (default: {default})".replace("%", "%%")
         group.add_argument(flag, dest=name, default=default, **meta)
 
 

@@ -52,6 +52,8 @@ def load_records(path: str | pathlib.Path, need: tuple[str, ...] = ("instruction
     Errors name the file and, for JSON, the line in the file (``path:line: ...``).
     """
     path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        raise data_lib.DataError(f"{path}: a folder; --data takes one JSON or JSON-lines file of records")
     if not path.is_file():
         raise data_lib.DataError(f"{path}: no such file")
     try:
