@@ -152,7 +152,8 @@ def residual_norm(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array,
     right after a refresh), so when it falls below :data:`CANCELLATION` of
     :math:`\|\phi G\|^2` the complement :math:`E = G - \text{back}(R)` is formed instead and
     :math:`\|S\|^2 = (1 - s)^2 \|\phi R\|^2 + \|\phi E\|^2`, a sum of two non-negative terms
-    (one more product with the basis, only then: a ``lax.cond``).
+    (one more product with the basis, only then: a ``lax.cond``, built only where ``s`` can
+    exceed 1/2).
 
     Example:
       >>> import jax.numpy as jnp, fira_jax
@@ -180,8 +181,21 @@ def residual_norm(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array,
         complement = g - basis.back(low.astype(jnp.float32), like=g)
         return jnp.square(1 - s) * r2 + jnp.sum(phi_g2 * jnp.square(complement), axis=(-2, -1))
 
+    if not _may_cancel(residual_scale):  # s <= 1/2: the shortcut keeps at least a quarter, always
+        return jnp.sqrt(jnp.maximum(shortcut, 0.0))
     exact = jax.lax.cond(jnp.all(shortcut >= CANCELLATION * g2), lambda: shortcut, formed)
     return jnp.sqrt(jnp.maximum(exact, 0.0))
+
+
+def _may_cancel(residual_scale: Any) -> bool:
+    """Whether the shortcut can keep under :data:`CANCELLATION` of ``||phi G||^2``: ``2s - s^2`` above
+    ``1 - CANCELLATION`` (``||phi R|| <= ||phi G||``, P being orthonormal), or ``s`` known only when
+    traced. Else no ``lax.cond`` is built: the default ``s = 0.25`` compiles as before."""
+    try:
+        value = float(residual_scale)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return True
+    return 2 * value - value * value > 1 - CANCELLATION
 
 
 def fira_update(

@@ -392,10 +392,10 @@ def test_one_compilation_serves_refresh_and_other_steps():
         g = jax.tree.map(lambda x, t=t: jnp.sin(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) * (t + 1)), p)
         _, state = step(g, state)
     jaxpr = str(jax.make_jaxpr(tx.update)(p, state, p))
-    # Two conds per selected leaf (the refresh, and residual_norm's exact form); one SVD per
-    # selected leaf, inside its refresh (the stacked leaf's matrices one after another, in a
-    # loop over the stack).
-    assert len(re.findall(r"= cond\[", jaxpr)) == 4
+    # One cond per selected leaf (residual_norm needs none at the default residual_scale); one
+    # SVD per selected leaf, inside it (the stacked leaf's matrices one after another, in a loop
+    # over the stack).
+    assert len(re.findall(r"= cond\[", jaxpr)) == 2
     assert len(re.findall(r"= svd\[", jaxpr)) == 2
     assert re.search(r"= scan\[(.|\n)*= svd\[", jaxpr)
 
