@@ -414,3 +414,6 @@ def test_integer_leaves_are_left_out_by_the_default_mask():
     params = {"w": jnp.ones((6, 4)), "ids": jnp.ones((3, 3), jnp.int32)}
     state = fira_jax.scale_by_galore(rank=2, update_proj_gap=5).init(params)
     assert state.right["w"].shape == (2, 4) and isinstance(state.right["ids"], optax.MaskedNode)
+    tx = fira_jax.fira(1e-2, rank=2)
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert not jnp.any(updates["ids"])  # not trained: a zero update (docs/reliability.md)
