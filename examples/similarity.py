@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     # The shadow: GaLore's projection of the same gradients (rank r, the same refreshes), without
     # and with low-rank Adam: back(R) and back(N). P is orthonormal, so their norms along G's
     # other axis, and their Frobenius norms, are those of R and N.
-    shadow_r = fira_jax.scale_by_galore(rank, args.update_proj_gap, 1.0, optax.identity(), mask=mask)
-    shadow_n = fira_jax.scale_by_galore(rank, args.update_proj_gap, 1.0, fira_jax.scale_by_adam(), mask=mask)
+    refresh = fira_jax.Refresh(update_proj_gap=args.update_proj_gap)
+    shadow_r = fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=optax.identity(), mask=mask)
+    shadow_n = fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=fira_jax.scale_by_adam(), mask=mask)
 
     pure = nnx.to_pure_dict(params)
     graphdef, _ = nnx.split(model, nnx.Param)

@@ -7,6 +7,7 @@ from fira_jax.layout import Layout, MatrixAxes, axes_by_path
 from fira_jax.limiter import ClipByNormGrowthState, clip_by_norm_growth, limit_norm_growth
 from fira_jax.low_rank import LowRankState, scale_by_apollo, scale_by_fira, scale_by_galore
 from fira_jax.masks import mask_by_path
+from fira_jax.options import Refresh, Residual
 from fira_jax.residual import fira_update, residual, residual_norm, scaled_gradient, scaling_factor
 from fira_jax.weight_decay import AddDecayedWeightsAfterStepState, add_decayed_weights_after_step
 
@@ -19,6 +20,8 @@ __all__ = [
     "Layout",
     "LowRankState",
     "MatrixAxes",
+    "Refresh",
+    "Residual",
     "ScaleByAdamState",
     "adam_bias_correction",
     "add_decayed_weights_after_step",

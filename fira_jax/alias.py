@@ -10,6 +10,7 @@ from fira_jax.adam import adam_bias_correction, scale_by_adam
 from fira_jax.basis import SvdMethod
 from fira_jax.layout import ProjType
 from fira_jax.low_rank import Projection, ScaleType, scale_by_apollo, scale_by_fira, scale_by_galore
+from fira_jax.options import Refresh, Residual
 from fira_jax.residual import Granularity
 from fira_jax.weight_decay import add_decayed_weights_after_step
 
@@ -90,6 +91,10 @@ def fira(
 
     Unselected leaves get the same Adam (step 2 and 6) on their full gradient.
 
+    The refresh's keywords (``update_proj_gap``, ``svd``, ``stagger``, ``refresh_by_shape``,
+    ``canonical_signs``) build a :class:`fira_jax.Refresh`, the residual's (``granularity``,
+    ``residual_scale``, ``gamma``) a :class:`fira_jax.Residual`, which :func:`scale_by_fira` takes.
+
     Args:
       learning_rate: a float or an optax schedule (0.01 in the paper).
       rank: the subspace's rank (128 for LLaMA 60M in the paper).
@@ -149,11 +154,20 @@ def fira(
     """
     _check_common(b1, b2, eps, weight_decay)
     inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    refresh = Refresh(update_proj_gap=update_proj_gap, svd=svd, stagger=stagger, by_shape=refresh_by_shape,
+                      canonical_signs=canonical_signs)  # fmt: skip
+    residual = Residual(granularity=granularity, residual_scale=residual_scale, gamma=gamma)
     low_rank = scale_by_fira(
-        rank, update_proj_gap, scale, inner, proj_type, mask, gamma=gamma, granularity=granularity,
-        residual_scale=residual_scale, axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype,
-        svd=svd, stagger=stagger, refresh_by_shape=refresh_by_shape,
-    )  # fmt: skip
+        rank,
+        scale,
+        refresh=refresh,
+        residual=residual,
+        base_optimizer=inner,
+        proj_type=proj_type,
+        mask=mask,
+        axes=axes,
+        basis_dtype=basis_dtype,
+    )
     return optax.chain(low_rank, *_adamw_tail(learning_rate, b1, b2, weight_decay, weight_decay_mask, base_optimizer))
 
 
@@ -184,6 +198,9 @@ def galore(
     Fira without the residual: ``U = scale * back(N)`` and
     ``W ← W - lr c_t U``, then ``W ← W - lr wd W``. ``proj_type="full"``
     projects on both sides.
+
+    The refresh's keywords (``update_proj_gap``, ``svd``, ``stagger``, ``refresh_by_shape``,
+    ``canonical_signs``) build the :class:`fira_jax.Refresh` that :func:`scale_by_galore` takes.
 
     Args:
       learning_rate: a float or an optax schedule.
@@ -225,10 +242,18 @@ def galore(
     """
     _check_common(b1, b2, eps, weight_decay)
     inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    refresh = Refresh(update_proj_gap=update_proj_gap, svd=svd, stagger=stagger, by_shape=refresh_by_shape,
+                      canonical_signs=canonical_signs)  # fmt: skip
     low_rank = scale_by_galore(
-        rank, update_proj_gap, scale, inner, proj_type, mask, axes=axes, canonical_signs=canonical_signs,
-        basis_dtype=basis_dtype, svd=svd, stagger=stagger, refresh_by_shape=refresh_by_shape,
-    )  # fmt: skip
+        rank,
+        scale,
+        refresh=refresh,
+        base_optimizer=inner,
+        proj_type=proj_type,
+        mask=mask,
+        axes=axes,
+        basis_dtype=basis_dtype,
+    )
     return optax.chain(low_rank, *_adamw_tail(learning_rate, b1, b2, weight_decay, weight_decay_mask, base_optimizer))
 
 
@@ -276,6 +301,10 @@ def apollo(
     Steps 1-4 are :func:`fira_jax.scale_by_apollo`; the chain is the same as :func:`fira_jax.fira`'s.
     Unselected leaves get Adam on their full gradient. The state per selected m × n matrix
     (right side) is ``2 m r + r n`` against AdamW's ``2 m n``.
+
+    The refresh's keywords (``update_proj_gap``, ``svd``, ``stagger``, ``refresh_by_shape``,
+    ``canonical_signs``, ``seed``) build the :class:`fira_jax.Refresh` that :func:`scale_by_apollo`
+    takes.
 
     Args:
       learning_rate: a float or an optax schedule (0.01 in the paper).
@@ -328,11 +357,21 @@ def apollo(
     """
     _check_common(b1, b2, eps, weight_decay)
     inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    refresh = Refresh(update_proj_gap=update_proj_gap, svd=svd, stagger=stagger, by_shape=refresh_by_shape,
+                      canonical_signs=canonical_signs, seed=seed)  # fmt: skip
     low_rank = scale_by_apollo(
-        rank, update_proj_gap, scale, inner, proj_type, mask, scale_type=scale_type, proj=proj, gamma=gamma,
-        axes=axes, basis_dtype=basis_dtype, svd=svd, canonical_signs=canonical_signs, stagger=stagger,
-        refresh_by_shape=refresh_by_shape, seed=seed,
-    )  # fmt: skip
+        rank,
+        scale,
+        refresh=refresh,
+        scale_type=scale_type,
+        proj=proj,
+        gamma=gamma,
+        base_optimizer=inner,
+        proj_type=proj_type,
+        mask=mask,
+        axes=axes,
+        basis_dtype=basis_dtype,
+    )
     return optax.chain(low_rank, *_adamw_tail(learning_rate, b1, b2, weight_decay, weight_decay_mask, base_optimizer))
 
 

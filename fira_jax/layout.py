@@ -225,7 +225,7 @@ def axes_by_path(rules: dict[str, MatrixAxes]) -> Callable[[Any], Any]:
       ...           "norm": {"scale": jnp.zeros(64)}}
       >>> axes = fira_jax.axes_by_path({"query": MatrixAxes(rows=0, cols=(1, 2)),  # features x heads.head_dim
       ...                               "out": MatrixAxes(rows=(0, 1), cols=2)})
-      >>> state = fira_jax.scale_by_fira(rank=8, update_proj_gap=10, axes=axes).init(params)
+      >>> state = fira_jax.scale_by_fira(rank=8, axes=axes).init(params)
       >>> state.right["query"]["kernel"].shape  # one 64 x 64 matrix, rank 8
       (8, 64)
     """

@@ -32,13 +32,16 @@ import optax
 from fira_jax import masks, sharding
 from fira_jax._validation import check_choice, check_float, check_int
 from fira_jax.adam import scale_by_adam
-from fira_jax.basis import RANDOM_METHODS, SVD_METHODS, Basis, SvdMethod, default_basis
+from fira_jax.basis import RANDOM_METHODS, Basis, default_basis
 from fira_jax.layout import PROJ_TYPES, Layout, ProjType, layouts, selection
 from fira_jax.limiter import limit_norm_growth
+from fira_jax.options import Refresh, Residual
 from fira_jax.projection import refresh_bases
-from fira_jax.residual import GRANULARITIES, Granularity, fira_update, residual_norm, scaled_gradient, scaling_factor
+from fira_jax.residual import fira_update, residual_norm, scaled_gradient, scaling_factor
 
 _log = logging.getLogger("fira_jax")
+DEFAULT_REFRESH = Refresh()  # the papers': every 200 steps, an exact SVD
+DEFAULT_RESIDUAL = Residual()  # Fira's: column-wise phi, s = the update's scale, gamma 1.01
 
 
 class LowRankState(NamedTuple):
@@ -111,7 +114,7 @@ def _apollo_leaf(scale: Any, granularity: str, gamma: Any) -> LeafUpdate:
 
 def _scale_by_low_rank(
     rank: int,
-    update_proj_gap: int,
+    refresh: Refresh,
     base_optimizer: optax.GradientTransformation | None,
     proj_type: str,
     mask: masks.Mask,
@@ -119,25 +122,19 @@ def _scale_by_low_rank(
     leaf_update: LeafUpdate,
     limited: bool,
     axes: Any,
-    canonical_signs: bool,
     basis_dtype: Any,
-    svd: str,
-    oversample: int,
-    power_iters: int | None,
-    stagger: bool,
-    refresh_by_shape: bool,
-    seed: int,
+    method: str,
 ) -> optax.GradientTransformationExtraArgs:
     """The machinery GaLore, Fira and APOLLO share: bases, the inner optimizer, and each selected
-    leaf's ``leaf_update``; ``limited`` keeps the limiter's norms in the state."""
+    leaf's ``leaf_update``; ``limited`` keeps the limiter's norms in the state; ``method`` is the
+    refresh's (``refresh.svd``, or APOLLO's ``"random"``)."""
     check_int("rank", rank, 1, static=True)
-    check_int("update_proj_gap", update_proj_gap, 1)
     check_choice("proj_type", proj_type, PROJ_TYPES)
-    check_choice("svd", svd, (*SVD_METHODS, "random"))
-    check_int("oversample", oversample, 0)
-    if power_iters is None:  # one iteration from a warm start; two from Gaussian probes
-        power_iters = 1 if svd == "subspace" else 2
-    check_int("power_iters", power_iters, 0)
+    if not isinstance(refresh, Refresh):
+        raise TypeError(f"`refresh` must be a fira_jax.Refresh, got {refresh!r}.")
+    update_proj_gap, stagger, refresh_by_shape = refresh.update_proj_gap, refresh.stagger, refresh.by_shape
+    canonical_signs, oversample, seed = refresh.canonical_signs, refresh.oversample, refresh.seed
+    power_iters, svd = refresh.iterations, method
     inner = optax.with_extra_args_support(scale_by_adam() if base_optimizer is None else base_optimizer)
 
     def tree_layouts(tree: Any) -> list[Layout | None]:
@@ -250,21 +247,14 @@ def _check_bases(lays: list[Layout | None], left: list[Any], right: list[Any]) -
 
 def scale_by_galore(
     rank: int = 128,
-    update_proj_gap: int = 200,
     scale: float = 0.25,
+    *,
+    refresh: Refresh = DEFAULT_REFRESH,
     base_optimizer: optax.GradientTransformation | None = None,
     proj_type: ProjType = "std",
     mask: masks.Mask = None,
-    *,
     axes: Any = None,
-    canonical_signs: bool = False,
     basis_dtype: Any = None,
-    svd: SvdMethod = "exact",
-    oversample: int = 8,
-    power_iters: int | None = None,
-    stagger: bool = False,
-    refresh_by_shape: bool = False,
-    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GaLore's update: the inner optimizer in the top-``rank`` singular subspace of each gradient.
 
@@ -282,7 +272,6 @@ def scale_by_galore(
     Args:
       rank: the subspace's dimension ``r`` (an int ≥ 1); a matrix whose smaller side is at most
         ``rank`` is left full-rank.
-      update_proj_gap: ``T``, steps between refreshes of the bases (≥ 1).
       scale: the low-rank update's scale (``alpha``; 0.25 in the papers' pre-training runs).
       base_optimizer: the optimizer in the subspace, any optax transformation that does not need
         the parameters' values (it receives ``params=None``): default :func:`fira_jax.scale_by_adam`
@@ -304,33 +293,10 @@ def scale_by_galore(
         :func:`fira_jax.axes_by_path`. A 2-D leaf is its own matrix; a leaf with more axes is
         projected only where declared (``MatrixAxes()`` declares a stack of matrices over the
         leading axes, as ``nnx.scan`` makes them).
-      canonical_signs: fix each singular vector's sign so that its largest entry is positive. SVD
-        signs are implementation-defined (LAPACK, cuSOLVER and TPU differ), and because the
-        moments carry over across refreshes the signs shape the trajectory; this makes runs
-        agree across backends. Off by default to follow the reference implementation.
       basis_dtype: dtype of the stored bases; default the leaf's dtype, as in the reference
         (which casts the float32 SVD to the gradient's dtype).
-      svd: ``"exact"`` (a full SVD, as the reference); ``"randomized"``: a range finder with
-        ``rank + oversample`` Gaussian probes, ``power_iters`` power iterations and QR
-        re-orthonormalization, then the SVD of a small matrix, much cheaper for large matrices;
-        ``"subspace"``: the same iteration warm-started from the previous basis (plus
-        ``oversample`` probes), one iteration by default, ``O(m n r)`` per refresh
-        (:func:`fira_jax.basis.subspace_iteration`); ``"gram"``: the top eigenvectors of
-        ``G^T G`` (right) or ``G G^T`` (left), whose eigendecomposition compiles in seconds on
-        TPU where the exact SVD takes minutes per matrix shape
-        (:func:`fira_jax.basis.gram_top_vectors`). Which to pick: :doc:`family`.
-      oversample: extra Gaussian probes of the randomized SVD and the subspace iteration.
-      power_iters: power iterations of the randomized SVD (default 2) and the subspace
-        iteration (default 1).
-      stagger: spread the leaves' refreshes over the gap
-        (:func:`fira_jax.projection.refresh_groups`), so that no later step computes every SVD.
-        Off by default, as in the reference.
-      refresh_by_shape: refresh same-shaped matrices together, one compiled SVD per shape, for
-        the TPU compiler (whose SVD takes minutes to compile per call site); it costs memory,
-        since the step then keeps every gradient of that shape alive until the refresh. By
-        default each leaf has its own refresh, which waits only for that leaf's gradient.
-      seed: seed of the randomized SVD's and the subspace iteration's probes (folded with the
-        step and the leaf).
+      refresh: when and how the bases are recomputed (:class:`fira_jax.Refresh`: the gap, the SVD
+        method, staggering, refreshing by shape, canonical signs).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`; extra arguments
@@ -342,7 +308,7 @@ def scale_by_galore(
 
     Example:
       >>> import jax.numpy as jnp, fira_jax
-      >>> tx = fira_jax.scale_by_galore(rank=2, update_proj_gap=10)
+      >>> tx = fira_jax.scale_by_galore(rank=2, refresh=fira_jax.Refresh(update_proj_gap=10))
       >>> state = tx.init({"w": jnp.ones((6, 4))})
       >>> state.right["w"].shape, state.inner.mu["w"].shape  # P is 2 x 4; Adam's moments 6 x 2
       ((2, 4), (6, 2))
@@ -353,32 +319,22 @@ def scale_by_galore(
     """
     check_float("scale", scale, low=0.0, high=float("inf"), high_open=False)
     return _scale_by_low_rank(
-        rank, update_proj_gap, base_optimizer, proj_type, mask, leaf_update=_galore_leaf(scale), limited=False,
-        axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, oversample=oversample,
-        power_iters=power_iters, stagger=stagger, refresh_by_shape=refresh_by_shape, seed=seed,
+        rank, refresh, base_optimizer, proj_type, mask, leaf_update=_galore_leaf(scale), limited=False, axes=axes,
+        basis_dtype=basis_dtype, method=refresh.svd,
     )  # fmt: skip
 
 
 def scale_by_fira(
     rank: int = 128,
-    update_proj_gap: int = 200,
     scale: float = 0.25,
+    *,
+    refresh: Refresh = DEFAULT_REFRESH,
+    residual: Residual = DEFAULT_RESIDUAL,
     base_optimizer: optax.GradientTransformation | None = None,
     proj_type: ProjType = "std",
     mask: masks.Mask = None,
-    *,
-    gamma: float = 1.01,
-    granularity: Granularity = "column",
-    residual_scale: float | None = None,
     axes: Any = None,
-    canonical_signs: bool = False,
     basis_dtype: Any = None,
-    svd: SvdMethod = "exact",
-    oversample: int = 8,
-    power_iters: int | None = None,
-    stagger: bool = False,
-    refresh_by_shape: bool = False,
-    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Fira's update: GaLore's, plus the residual outside the subspace, scaled and limited.
 
@@ -388,19 +344,17 @@ def scale_by_fira(
       U = \text{scale} \cdot \text{back}(N) + \frac{S}{\ell}, \qquad
       S = \phi \odot (G - s \cdot \text{back}(R)), \qquad \phi = \frac{\|N\|}{\|R\| + 10^{-8}}
 
-    with R, N as in :func:`scale_by_galore`, ``s`` the ``residual_scale`` and ``ell`` the
-    limiter's divisor, which keeps ``||S||`` from growing by more than ``gamma`` per step.
+    with R, N as in :func:`scale_by_galore`, ``s`` the residual's ``residual_scale`` and ``ell``
+    the limiter's divisor, which keeps ``||S||`` from growing by more than its ``gamma`` per step.
     :func:`fira_jax.fira` follows this with Adam's bias correction (so the limiter sees
     uncorrected norms, as in the reference), the learning rate and weight decay.
 
     The other arguments are :func:`scale_by_galore`'s (``proj_type="full"`` excepted).
 
     Args:
-      gamma: the limiter's largest growth factor of ``||S||`` per step, ≥ 1 (``inf`` disables it).
-      granularity: ``"column"`` (Fira), ``"matrix"`` (one factor per matrix) or ``"none"``
-        (phi = 1): the paper's Table 5 ablations (:func:`fira_jax.scaling_factor`).
-      residual_scale: ``s``, the multiple of the in-subspace gradient removed from G; default
-        ``scale``, as in the reference; 1.0 gives the paper's orthogonal residual.
+      residual: how the residual is scaled and limited (:class:`fira_jax.Residual`:
+        ``granularity``, ``residual_scale``, ``gamma``; the paper's Table 5 ablations are its
+        ``granularity="matrix"`` / ``"none"`` and ``gamma=inf``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`.
@@ -412,7 +366,7 @@ def scale_by_fira(
 
     Example:
       >>> import jax.numpy as jnp, fira_jax
-      >>> tx = fira_jax.scale_by_fira(rank=2, update_proj_gap=10, axes=fira_jax.MatrixAxes())  # w: a stack
+      >>> tx = fira_jax.scale_by_fira(rank=2, axes=fira_jax.MatrixAxes())  # w: a stack
       >>> state = tx.init({"w": jnp.ones((3, 6, 4)), "b": jnp.zeros(4)})
       >>> state.norms["w"].shape  # the limiter keeps one norm per stacked matrix
       (3,)
@@ -426,47 +380,46 @@ def scale_by_fira(
             "`proj_type` 'full' (two-sided projection) is GaLore-only: Fira's column-wise scaling of the "
             "residual is undefined there. Use fira_jax.galore, or a one-sided proj_type."
         )
-    check_choice("granularity", granularity, GRANULARITIES)
-    check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
+    if not isinstance(residual, Residual):
+        raise TypeError(f"`residual` must be a fira_jax.Residual, got {residual!r}.")
     check_float("scale", scale, low=0.0, high=float("inf"), high_open=False)
-    if residual_scale is not None:
-        check_float("residual_scale", residual_scale, low=0.0, high=float("inf"), high_open=False)
-    leaf_update = _fira_leaf(scale, granularity, scale if residual_scale is None else residual_scale, gamma)
+    s = scale if residual.residual_scale is None else residual.residual_scale
+    leaf_update = _fira_leaf(scale, residual.granularity, s, residual.gamma)
     return _scale_by_low_rank(
-        rank, update_proj_gap, base_optimizer, proj_type, mask, leaf_update=leaf_update, limited=True, axes=axes,
-        canonical_signs=canonical_signs, basis_dtype=basis_dtype, svd=svd, oversample=oversample,
-        power_iters=power_iters, stagger=stagger, refresh_by_shape=refresh_by_shape, seed=seed,
-    )  # fmt: skip
+        rank,
+        refresh,
+        base_optimizer,
+        proj_type,
+        mask,
+        leaf_update=leaf_update,
+        limited=True,
+        axes=axes,
+        basis_dtype=basis_dtype,
+        method=refresh.svd,
+    )
 
 
+# APOLLO's scaling factor: per channel (Fira's column) or per matrix.
 ScaleType = Literal["channel", "tensor"]
-SCALE_TYPES: tuple[str, ...] = get_args(ScaleType)  # APOLLO's scaling factor: per channel (Fira's column) or per matrix
+SCALE_TYPES: tuple[str, ...] = get_args(ScaleType)
+# APOLLO's projection: a Gaussian random matrix, or GaLore's SVD basis.
 Projection = Literal["random", "svd"]
-PROJECTIONS: tuple[str, ...] = get_args(
-    Projection
-)  # APOLLO's projection: a Gaussian random matrix, or GaLore's SVD basis
+PROJECTIONS: tuple[str, ...] = get_args(Projection)
 
 
 def scale_by_apollo(
     rank: int = 128,
-    update_proj_gap: int = 200,
     scale: float = 1.0,
-    base_optimizer: optax.GradientTransformation | None = None,
-    proj_type: ProjType = "std",
-    mask: masks.Mask = None,
     *,
+    refresh: Refresh = DEFAULT_REFRESH,
     scale_type: ScaleType = "channel",
     proj: Projection = "random",
     gamma: float = 1.01,
+    base_optimizer: optax.GradientTransformation | None = None,
+    proj_type: ProjType = "std",
+    mask: masks.Mask = None,
     axes: Any = None,
     basis_dtype: Any = None,
-    svd: SvdMethod = "exact",
-    canonical_signs: bool = False,
-    oversample: int = 8,
-    power_iters: int | None = None,
-    stagger: bool = False,
-    refresh_by_shape: bool = False,
-    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""APOLLO's update: the whole gradient, scaled by factors measured in a random subspace, limited.
 
@@ -497,10 +450,11 @@ def scale_by_apollo(
       scale_type: ``"channel"`` (APOLLO: one factor per row of G on the right side, per
         column on the left) or ``"tensor"`` (APOLLO-Mini: one factor per matrix).
       proj: ``"random"`` (APOLLO's Gaussian projection, no SVD) or ``"svd"`` (the top singular
-        vectors, computed by ``svd``).
+        vectors, computed by ``refresh.svd``).
       gamma: the limiter's largest growth factor of ``||phi ⊙ G||`` per step, ≥ 1 (1.01 in the
         reference, which hard-codes it; ``inf`` is its ``disable_nl``).
-      seed: seed of the random projections (folded with the refresh step and the leaf).
+      refresh: when the projections are redrawn (``update_proj_gap``) and their ``seed``
+        (folded with the refresh step and the leaf); :class:`fira_jax.Refresh`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`.
@@ -512,7 +466,7 @@ def scale_by_apollo(
 
     Example:
       >>> import jax.numpy as jnp, fira_jax
-      >>> tx = fira_jax.scale_by_apollo(rank=2, update_proj_gap=10)
+      >>> tx = fira_jax.scale_by_apollo(rank=2, refresh=fira_jax.Refresh(update_proj_gap=10))
       >>> state = tx.init({"w": jnp.ones((6, 4))})
       >>> state.right["w"].shape, state.inner.mu["w"].shape  # P is 2 x 4; Adam's moments 6 x 2
       ((2, 4), (6, 2))
@@ -527,11 +481,16 @@ def scale_by_apollo(
     check_choice("proj", proj, PROJECTIONS)
     check_float("scale", scale, low=0.0, high=float("inf"), high_open=False)
     check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
-    check_choice("svd", svd, SVD_METHODS)
     granularity = "column" if scale_type == "channel" else "matrix"
     return _scale_by_low_rank(
-        rank, update_proj_gap, base_optimizer, proj_type, mask, leaf_update=_apollo_leaf(scale, granularity, gamma),
-        limited=True, axes=axes, canonical_signs=canonical_signs, basis_dtype=basis_dtype,
-        svd="random" if proj == "random" else svd, oversample=oversample, power_iters=power_iters, stagger=stagger,
-        refresh_by_shape=refresh_by_shape, seed=seed,
-    )  # fmt: skip
+        rank,
+        refresh,
+        base_optimizer,
+        proj_type,
+        mask,
+        leaf_update=_apollo_leaf(scale, granularity, gamma),
+        limited=True,
+        axes=axes,
+        basis_dtype=basis_dtype,
+        method="random" if proj == "random" else refresh.svd,
+    )

@@ -92,7 +92,9 @@ def test_random_projection_statistics():
 
 def test_projections_refresh_every_gap_with_new_draws_per_leaf():
     params = {"a": jnp.zeros((8, 6)), "b": jnp.zeros((8, 6)), "s": jnp.zeros((3, 8, 6))}
-    tx = fira_jax.scale_by_apollo(rank=2, update_proj_gap=3, seed=5, axes=fira_jax.MatrixAxes())
+    tx = fira_jax.scale_by_apollo(
+        rank=2, refresh=fira_jax.Refresh(update_proj_gap=3, seed=5), axes=fira_jax.MatrixAxes()
+    )
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     update = jax.jit(tx.update)
@@ -108,7 +110,7 @@ def test_projections_refresh_every_gap_with_new_draws_per_leaf():
     again = tx.init(params)
     _, again = update(grads, again)
     np.testing.assert_array_equal(np.asarray(again.right["a"]), seen[0]["a"])  # deterministic in the seed
-    other = fira_jax.scale_by_apollo(rank=2, update_proj_gap=3, seed=6)
+    other = fira_jax.scale_by_apollo(rank=2, refresh=fira_jax.Refresh(update_proj_gap=3, seed=6))
     _, other_state = jax.jit(other.update)(grads, other.init(params))
     assert not np.allclose(np.asarray(other_state.right["a"]), seen[0]["a"])
 
@@ -163,8 +165,10 @@ def test_no_back_projection_in_the_plain_step():
         hlo = jax.jit(lambda g, s: tx.update(g, s)).lower(g, state).as_text()
         return hlo.count("dot_general")
 
-    plain = fira_jax.scale_by_apollo(rank=2, update_proj_gap=1000)
-    assert dots(plain) < dots(fira_jax.scale_by_fira(rank=2, update_proj_gap=1000, svd="gram"))
+    plain = fira_jax.scale_by_apollo(rank=2, refresh=fira_jax.Refresh(update_proj_gap=1000))
+    assert dots(plain) < dots(
+        fira_jax.scale_by_fira(rank=2, refresh=fira_jax.Refresh(update_proj_gap=1000, svd="gram"))
+    )
 
 
 @pytest.mark.parametrize(
@@ -181,4 +185,7 @@ def test_no_back_projection_in_the_plain_step():
 )
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
+        kwargs = dict(kwargs)
+        if "svd" in kwargs:
+            kwargs["refresh"] = fira_jax.Refresh(svd=kwargs.pop("svd"))
         fira_jax.scale_by_apollo(**kwargs)

@@ -38,8 +38,14 @@ def test_limit_norm_growth(variant):
 def residual_only(gamma):
     """scale_by_fira whose update is the limited residual itself: N = R (identity inside), so
     phi = 1 up to 1e-8, scale 0 and s = 1: U = (G - P P^T G) / ell, P fixed after step 0."""
-    return fira_jax.scale_by_fira(2, 100, scale=0.0, base_optimizer=optax.identity(), gamma=gamma, residual_scale=1.0,
-                                  axes=fira_jax.MatrixAxes())  # fmt: skip
+    return fira_jax.scale_by_fira(
+        2,
+        0.0,
+        refresh=fira_jax.Refresh(update_proj_gap=100),
+        residual=fira_jax.Residual(gamma=gamma, residual_scale=1.0),
+        base_optimizer=optax.identity(),
+        axes=fira_jax.MatrixAxes(),
+    )
 
 
 def test_matches_numpy(variant):
@@ -81,8 +87,8 @@ def test_stacked_matrices_have_own_norms():
 
 def test_valid_gamma_and_per_matrix_state():
     with pytest.raises(ValueError, match="gamma"):
-        fira_jax.scale_by_fira(2, 5, gamma=0.5)
-    tx = fira_jax.scale_by_fira(2, 5, axes=fira_jax.MatrixAxes())
+        fira_jax.Residual(gamma=0.5)
+    tx = fira_jax.scale_by_fira(2, refresh=fira_jax.Refresh(update_proj_gap=5), axes=fira_jax.MatrixAxes())
     state = tx.init({"a": jnp.zeros((3, 4, 5)), "b": jnp.zeros(2)})
     assert state.norms["a"].shape == (3,) and jax.tree.leaves(state.norms["b"]) == []
 

@@ -41,8 +41,8 @@ def problem():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: fira_jax.scale_by_fira(2, 2),
-        lambda: fira_jax.scale_by_galore(2, 2, proj_type="full"),
+        lambda: fira_jax.scale_by_fira(2, refresh=fira_jax.Refresh(update_proj_gap=2)),
+        lambda: fira_jax.scale_by_galore(2, refresh=fira_jax.Refresh(update_proj_gap=2), proj_type="full"),
         lambda: fira_jax.fira(1e-2, rank=2, update_proj_gap=2, weight_decay=0.1),
         lambda: fira_jax.galore(1e-2, rank=2, update_proj_gap=2),
     ],
@@ -66,7 +66,9 @@ def test_inner_sees_the_low_rank_gradients_and_the_other_leaves(variant):
     """GaLore with scale 1 and RMSProp inside: U = back(rms(R)) for w, rms(b) for b (NumPy)."""
     params, grads = problem()
     inner = optax.scale_by_rms(decay=0.5)
-    tx = fira_jax.scale_by_galore(2, 5, 1.0, inner, axes=fira_jax.MatrixAxes())  # "stack" is a declared stack
+    tx = fira_jax.scale_by_galore(
+        2, 1.0, refresh=fira_jax.Refresh(update_proj_gap=5), base_optimizer=inner, axes=fira_jax.MatrixAxes()
+    )  # "stack" is a declared stack
     state = tx.init(params)
     chex.assert_trees_all_equal_shapes(
         state.inner.nu, {"w": jnp.zeros((8, 2)), "b": jnp.zeros(5), "stack": jnp.zeros((2, 2, 6))}
@@ -83,7 +85,7 @@ def test_inner_sees_the_low_rank_gradients_and_the_other_leaves(variant):
 def test_updates_keep_each_leafs_layout_and_dtype():
     params = {"w": jnp.zeros((6, 4), jnp.bfloat16), "qkv": jnp.zeros((8, 2, 5)), "b": jnp.zeros(3)}
     axes = {"w": None, "qkv": fira_jax.MatrixAxes(rows=0, cols=(1, 2)), "b": None}
-    tx = fira_jax.scale_by_fira(2, 5, axes=axes)
+    tx = fira_jax.scale_by_fira(2, refresh=fira_jax.Refresh(update_proj_gap=5), axes=axes)
     grads = jax.tree.map(lambda x: jnp.ones_like(x) + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) / 7, params)
     u, state = jax.jit(tx.update)(grads, tx.init(params))
     chex.assert_trees_all_equal_shapes_and_dtypes(u, params)
@@ -104,7 +106,10 @@ def test_updates_keep_each_leafs_layout_and_dtype():
 )
 def test_bad_arguments_raise_at_build(kwargs, exc, match):
     with pytest.raises(exc, match=match):
-        fira_jax.scale_by_fira(**({"rank": 2, "update_proj_gap": 5} | kwargs))
+        kwargs = {"rank": 2} | kwargs
+        residual = {k: kwargs.pop(k) for k in ("granularity", "gamma", "residual_scale") if k in kwargs}
+        refresh = {k: kwargs.pop(k) for k in ("svd",) if k in kwargs}
+        fira_jax.scale_by_fira(**kwargs, refresh=fira_jax.Refresh(**refresh), residual=fira_jax.Residual(**residual))
 
 
 @pytest.mark.parametrize(
@@ -129,7 +134,7 @@ def test_transposed_gradient_is_an_error_naming_the_leaf(variant):
     """A gradient of another shape than its parameter (here transposed) used to fail deep inside
     with "'MaskedNode' object has no attribute 'dtype'"; now the leaf and the shapes are named."""
     params = {"w": jnp.ones((6, 4)), "b": jnp.ones(4)}
-    tx = fira_jax.scale_by_fira(rank=2, update_proj_gap=5)
+    tx = fira_jax.scale_by_fira(rank=2, refresh=fira_jax.Refresh(update_proj_gap=5))
     state = tx.init(params)
     with pytest.raises(ValueError, match=r"leaf 'w' has shape \(4, 6\)"):
         variant(tx.update)({"w": jnp.ones((4, 6)), "b": jnp.ones(4)}, state)

@@ -14,10 +14,14 @@ from numpy_side import np_side
 
 import fira_jax
 
+REFRESH_OPTIONS = ("svd", "stagger", "canonical_signs", "oversample", "power_iters", "seed")
 
-def project(rank, update_proj_gap, scale=1.0, **kwargs):
+
+def project(rank, update_proj_gap, scale=1.0, refresh_by_shape=False, **kwargs):
     """G -> scale · P P^T G (or its left / two-sided form), with the bases in the state."""
-    return fira_jax.scale_by_galore(rank, update_proj_gap, scale, base_optimizer=optax.identity(), **kwargs)
+    options = {k: kwargs.pop(k) for k in REFRESH_OPTIONS if k in kwargs}
+    refresh = fira_jax.Refresh(update_proj_gap=update_proj_gap, by_shape=refresh_by_shape, **options)
+    return fira_jax.scale_by_galore(rank, scale, refresh=refresh, base_optimizer=optax.identity(), **kwargs)
 
 
 def assert_same_subspace(p, q, side):
@@ -143,7 +147,7 @@ def test_nonfinite_gradient_keeps_previous_basis():
 
 def test_bf16_gradient_svd_in_float32():
     g = jnp.asarray(np.random.default_rng(6).standard_normal((6, 4)), jnp.bfloat16)
-    tx = fira_jax.scale_by_galore(2, update_proj_gap=5)
+    tx = fira_jax.scale_by_galore(2, refresh=fira_jax.Refresh(update_proj_gap=5))
     dense, state = tx.update({"w": g}, tx.init({"w": jnp.zeros((6, 4), jnp.bfloat16)}))
     assert state.right["w"].dtype == jnp.bfloat16
     assert state.inner.mu["w"].dtype == jnp.bfloat16  # Adam's moments take R's dtype
@@ -183,7 +187,9 @@ def test_empty_tree_and_no_selected_leaf():
 )
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
-        fira_jax.scale_by_galore(**kwargs)
+        kwargs = dict(kwargs)
+        refresh = fira_jax.Refresh(update_proj_gap=kwargs.pop("update_proj_gap"))
+        fira_jax.scale_by_galore(**kwargs, refresh=refresh)
 
 
 @pytest.mark.parametrize(
@@ -355,7 +361,7 @@ def test_leaves_with_more_axes_are_not_guessed(caplog):
     stacked 4 x 16 matrices (at rank 4: full rank, no saving) and its (4, 16) biases as matrices.
     Now, undeclared, every kernel is left full-rank, the biases too (4 <= rank), and init says so."""
     params = _mha_params()
-    tx = fira_jax.scale_by_fira(rank=8, update_proj_gap=5)
+    tx = fira_jax.scale_by_fira(rank=8, refresh=fira_jax.Refresh(update_proj_gap=5))
     with caplog.at_level("WARNING", logger="fira_jax"):
         state = tx.init(params)
     assert jax.tree.leaves(state.right) == [] and jax.tree.leaves(state.left) == []
@@ -373,7 +379,7 @@ def test_multi_head_attention_kernels_declared_by_path(variant_name):
     qkv = fira_jax.MatrixAxes(rows=0, cols=(1, 2))  # features x (heads, head_dim)
     out = fira_jax.MatrixAxes(rows=(0, 1), cols=2)  # (heads, head_dim) x features
     axes = fira_jax.axes_by_path({"query/kernel": qkv, "key/kernel": qkv, "value/kernel": qkv, "out/kernel": out})
-    tx = getattr(fira_jax, f"scale_by_{variant_name}")(rank=8, update_proj_gap=5, axes=axes)
+    tx = getattr(fira_jax, f"scale_by_{variant_name}")(rank=8, refresh=fira_jax.Refresh(update_proj_gap=5), axes=axes)
     state = tx.init(params)
     for name in ("query", "key", "value", "out"):
         assert state.right[name]["kernel"].shape == (8, 64), name  # std: m >= n, right side
@@ -402,9 +408,9 @@ def test_scanned_stack_is_projected_only_where_declared():
     params = nnx.to_pure_dict(nnx.state(layers, nnx.Param))
     assert params["kernel"].shape == (3, 16, 24) and params["bias"].shape == (3, 24)
     stacks = fira_jax.axes_by_path({"kernel": fira_jax.MatrixAxes()})
-    state = fira_jax.scale_by_galore(rank=4, update_proj_gap=5, axes=stacks).init(params)
+    state = fira_jax.scale_by_galore(rank=4, refresh=fira_jax.Refresh(update_proj_gap=5), axes=stacks).init(params)
     assert state.left["kernel"].shape == (3, 16, 4) and isinstance(state.left["bias"], optax.MaskedNode)
-    state = fira_jax.scale_by_galore(rank=4, update_proj_gap=5).init(params)
+    state = fira_jax.scale_by_galore(rank=4, refresh=fira_jax.Refresh(update_proj_gap=5)).init(params)
     assert jax.tree.leaves((state.left, state.right)) == []  # kernel: undeclared; bias: 3 <= rank
 
 
@@ -412,7 +418,7 @@ def test_integer_leaves_are_left_out_by_the_default_mask():
     """An integer matrix (token ids, a step counter) is not a weight: the default mask skips it
     (an explicit mask selecting it is an error naming it, test_bad_leaves_raise_at_init)."""
     params = {"w": jnp.ones((6, 4)), "ids": jnp.ones((3, 3), jnp.int32)}
-    state = fira_jax.scale_by_galore(rank=2, update_proj_gap=5).init(params)
+    state = fira_jax.scale_by_galore(rank=2, refresh=fira_jax.Refresh(update_proj_gap=5)).init(params)
     assert state.right["w"].shape == (2, 4) and isinstance(state.right["ids"], optax.MaskedNode)
     tx = fira_jax.fira(1e-2, rank=2)
     updates, _ = tx.update(params, tx.init(params), params)

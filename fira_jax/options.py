@@ -1,0 +1,107 @@
+"""The options GaLore, Fira and APOLLO share, as small frozen dataclasses.
+
+:class:`Refresh` says when and how each projected matrix's basis is recomputed;
+:class:`Residual` how Fira scales and limits the part of the gradient outside the subspace. The
+``scale_by_*`` transformations take them as keyword arguments; the aliases (:func:`fira_jax.fira`,
+:func:`fira_jax.galore`, :func:`fira_jax.apollo`) keep optax's flat keywords and build them.
+Both are validated when made, hashable and immutable (``dataclasses.replace`` makes a variant).
+"""
+
+import dataclasses
+
+from fira_jax._validation import check_choice, check_float, check_int
+from fira_jax.basis import SVD_METHODS, SvdMethod
+from fira_jax.residual import GRANULARITIES, Granularity
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Refresh:
+    """When and how the bases are recomputed.
+
+    Attributes:
+      update_proj_gap: ``T``, steps between refreshes (≥ 1); 200 in the papers' pre-training.
+      svd: ``"exact"`` (a full SVD, as the reference); ``"randomized"``: a range finder with
+        ``rank + oversample`` Gaussian probes, ``power_iters`` power iterations and QR
+        re-orthonormalization, then the SVD of a small matrix, much cheaper for large matrices;
+        ``"subspace"``: the same iteration warm-started from the previous basis (plus
+        ``oversample`` probes), ``O(m n r)`` per refresh
+        (:func:`fira_jax.basis.subspace_iteration`); ``"gram"``: the top eigenvectors of
+        ``G^T G`` (right) or ``G G^T`` (left), whose eigendecomposition compiles in seconds on
+        TPU where the exact SVD takes minutes per matrix shape
+        (:func:`fira_jax.basis.gram_top_vectors`). Which to pick: :doc:`family`. (APOLLO's
+        random projection ignores it.)
+      oversample: extra Gaussian probes of ``"randomized"`` and ``"subspace"``.
+      power_iters: their iterations; None: 2 for ``"randomized"``, 1 for ``"subspace"``.
+      stagger: spread the leaves' refreshes over the gap
+        (:func:`fira_jax.projection.refresh_groups`), so that no later step computes every SVD.
+        Off by default, as in the reference.
+      by_shape: refresh same-shaped matrices together, one compiled SVD per shape, for the TPU
+        compiler (whose SVD takes minutes to compile per call site); it costs memory, since the
+        step then keeps every gradient of that shape alive until the refresh. By default each
+        leaf has its own refresh, which waits only for that leaf's gradient.
+      canonical_signs: fix each singular vector's sign so that its largest entry is positive.
+        SVD signs are implementation-defined (LAPACK, cuSOLVER and TPU differ), and because the
+        moments carry over across refreshes the signs shape the trajectory; this makes runs agree
+        across backends. Off by default to follow the reference implementation.
+      seed: seed of the random probes and of APOLLO's projections (folded with the step and the
+        leaf).
+
+    Example:
+      >>> import fira_jax
+      >>> fira_jax.Refresh(update_proj_gap=500, svd="subspace").iterations
+      1
+    """
+
+    update_proj_gap: int = 200
+    svd: SvdMethod = "exact"
+    oversample: int = 8
+    power_iters: int | None = None
+    stagger: bool = False
+    by_shape: bool = False
+    canonical_signs: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("update_proj_gap", self.update_proj_gap, 1)
+        check_choice("svd", self.svd, SVD_METHODS)
+        check_int("oversample", self.oversample, 0)
+        if self.power_iters is not None:
+            check_int("power_iters", self.power_iters, 0)
+        check_int("seed", self.seed, 0)
+
+    @property
+    def iterations(self) -> int:
+        """``power_iters``, or its default: one iteration from a warm start, two from Gaussian probes."""
+        if self.power_iters is not None:
+            return self.power_iters
+        return 1 if self.svd == "subspace" else 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Residual:
+    """How Fira scales and limits the residual ``S = phi ⊙ (G - s · back(R))``.
+
+    Attributes:
+      granularity: ``"column"`` (Fira: one factor per column of G on the left side, per row on
+        the right), ``"matrix"`` (one factor per matrix) or ``"none"`` (``phi = 1``, the paper's
+        "w/o scaling" ablation).
+      residual_scale: ``s``; None: the update's ``scale``, as the reference (which subtracts
+        ``scale · P P^T G``); 1.0 gives the paper's orthogonal complement.
+      gamma: the limiter's largest growth factor of ``||S||`` per step, ≥ 1 (``inf`` disables
+        it; 1.01 in the paper).
+
+    Example:
+      >>> import fira_jax
+      >>> fira_jax.Residual(residual_scale=1.0)  # the paper's form of the residual
+      Residual(granularity='column', residual_scale=1.0, gamma=1.01)
+    """
+
+    granularity: Granularity = "column"
+    residual_scale: float | None = None
+    gamma: float = 1.01
+
+    def __post_init__(self) -> None:
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_float("gamma", self.gamma, low=1.0, high=float("inf"), high_open=False)
+        if self.residual_scale is not None:
+            check_float("residual_scale", self.residual_scale, low=0.0, high=float("inf"), high_open=False)
