@@ -123,18 +123,18 @@ def _scale_by_low_rank(
     limited: bool,
     axes: Any,
     basis_dtype: Any,
-    method: str,
+    method: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The machinery GaLore, Fira and APOLLO share: bases, the inner optimizer, and each selected
     leaf's ``leaf_update``; ``limited`` keeps the limiter's norms in the state; ``method`` is the
-    refresh's (``refresh.svd``, or APOLLO's ``"random"``)."""
+    refresh's (None: ``refresh.svd``; APOLLO's ``"random"``)."""
     check_int("rank", rank, 1, static=True)
     check_choice("proj_type", proj_type, PROJ_TYPES)
     if not isinstance(refresh, Refresh):
         raise TypeError(f"`refresh` must be a fira_jax.Refresh, got {refresh!r}.")
     update_proj_gap, stagger, refresh_by_shape = refresh.update_proj_gap, refresh.stagger, refresh.by_shape
     canonical_signs, oversample, seed = refresh.canonical_signs, refresh.oversample, refresh.seed
-    power_iters, svd = refresh.iterations, method
+    power_iters, svd = refresh.iterations, refresh.svd if method is None else method
     inner = optax.with_extra_args_support(scale_by_adam() if base_optimizer is None else base_optimizer)
 
     def tree_layouts(tree: Any) -> list[Layout | None]:
@@ -320,7 +320,7 @@ def scale_by_galore(
     check_float("scale", scale, low=0.0, high=float("inf"), high_open=False)
     return _scale_by_low_rank(
         rank, refresh, base_optimizer, proj_type, mask, leaf_update=_galore_leaf(scale), limited=False, axes=axes,
-        basis_dtype=basis_dtype, method=refresh.svd,
+        basis_dtype=basis_dtype,
     )  # fmt: skip
 
 
@@ -395,7 +395,6 @@ def scale_by_fira(
         limited=True,
         axes=axes,
         basis_dtype=basis_dtype,
-        method=refresh.svd,
     )
 
 
@@ -492,5 +491,5 @@ def scale_by_apollo(
         limited=True,
         axes=axes,
         basis_dtype=basis_dtype,
-        method="random" if proj == "random" else refresh.svd,
+        method="random" if proj == "random" else None,
     )

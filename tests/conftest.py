@@ -47,6 +47,7 @@ MARKERS = {
     "test_docstrings": ("core",),
     "test_limiter": ("core",),
     "test_masks": ("core",),
+    "test_options": ("core",),
     "test_projection": ("core",),
     "test_docs": ("core",),
     "test_reliability": ("core", "slow"),

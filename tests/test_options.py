@@ -1,0 +1,77 @@
+"""fira_jax.options: the shared options objects (Refresh, Residual) are validated when made,
+immutable, hashable, shared by the family, and equivalent to the optimizers' flat keywords."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fira_jax
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "match"),
+    [
+        (lambda: fira_jax.Refresh(update_proj_gap=0), ValueError, "update_proj_gap"),
+        (lambda: fira_jax.Refresh(update_proj_gap=2.5), TypeError, "update_proj_gap"),
+        (lambda: fira_jax.Refresh(svd="qr"), ValueError, "svd"),
+        (lambda: fira_jax.Refresh(oversample=-1), ValueError, "oversample"),
+        (lambda: fira_jax.Refresh(power_iters=-1), ValueError, "power_iters"),
+        (lambda: fira_jax.Residual(granularity="row"), ValueError, "granularity"),
+        (lambda: fira_jax.Residual(gamma=0.5), ValueError, "gamma"),
+        (lambda: fira_jax.Residual(residual_scale=-1.0), ValueError, "residual_scale"),
+        (lambda: fira_jax.Refresh(200), TypeError, "positional"),
+        (lambda: fira_jax.scale_by_fira(2, 0.25, refresh={"update_proj_gap": 5}), TypeError, "fira_jax.Refresh"),
+        (lambda: fira_jax.scale_by_fira(2, 0.25, residual={"gamma": 1.5}), TypeError, "fira_jax.Residual"),
+    ],
+)
+def test_bad_options_raise_when_made(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_options_are_frozen_hashable_and_replaceable():
+    refresh = fira_jax.Refresh(update_proj_gap=50, svd="subspace")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        refresh.svd = "exact"  # type: ignore[misc]
+    assert hash(refresh) == hash(fira_jax.Refresh(update_proj_gap=50, svd="subspace"))
+    assert dataclasses.replace(refresh, svd="gram").svd == "gram" and refresh.iterations == 1
+    assert fira_jax.Refresh(svd="randomized").iterations == 2
+    assert fira_jax.Refresh(svd="randomized", power_iters=0).iterations == 0
+
+
+def test_flat_keywords_build_the_same_objects():
+    """fira(..., update_proj_gap=, svd=, gamma=, ...) equals the chain with scale_by_fira given the
+    objects: the flat keywords generate nothing of their own."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)}
+    grads = [{"w": jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)} for _ in range(4)]
+    flat = fira_jax.fira(1e-2, rank=2, update_proj_gap=2, svd="subspace", gamma=1.5, granularity="matrix")
+    refresh = fira_jax.Refresh(update_proj_gap=2, svd="subspace")
+    residual = fira_jax.Residual(gamma=1.5, granularity="matrix")
+    import optax
+
+    objects = optax.chain(
+        fira_jax.scale_by_fira(2, 0.25, refresh=refresh, residual=residual, base_optimizer=fira_jax.scale_by_adam()),
+        optax.scale_by_schedule(fira_jax.adam_bias_correction(0.9, 0.999)),
+        optax.scale_by_learning_rate(1e-2),
+    )
+    outs = []
+    for tx in (flat, objects):
+        state, us = tx.init(params), []
+        for g in grads:
+            u, state = jax.jit(tx.update)(g, state, params)
+            us.append(u["w"])
+        outs.append(us)
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_one_refresh_serves_the_family():
+    refresh = fira_jax.Refresh(update_proj_gap=3, seed=1)
+    params = {"w": jnp.ones((12, 8))}
+    for make in (fira_jax.scale_by_galore, fira_jax.scale_by_fira, fira_jax.scale_by_apollo):
+        state = make(2, refresh=refresh).init(params)
+        assert state.right["w"].shape == (2, 8)
