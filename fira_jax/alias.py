@@ -154,8 +154,13 @@ def fira(
     """
     _check_common(b1, b2, eps, weight_decay)
     inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
-    refresh = Refresh(update_proj_gap=update_proj_gap, svd=svd, stagger=stagger, by_shape=refresh_by_shape,
-                      canonical_signs=canonical_signs)  # fmt: skip
+    refresh = Refresh(
+        update_proj_gap=update_proj_gap,
+        svd=svd,
+        stagger=stagger,
+        by_shape=refresh_by_shape,
+        canonical_signs=canonical_signs,
+    )
     residual = Residual(granularity=granularity, residual_scale=residual_scale, gamma=gamma)
     low_rank = scale_by_fira(
         rank,
@@ -242,8 +247,13 @@ def galore(
     """
     _check_common(b1, b2, eps, weight_decay)
     inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
-    refresh = Refresh(update_proj_gap=update_proj_gap, svd=svd, stagger=stagger, by_shape=refresh_by_shape,
-                      canonical_signs=canonical_signs)  # fmt: skip
+    refresh = Refresh(
+        update_proj_gap=update_proj_gap,
+        svd=svd,
+        stagger=stagger,
+        by_shape=refresh_by_shape,
+        canonical_signs=canonical_signs,
+    )
     low_rank = scale_by_galore(
         rank,
         scale,
@@ -357,8 +367,14 @@ def apollo(
     """
     _check_common(b1, b2, eps, weight_decay)
     inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
-    refresh = Refresh(update_proj_gap=update_proj_gap, svd=svd, stagger=stagger, by_shape=refresh_by_shape,
-                      canonical_signs=canonical_signs, seed=seed)  # fmt: skip
+    refresh = Refresh(
+        update_proj_gap=update_proj_gap,
+        svd=svd,
+        stagger=stagger,
+        by_shape=refresh_by_shape,
+        canonical_signs=canonical_signs,
+        seed=seed,
+    )
     low_rank = scale_by_apollo(
         rank,
         scale,

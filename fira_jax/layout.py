@@ -169,8 +169,10 @@ def selection(
 
     if mask is None:
         per_leaf = axes is not None and not isinstance(axes, MatrixAxes)
-        selected = [getattr(leaf, "ndim", 0) >= 2 and masks.is_float(leaf) and (ax is not None or not per_leaf)
-                    for (_, leaf), ax in zip(with_path, leaf_axes, strict=True)]  # fmt: skip
+        selected = [
+            getattr(leaf, "ndim", 0) >= 2 and masks.is_float(leaf) and (ax is not None or not per_leaf)
+            for (_, leaf), ax in zip(with_path, leaf_axes, strict=True)
+        ]
     else:
         selected = masks.resolve_per_leaf(tree, mask, lambda x: None, "mask")
     out: list[Layout | None] = []

@@ -230,8 +230,10 @@ def _check_bases(lays: list[Layout | None], left: list[Any], right: list[Any]) -
     for lay, lb, rb in zip(lays, left, right, strict=True):
         if lay is None:
             continue
-        need = {"left": (*lay.batch, lay.m, lay.rank) if lay.side in ("left", "full") else None,
-                "right": (*lay.batch, lay.rank, lay.n) if lay.side in ("right", "full") else None}  # fmt: skip
+        need = {
+            "left": (*lay.batch, lay.m, lay.rank) if lay.side in ("left", "full") else None,
+            "right": (*lay.batch, lay.rank, lay.n) if lay.side in ("right", "full") else None,
+        }
         for kind, have in (("left", lb), ("right", rb)):
             have_shape, need_shape = getattr(have, "shape", None), need[kind]
             if have_shape is not None:
