@@ -32,8 +32,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import config as config_lib
 from lm import data as data_lib
+from lm import files, optim, provenance, sweep
 from lm import model as model_lib
-from lm import optim, provenance, sweep
 from lm.runs import run_or_reuse
 from lm.train import plot
 
@@ -70,11 +70,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
         if args.workers < 1 or len(set(args.seeds)) != len(args.seeds):
             raise ValueError("--workers must be >= 1 and --seeds distinct")
-    except ValueError as e:
+        out = files.check_folder(args.out, "--out")
+    except (ValueError, files.OutputError) as e:
         p.error(str(e))
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.family_sweep:
         reference_file = out / "rank_sweep.json"
         if not reference_file.exists():
@@ -89,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         numbers = sweep.family_numbers(found, reference, base, lrs, provenance.record(argv, __file__),
                                        time.perf_counter() - t0)  # fmt: skip
         page = sweep.render_family(numbers)
-        (out / "family_sweep.md").write_text(page)
-        (out / "family_sweep.json").write_text(json.dumps(numbers, indent=1))
+        files.write_text(out / "family_sweep.md", page)
+        files.write_text(out / "family_sweep.json", json.dumps(numbers, indent=1))
         print(page)
         return
     if args.rank_sweep:
@@ -104,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         numbers = sweep.numbers(cells, base, ranks, lrs, args.adamw_lrs, args.seeds, hidden,
                                 provenance.record(argv, __file__), time.perf_counter() - t0)  # fmt: skip
         page = sweep.render(numbers)
-        (out / "rank_sweep.md").write_text(page)
-        (out / "rank_sweep.json").write_text(json.dumps(numbers, indent=1))
+        files.write_text(out / "rank_sweep.md", page)
+        files.write_text(out / "rank_sweep.json", json.dumps(numbers, indent=1))
         sweep.plot(cells, ranks, args.seeds, out / "rank_sweep.png",
                    f"{base.preset}, {base.steps} steps: loss vs rank")  # fmt: skip
         print(page)
@@ -141,9 +140,9 @@ def main(argv: list[str] | None = None) -> None:
         "setup": setup,
         "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs],
     }
-    (out / "compare.json").write_text(json.dumps(saved, indent=1))
+    files.write_text(out / "compare.json", json.dumps(saved, indent=1))
     page = render(saved)
-    (out / "compare.md").write_text(page)
+    files.write_text(out / "compare.md", page)
     plot({f"{n} (lr {r['lr']:g})": r["records"] for n, r in best.items()}, out / "compare.png", f"{args.preset}")
     print(page)
 

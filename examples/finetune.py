@@ -24,6 +24,7 @@ CPU with nothing to download: ``finetune_demo.py``.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -38,7 +39,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from lm import checkpoints, hf, instruct, lora, optim, runlog
+from lm import checkpoints, files, hf, instruct, lora, optim, runlog
 from lm import config as config_lib
 from lm import data as data_lib
 from lm import step as step_lib
@@ -65,6 +66,18 @@ def make_optimizer(method: str, model: nnx.Module, schedule: optax.Schedule, arg
     return nnx.Param, tx
 
 
+# Settings a resumed run may change: where it writes, what it evaluates, how often it reports.
+RESUMABLE_CHANGES = ("out", "export", "eval", "eval_mode", "eval_every", "checkpoint_every", "resume", "progress",
+                     "checkpoint", "tokenizer", "data")  # fmt: skip
+
+
+def resume_record(args: config_lib.FinetuneConfig, n_records: int, vocabulary: int) -> dict:
+    """What a checkpoint records of its run, and a resumed run must repeat: every setting but
+    :data:`RESUMABLE_CHANGES`, with the data's size and the tokenizer's vocabulary in place of their paths."""
+    record = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUMABLE_CHANGES}
+    return record | {"records": n_records, "vocabulary": vocabulary}
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line, derived from :class:`lm.config.FinetuneConfig` (its defaults are the authors')."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,7 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--epochs and --lr must be > 0")
     if args.warmup is not None and args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
-    try:
+    try:  # the output places first: a typo or a read-only folder costs a line, not a run
+        files.check_folder(args.out, "--out", create=False)
+        if args.resume:
+            checkpoints.check_resumable(pathlib.Path(args.out).expanduser())
+        if args.export:
+            files.check_folder(args.export, "--export", create=False)
         tok = tokenizer_lib.load(args.tokenizer)
         model = hf.load(args.checkpoint)
         if tok.vocab_size > model.cfg.vocab_size:
@@ -91,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
         records = instruct.load_records(args.data) if args.data else []
         tasks = {pathlib.Path(f).stem: instruct.load_task(f) for f in args.eval}
-    except (data_lib.DataError, tokenizer_lib.TokenizerError, hf.CheckpointError) as e:
+    except (data_lib.DataError, tokenizer_lib.TokenizerError, hf.CheckpointError, files.OutputError,
+            checkpoints.CheckpointError) as e:  # fmt: skip
         p.error(str(e))
     encoded = [instruct.encode(r, tok, args.cutoff, args.train_on_inputs, args.template) for r in records]
     n_val = args.val_size if isinstance(args.val_size, int) else max(1, round(args.val_size * len(records)))
@@ -103,8 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = args.warmup if args.warmup is not None else min(100, steps // 10)
     if steps and warmup >= steps:
         p.error(f"--warmup {warmup} is not shorter than the run ({steps} steps): pass a smaller --warmup")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(args.out).expanduser()
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, args.lr, max(warmup, 1)),
          optax.linear_schedule(args.lr, 0.0, max(steps - warmup, 1))], [max(warmup, 1)],
@@ -116,6 +134,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.method}: {trainable:,} trainable parameters, optimizer state {opt_mib:.2f} MiB, "
           f"{len(train)} training / {len(val)} validation examples, {steps} steps")  # fmt: skip
     pad = tok.separator or 0
+    model_bytes = state_mib(nnx.state(model, nnx.Param)) * 2**20
+    try:  # two checkpoints are kept; an export holds the (merged) parameters once
+        ckpt_bytes = 2 * (state_mib(nnx.state(model)) + opt_mib) * 2**20 if args.checkpoint_every else 0
+        files.check_folder(out, "--out", need_bytes=int(ckpt_bytes))
+        if args.export:
+            files.check_folder(args.export, "--export", need_bytes=int(model_bytes), create=False)
+        manager = checkpoints.manager(out, args.checkpoint_every, args.resume)
+        run_config = resume_record(args, len(records), tok.vocab_size)
+        start, wall_before = 0, 0.0  # steps and seconds of the run before this process
+        if args.resume:
+            start, wall_before = checkpoints.restore(manager, model, optimizer, run_config)
+    except (files.OutputError, checkpoints.CheckpointError) as e:
+        p.error(str(e))
 
     train_step = step_lib.make_train_step(instruct.masked_loss, wrt)
 
@@ -137,14 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         return float(np.mean(losses)) if losses else float("nan")
 
-    manager = checkpoints.manager(out, args.checkpoint_every, args.resume)
-    start = checkpoints.restore(manager, model, optimizer) if args.resume else 0
-    records_out, rng, t0 = [], np.random.default_rng(args.seed), time.perf_counter()
-    if start and (out / "metrics.jsonl").exists():  # the earlier records, for the plot (the file is appended to)
-        earlier = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-        records_out = [r for r in earlier if r["step"] <= start]
+    rng, t0 = np.random.default_rng(args.seed), time.perf_counter()
     order = np.array([], int)
     with runlog.RunLog(out, steps, start, progress=args.progress) as run:
+        records_out = run.earlier  # a resumed run's records continue its first part's
         for step in range(steps):
             if len(order) < args.batch_size:
                 order = np.concatenate([order, rng.permutation(len(train))])
@@ -163,21 +190,26 @@ def main(argv: list[str] | None = None) -> dict:
             if not finite:
                 break
             run.advance()
-            checkpoints.save(manager, step + 1, args.checkpoint_every, model, optimizer)
+            checkpoints.save(manager, step + 1, args.checkpoint_every, model, optimizer, run_config,
+                             wall_before + time.perf_counter() - t0)  # fmt: skip
     checkpoints.close(manager)
     model.eval()
+    wall = wall_before + time.perf_counter() - t0  # the whole run's, resumed parts summed
     summary = {"method": args.method, "trainable_params": trainable, "optimizer_state_mib": opt_mib, "steps": steps,
-               "wall_s": time.perf_counter() - t0, "final_val_loss": validate() if val else None}  # fmt: skip
+               "wall_s": wall, "final_val_loss": validate() if val else None}  # fmt: skip
     for name, task in tasks.items():
         summary[f"accuracy/{name}"] = instruct.accuracy(model, tok, task, args.eval_mode, args.template)
         print(f"{name}: accuracy {summary[f'accuracy/{name}']:.4f} ({len(task)} examples, {args.eval_mode})")
     if records_out:
         plot({args.method: records_out}, out / "loss.png", f"fine-tuning: {args.method}")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    files.write_text(out / "summary.json", json.dumps(summary, indent=1))
     if args.export:
         if args.method in ("lora", "lora-fira"):
             lora.merge(model)
-        hf.save(model, args.export)
+        try:  # if the export place failed meanwhile, the model goes to --out instead of being lost
+            hf.save_or_keep(model, args.export, "--export", out / "export")
+        except files.OutputError as e:
+            p.error(str(e))
         print(f"exported the fine-tuned model (Hugging Face format) to {args.export}")
     if summary["final_val_loss"] is not None and math.isfinite(summary["final_val_loss"]):
         print(f"final validation loss {summary['final_val_loss']:.4f} nats/token")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import finetune
 import train_lm
-from lm import hf, instruct, provenance, pytasks
+from lm import files, hf, instruct, provenance, pytasks
 from lm import model as model_lib
 from lm import prepare as prepare_lib
 from lm import tokenizer as tokenizer_lib
@@ -73,8 +73,8 @@ def task_files(out: pathlib.Path, n_train: int, n_test: int) -> tuple[pathlib.Pa
         )
     test = rng.sample(task["test"], VAL_EXAMPLES + n_test)
     train = rng.sample(task["train"], n_train)
-    (out / "train.json").write_text(json.dumps(test[:VAL_EXAMPLES] + train))
-    (out / "test.json").write_text(json.dumps(test[VAL_EXAMPLES:]))
+    files.write_text(out / "train.json", json.dumps(test[:VAL_EXAMPLES] + train))
+    files.write_text(out / "test.json", json.dumps(test[VAL_EXAMPLES:]))
     return out / "train.json", out / "test.json"
 
 
@@ -100,7 +100,7 @@ def run(flags: list[str], out: pathlib.Path) -> dict:
     summary["run_s"] = time.perf_counter() - t0  # fine-tuning and scoring
     summary["flags"], summary["inputs"], summary["provenance"] = flags, digest, provenance.record()
     summary["records"] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    saved.write_text(json.dumps(summary))
+    files.write_text(saved, json.dumps(summary))
     return summary
 
 
@@ -129,9 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr is not None and not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
-    runs, out = pathlib.Path(args.runs), pathlib.Path(args.out)
-    runs.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        runs, out = files.check_folder(args.runs, "--runs"), files.check_folder(args.out, "--out")
+    except files.OutputError as e:
+        p.error(str(e))
     try:
         train_json, test_json = task_files(runs, args.train_examples, args.test_examples)
     except ValueError as e:
@@ -217,9 +218,9 @@ def write(results: dict, grid: dict, base_acc: float, params: int, args: argpars
     keep = ("accuracy/test", "final_val_loss")
     grid_numbers = {m: {f"{lr:g}": {k: r[k] for k in keep} for lr, r in by_lr.items()} for m, by_lr in grid.items()}
     saved = {"provenance": origin, "setup": setup, "base_accuracy": base_acc, "runs": results, "grid": grid_numbers}
-    (out / "finetune.json").write_text(json.dumps(saved, indent=1))
+    files.write_text(out / "finetune.json", json.dumps(saved, indent=1))
     md = render(saved)
-    (out / "finetune.md").write_text(md)
+    files.write_text(out / "finetune.md", md)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = list(results)
     accs = [[r["accuracy/test"] for r in results[m]] for m in names]

@@ -50,8 +50,8 @@ from fira_jax.basis import SVD_METHODS
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from lm import files, optim, provenance
 from lm import model as model_lib
-from lm import optim, provenance
 from lm import step as step_lib
 
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 64, "tiny": 32, "20m": 64, "micro": 8}
@@ -323,6 +323,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 1 or args.vocab_size < 1 or args.breakdown < 0:
         p.error("--batch-size, --seq-len and --vocab-size must be >= 1, --breakdown >= 0")
+    if args.save:
+        try:
+            files.check_folder(pathlib.Path(args.save).expanduser().parent, "--save")
+        except files.OutputError as e:
+            p.error(str(e))
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     if args.finetune:
         return _finetune_main(args, dtype)
@@ -344,8 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.save:  # FILE.json and its page FILE.md, rendered from it; only a saved file needs its provenance
         saved = {"provenance": provenance.record(argv, __file__)} | saved
         path = pathlib.Path(args.save)
-        path.write_text(json.dumps(saved, indent=1))
-        path.with_suffix(".md").write_text(render(saved))
+        files.write_text(path, json.dumps(saved, indent=1))
+        files.write_text(path.with_suffix(".md"), render(saved))
     if not args.json:
         print(render(saved, heading=False))
     return out

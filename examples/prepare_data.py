@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import data as data_lib
+from lm import files
 from lm import prepare as prepare_lib
 from lm import tokenizer as tokenizer_lib
 
@@ -37,10 +38,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.data is not None and not pathlib.Path(args.data).expanduser().exists():
         p.error(f"--data {args.data}: no such file or folder")
     try:
+        _, sources, _ = prepare_lib.source_files(args.data)
+        # Each byte of text is at most one token of 2 bytes (4 for vocabularies beyond 65,536).
+        files.check_folder(args.out, "--out", need_bytes=2 * sum(f.stat().st_size for f in sources), create=False)
         meta = prepare_lib.prepare(args.data, args.tokenizer, args.out, val_fraction=args.val_fraction,
                                 workers=args.workers, progress=args.progress)  # fmt: skip
-    except (data_lib.DataError, tokenizer_lib.TokenizerError) as e:
+    except (data_lib.DataError, tokenizer_lib.TokenizerError, files.OutputError) as e:
         p.error(str(e))
+    except OSError as e:  # the disk filled up or went away while writing: nothing was left behind
+        p.error(f"--out {args.out}: writing failed ({e.strerror or e}); nothing was written")
     print(json.dumps({k: meta[k] for k in ("tokenizer", "vocab_size", "dtype", "splits", "split_rule")}, indent=1))
     print(f"wrote {args.out}/train.bin, val.bin, meta.json; train with: python examples/train_lm.py --data {args.out}")
     return meta

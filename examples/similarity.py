@@ -29,8 +29,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import config as config_lib
 from lm import data as data_lib
+from lm import files, optim, provenance
 from lm import model as model_lib
-from lm import optim, provenance
 from lm import prepare as prepare_lib
 
 import fira_jax
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
         config_lib.check(config_lib.from_args(args))
         if args.measure_every < 1:
             raise ValueError(f"--measure-every must be >= 1, got {args.measure_every}")
-    except ValueError as e:
+        files.check_folder(args.out, "--out")
+    except (ValueError, files.OutputError) as e:
         p.error(str(e))
 
     cfg = model_lib.PRESETS[args.preset]
@@ -161,10 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
              "seq_len": args.seq_len, "update_proj_gap": args.update_proj_gap}  # fmt: skip
     saved = {"provenance": provenance.record(argv, __file__), "setup": setup, "rows": table}
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "similarity.json").write_text(json.dumps(saved, indent=1))
+    files.write_text(out / "similarity.json", json.dumps(saved, indent=1))
     page = render(saved)
-    (out / "similarity.md").write_text(page)
+    files.write_text(out / "similarity.md", page)
     print(page)
     return saved
 

@@ -23,6 +23,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from lm import checkpoints, files
 from lm import config as config_lib
 from lm import data as data_lib
 from lm import tokenizer as tokenizer_lib
@@ -57,14 +58,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
     try:
         result = train(cfg)
-    except (data_lib.DataError, tokenizer_lib.TokenizerError) as e:  # a one-line usage error, not a traceback
-        parser.error(str(e))
+    except (data_lib.DataError, tokenizer_lib.TokenizerError, files.OutputError, checkpoints.CheckpointError) as e:
+        parser.error(str(e))  # a one-line usage error, not a traceback
     if jax.process_index() != 0:
         return result
     out = pathlib.Path(cfg.out)
     plot({cfg.optimizer: result["records"]}, out / "loss.png", f"{cfg.optimizer} on {cfg.preset}")
     summary = {k: v for k, v in result.items() if k != "records"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(
         f"\nfinal validation loss {result['final_val_loss']:.4f} nats/token, perplexity {result['final_val_ppl']:.2f}, "
         f"{result['final_val_bpb']:.3f} bits/byte ({result['tokenizer']})\n"

@@ -280,3 +280,204 @@ def test_help_shows_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--lr LR peak learning rate (paper: 0.01 for Fira/GaLore) (default: 0.01)" in text
     assert "--steps STEPS" in text and "(default: 1000)" in text
+
+
+# --- output places: a file, a read-only place, a full disk; failures while writing ----------------
+
+from lm import checkpoints  # noqa: E402
+from lm import files as files_lib  # noqa: E402
+
+MICRO = ["--preset", "micro", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2",
+         "--eval-batches", "1", "--no-progress"]  # fmt: skip
+
+
+def script_argv(script: str, tmp_path: pathlib.Path, checkpoint: pathlib.Path) -> tuple:
+    """(main, argv without --out) of a quick run of each script that writes a folder."""
+    if script == "train_lm":
+        return train_lm.main, list(MICRO)
+    if script == "prepare_data":
+        (tmp_path / "fine.txt").write_text("print('hello')\n" * 100)
+        return prepare_data.main, ["--data", str(tmp_path / "fine.txt"), "--no-progress"]
+    (tmp_path / "train.json").write_text(json.dumps(RECORDS))
+    return finetune.main, ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "train.json"), "--val-size", "2",
+                           "--batch-size", "2", "--max-steps", "2", "--warmup", "0", "--no-progress"]  # fmt: skip
+
+
+def read_only(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A folder nothing can be written in: a read-only tmpfs where this machine lets us mount one,
+    otherwise (said on stderr) a folder whose writes fail as a read-only file system's do."""
+    import errno
+    import subprocess
+
+    place = tmp_path / "read-only"
+    place.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(place)], capture_output=True)
+    if mounted.returncode == 0:
+        import atexit
+
+        atexit.register(subprocess.run, ["umount", "-l", str(place)], capture_output=True)
+        return place
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    print("NOTE: cannot mount a read-only tmpfs here; a read-only file system is simulated", file=sys.stderr)
+    monkeypatch.setattr(files_lib.tempfile, "NamedTemporaryFile", refuse)
+    return place
+
+
+def full_disk(monkeypatch: pytest.MonkeyPatch, free: int = 2**20) -> None:
+    """Every file system reports ``free`` bytes left."""
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(files_lib.shutil, "disk_usage", lambda path: usage(10 * free, 9 * free, free))
+
+
+@pytest.mark.parametrize("script", ["train_lm", "prepare_data", "finetune"])
+@pytest.mark.parametrize("place", ["a-file", "read-only", "full", "under-a-file"])
+def test_output_place_that_cannot_be_written(tmp_path, capsys, monkeypatch, checkpoint, script, place):
+    """Checked before any work: one line naming --out and why, and nothing is created."""
+    main, argv = script_argv(script, tmp_path, checkpoint)
+    if place == "a-file":
+        out = tmp_path / "taken"
+        out.write_text("not a folder")
+        says = "is a file, not a folder"
+    elif place == "under-a-file":
+        (tmp_path / "taken").write_text("not a folder")
+        out = tmp_path / "taken" / "out"
+        says = "is a file, not a folder"
+    elif place == "read-only":
+        out = read_only(tmp_path, monkeypatch) / "out"
+        says = "cannot write there (Read-only file system)"
+    else:
+        out = tmp_path / "out"
+        full_disk(monkeypatch)
+        says = "1 MiB free on its file system, this run needs about 16 MiB"
+    message = usage_error(main, [*argv, "--out", str(out)], capsys)
+    assert message.startswith(f"--out {out}: ") and says in message, message
+    assert not out.is_dir()
+
+
+@pytest.mark.parametrize("script", ["train_lm", "finetune"])
+def test_export_place_is_checked_before_training(tmp_path, capsys, monkeypatch, checkpoint, script):
+    main, argv = script_argv(script, tmp_path, checkpoint)
+    export = read_only(tmp_path, monkeypatch) / "model"
+    out = tmp_path / "out"
+    message = usage_error(main, [*argv, "--out", str(out), "--export", str(export)], capsys)
+    assert message.startswith(f"--export {export}: cannot write there"), message
+    assert not (out / "metrics.jsonl").exists()  # no step was run
+
+
+@pytest.mark.parametrize("script", ["train_lm", "finetune"])
+def test_failed_export_keeps_the_model(tmp_path, capsys, monkeypatch, checkpoint, script):
+    """The export place breaks during training (here: its first write fails as on a full disk): the
+    trained model goes to OUT/export, the message says so, and no partial export folder is left."""
+    import errno
+
+    main, argv = script_argv(script, tmp_path, checkpoint)
+    export, out = tmp_path / "model", tmp_path / "out"
+    write = hf._write
+
+    def fail_once(model, path):
+        if not hasattr(fail_once, "done"):
+            fail_once.done = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(model, path)
+
+    monkeypatch.setattr(hf, "_write", fail_once)
+    message = usage_error(main, [*argv, "--out", str(out), "--export", str(export)], capsys)
+    assert message == (f"--export {export}: writing failed (No space left on device); the model was saved to "
+                       f"{out / 'export'} instead"), message  # fmt: skip
+    assert not export.exists() and not list(tmp_path.glob(".model.tmp-*"))
+    assert hf.load(out / "export").cfg.hidden == model_lib.PRESETS["micro"].hidden  # a complete checkpoint
+
+
+def test_failed_checkpoint_write_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys, monkeypatch):
+    """A real small file system that fills up during the run (the free-space check is told the disk is
+    large, as when something else fills it meanwhile): one line, the last good checkpoint named."""
+    import subprocess
+
+    place = tmp_path / "small"
+    place.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(place)]).returncode:
+        pytest.skip(
+            "LOUD SKIP: cannot mount a small tmpfs on this machine; checkpoint writes on a full disk NOT checked"
+        )
+    try:
+        full_disk(monkeypatch, free=2**30)
+        out = place / "out"
+        argv = [*MICRO, "--steps", "8", "--checkpoint-every", "2", "--eval-every", "8", "--out", str(out)]
+        message = usage_error(train_lm.main, argv, capsys)
+        assert message.startswith(f"--out: writing a checkpoint to {out.resolve() / 'checkpoints'} failed ("), message
+        assert "is intact" in message or "no earlier checkpoint exists" in message, message
+        assert not list((out / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+    finally:
+        subprocess.run(["umount", "-l", str(place)])
+
+
+def test_file_writes_are_whole(tmp_path, monkeypatch):
+    """write_text replaces a file only once the new one is complete; a failure keeps the old."""
+    path = tmp_path / "summary.json"
+    files_lib.write_text(path, "old")
+
+    class BrokenError(Exception):
+        pass
+
+    def broken_replace(src, dst):
+        raise BrokenError
+
+    monkeypatch.setattr(files_lib.os, "replace", broken_replace)
+    with pytest.raises(BrokenError):
+        files_lib.write_text(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+# --- resume ----------------------------------------------------------------------------------------
+
+
+def test_resume_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*MICRO, "--checkpoint-every", "2", "--out", str(out)]
+    # No checkpoint there (a typo in --out): an error naming the folder, and nothing is created.
+    message = usage_error(train_lm.main, [*argv[:-1], str(tmp_path / "typo"), "--resume"], capsys)
+    assert (
+        message
+        == f"--resume: {tmp_path / 'typo' / 'checkpoints'} holds no checkpoint (drop --resume to start a new run there)"
+    )
+    assert not (tmp_path / "typo").exists()
+    train_lm.main(argv)
+    capsys.readouterr()
+    # Another preset, vocabulary, optimizer, rank or schedule: each difference named, before any array is read.
+    where = f"--resume: the checkpoint of step 2 in {out.resolve() / 'checkpoints'} was made with"
+    for flags, says in [
+        (["--preset", "tiny"], "--preset micro (now tiny)"),
+        (["--steps", "4"], "--steps 2 (now 4)"),
+        (["--optimizer", "adamw", "--rank", "3"], "--optimizer fira (now adamw), --rank None (now 3)"),
+    ]:
+        message = usage_error(train_lm.main, [*argv, *flags, "--resume"], capsys)
+        assert message == f"{where} {says}: resume with its settings or use a new --out", message
+    # Settings that only say where to write or how often to report may change.
+    train_lm.main([*argv, "--log-every", "1", "--resume"])
+
+
+def test_resume_a_checkpoint_without_its_record(tmp_path, capsys):
+    """A checkpoint folder without the run record (made by an older version of the examples): one line."""
+    out = tmp_path / "run"
+    argv = [*MICRO, "--checkpoint-every", "2", "--out", str(out)]
+    train_lm.main(argv)
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "2" / "run")
+    message = usage_error(train_lm.main, [*argv, "--resume"], capsys)
+    assert message.startswith(
+        f"--resume: the checkpoint of step 2 in {out.resolve() / 'checkpoints'} has no readable run record ("
+    )
+    assert message.endswith("); start a new --out"), message
+
+
+def test_checkpoint_differences_name_every_setting():
+    assert checkpoints.differences({"a_b": 1, "c": 2}, {"a_b": 1, "c": 3, "d": 4}) == [
+        "--c 2 (now 3)",
+        "--d None (now 4)",
+    ]

@@ -97,18 +97,23 @@ def test_resume_continues_identically(tmp_path, per_layer):
     out = tmp_path / "run"
     train_lm.main([*flags, "--out", str(out)])
     full = (out / "metrics.jsonl").read_text().splitlines()
-    # Pretend the run stopped after the step-2 checkpoint, then resume it.
+    wall = json.loads((out / "summary.json").read_text())["wall_s"]
+    # Pretend the run stopped after the step-2 checkpoint (its metrics went on to step 4), then resume it.
     import shutil
 
     shutil.rmtree(out / "checkpoints" / "4")
-    (out / "metrics.jsonl").write_text("\n".join(full[:2]) + "\n")
-    train_lm.main([*flags, "--out", str(out), "--resume"])
+    result = train_lm.main([*flags, "--out", str(out), "--resume"])
     resumed = (out / "metrics.jsonl").read_text().splitlines()
 
     def losses(lines):
         return [(r["step"], r["train_loss"], r.get("val_loss")) for r in map(json.loads, lines)]
 
-    assert losses(resumed) == losses(full)  # the refresh at t = 3 happens after the resume
+    assert losses(resumed) == losses(full)  # steps 3-4 replace the first run's (no duplicates); refresh at t = 3
+    assert [r["step"] for r in result["records"]] == [1, 2, 3, 4]  # the plot and summary see the whole run
+    # The wall time continues from the checkpoint's (step 2 of the first run), not from zero.
+    first_two = json.loads(full[1])["time"]
+    assert first_two <= json.loads(resumed[1])["time"] < json.loads(resumed[2])["time"]
+    assert result["wall_s"] > first_two and wall > 0
 
 
 def test_rank_correlations_match_definitions():

@@ -70,10 +70,10 @@ def test_resume_continues_identically(tmp_path, checkpoint):
     import shutil
 
     shutil.rmtree(out / "checkpoints" / "4")  # as if the run had stopped after the step-2 checkpoint
-    (out / "metrics.jsonl").write_text("\n".join(full[:2]) + "\n")
     finetune.main([*flags, "--resume"])
     resumed = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x) for x in resumed] == [json.loads(x) for x in full]  # the refresh at t = 3 after it
+    # Steps 3-4 replace the first run's (no duplicates); the refresh at t = 3 comes after the resume.
+    assert [json.loads(x) for x in resumed] == [json.loads(x) for x in full]
 
 
 def test_training_records_and_prompt_masking(tmp_path):

@@ -43,6 +43,12 @@ def test_import_and_export_match_transformers(tmp_path, tie):
     hf.save(ours, tmp_path / "exported")
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").eval()
     exported = np.max(np.abs(logits(reloaded, tokens) - logits(reference, tokens)))
+    # The token ids generate() starts and stops with survive the round trip (config and generation config).
+    assert (tmp_path / "exported" / "generation_config.json").is_file()
+    for config in ("config", "generation_config"):
+        for name in ("bos_token_id", "eos_token_id"):
+            want = getattr(getattr(reference, config), name)
+            assert want is not None and getattr(getattr(reloaded, config), name) == want, (config, name)
     print(f"tied {tie}: max |logit difference| import {imported:.1e}, export reloaded in transformers {exported:.1e}")
     assert imported <= 1e-4 and exported <= 1e-6
 

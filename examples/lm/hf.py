@@ -5,7 +5,8 @@
 (rotate-half rotary embeddings with ``rope_theta``, ``rms_norm_eps``, grouped-query attention via
 ``num_key_value_heads``, tied or untied embeddings). Tensors are read one at a time and put
 straight into their target sharding, so no second full host copy is made. ``save(model, path)``
-writes a folder ``transformers`` loads. Nothing is downloaded.
+writes a folder ``transformers`` loads (with the bos / eos token ids the model knows, in
+``config.json`` and ``generation_config.json``). Nothing is downloaded.
 
 The name map (Hugging Face ``nn.Linear`` weights are (out, in); NNX kernels are (in, out)):
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm import files
 from lm import model as model_lib
 
 
@@ -107,11 +109,19 @@ def config_from_hf(hf: dict, where: str = "config.json") -> model_lib.ModelConfi
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos := hf.get("eos_token_id"), list) else eos,
     )
 
 
+def token_ids(cfg: model_lib.ModelConfig) -> dict:
+    """``bos_token_id`` / ``eos_token_id`` as Hugging Face writes them (the ones the model knows)."""
+    ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ids.items() if v is not None}
+
+
 def config_to_hf(cfg: model_lib.ModelConfig, dtype: Any) -> dict:
-    return {
+    return token_ids(cfg) | {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -176,11 +186,11 @@ def load(path: str | pathlib.Path, dtype: Any = jnp.float32, shardings: Any = No
     model = nnx.eval_shape(lambda: model_lib.LLaMA(cfg, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(params)
-    files = _weight_files(path)
+    weight_files = _weight_files(path)
     for hf_name, ours, transpose in name_map(cfg):
-        if hf_name not in files:
+        if hf_name not in weight_files:
             raise CheckpointError(f"{path}: tensor {hf_name} is missing")
-        tensor = _tensor(files[hf_name], hf_name)  # one tensor at a time
+        tensor = _tensor(weight_files[hf_name], hf_name)  # one tensor at a time
         tensor = tensor.T if transpose else tensor
         expected = tuple(_get(pure, ours[:-1])[ours[-1]].shape)
         if tuple(tensor.shape) != expected:
@@ -202,11 +212,35 @@ def _get(state: Any, path: tuple) -> Any:
 
 
 def save(model: model_lib.LLaMA, path: str | pathlib.Path) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` that ``transformers`` loads."""
+    """Writes ``config.json``, ``model.safetensors`` and ``generation_config.json`` that ``transformers``
+    loads, whole: into a temporary sibling folder first, so a failure leaves ``path`` as it was."""
+    with files.staged_folder(path, last=("config.json",)) as staging:
+        _write(model, staging)
+
+
+def save_or_keep(model: model_lib.LLaMA, path: str | pathlib.Path, flag: str, fallback: pathlib.Path | None) -> None:
+    """:func:`save` to ``path``; if that fails, to ``fallback``, so a trained model is not lost.
+
+    Raises:
+      files.OutputError: ``path`` could not be written; the message names where the model went.
+    """
+    try:
+        save(model, path)
+        return
+    except OSError as e:
+        problem = f"{flag} {path}: writing failed ({e.strerror or e})"
+    if fallback is None:
+        raise files.OutputError(problem)
+    try:
+        save(model, fallback)
+    except OSError as e:
+        raise files.OutputError(f"{problem}, and so did {fallback} ({e.strerror or e}); the model is lost") from None
+    raise files.OutputError(f"{problem}; the model was saved to {fallback} instead")
+
+
+def _write(model: model_lib.LLaMA, path: pathlib.Path) -> None:
     from safetensors.flax import save_file
 
-    path = pathlib.Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = {}
@@ -215,4 +249,8 @@ def save(model: model_lib.LLaMA, path: str | pathlib.Path) -> None:
         tensors[hf_name] = jnp.asarray(np.ascontiguousarray(value.T if transpose else value))
     dtype = tensors["model.embed_tokens.weight"].dtype
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if token_ids(cfg):  # what generate() starts and stops with
+        (path / "generation_config.json").write_text(
+            json.dumps({"_from_model_config": True} | token_ids(cfg), indent=1)
+        )
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=1))

@@ -28,6 +28,9 @@ class ModelConfig:
     norm_eps: float = 1e-6
     kv_heads: int | None = None  # grouped-query attention: key/value heads (default: heads)
     tie_embeddings: bool = False  # the output head reuses the input embedding
+    # Token ids a Hugging Face export records (config.json, generation_config.json); no effect on the math.
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
 
     @property
     def head_dim(self) -> int:

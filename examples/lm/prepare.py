@@ -12,7 +12,6 @@ document's key (path and index) sends ``val_fraction`` of them to validation; a 
 single document (one plain text file) is split by position: its last ``val_fraction`` is held out.
 """
 
-import contextlib
 import gzip
 import hashlib
 import json
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from lm import files as files_lib
 from lm import tokenizer as tokenizer_lib
 from lm.data import Corpus, DataError, open_prepared
 
@@ -200,21 +200,6 @@ def _chunks(items: Iterator, max_chars: int = 1 << 20) -> Iterator[list]:
         yield chunk
 
 
-@contextlib.contextmanager
-def _staged(final: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A temporary sibling folder whose files move into ``final`` when the block completes: an
-    error leaves ``final`` as it was (not even created)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        yield tmp
-        final.mkdir(exist_ok=True)
-        for name in ("train.bin", "val.bin", "meta.json"):  # meta.json last: a folder with it is complete
-            os.replace(tmp / name, final / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def prepare(data: str | None, tokenizer: str, out: str | pathlib.Path, *, val_fraction: float = 0.05,
             workers: int | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Tokenizes ``data`` into ``out/{train,val}.bin`` and ``out/meta.json``; returns the meta."""
@@ -223,7 +208,7 @@ def prepare(data: str | None, tokenizer: str, out: str | pathlib.Path, *, val_fr
     tok = tokenizer_lib.load(tokenizer)
     root, files, description = source_files(data)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    with _staged(pathlib.Path(out)) as staging:
+    with files_lib.staged_folder(out, last=("meta.json",)) as staging:  # meta.json last: marks it complete
         items, rule = split_items(root, files, val_fraction, builtin=data is None)
         counts = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in ("train", "val")}
         starts = {"train": False, "val": False}  # whether a document ended last in each split

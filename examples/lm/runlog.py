@@ -12,6 +12,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from lm import files
+
 
 class RunLog:
     """``with RunLog(out, total) as run:`` then ``run.write(record)``, ``run.say(msg)``, ``run.advance()``.
@@ -19,7 +21,8 @@ class RunLog:
     Args:
       out: the run's folder (``metrics.jsonl`` goes there), or None to write nothing.
       total: the run's steps (the bar's length).
-      initial: steps already done (a resumed run appends to its ``metrics.jsonl``).
+      initial: steps already done. A resumed run keeps the records of its first ``initial`` steps
+        (in :attr:`earlier`; those of steps replayed after the checkpoint are dropped) and appends.
       progress: show a tqdm bar.
       log: where messages go without a bar.
     """
@@ -27,7 +30,15 @@ class RunLog:
     def __init__(self, out: pathlib.Path | None, total: int, initial: int = 0, progress: bool = True,
                  log: Callable[[str], None] = print) -> None:  # fmt: skip
         self.log = log
-        self.file = open(out / "metrics.jsonl", "a" if initial else "w") if out is not None else None  # noqa: SIM115
+        self.earlier: list[dict[str, Any]] = []
+        self.file = None
+        if out is not None:
+            path = out / "metrics.jsonl"
+            if initial and path.exists():
+                records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                self.earlier = [r for r in records if r["step"] <= initial]
+            files.write_text(path, "".join(json.dumps(r) + "\n" for r in self.earlier))
+            self.file = open(path, "a")  # noqa: SIM115
         self.bar = None
         if progress and out is not None:
             from tqdm import tqdm

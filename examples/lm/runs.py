@@ -15,7 +15,7 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-from lm import provenance
+from lm import files, provenance
 from lm.config import TrainConfig
 
 
@@ -50,7 +50,7 @@ def run_or_reuse(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     log(f"== {cfg.out}")
     result = train(cfg, log=lambda msg: log(f"    {msg}"))
     saved = {"config": _config_key(cfg), "result": result, "provenance": provenance.record()}
-    pathlib.Path(cfg.out, "result.json").write_text(json.dumps(saved))
+    files.write_text(pathlib.Path(cfg.out, "result.json"), json.dumps(saved))
     return result
 
 

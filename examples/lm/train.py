@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lm import checkpoints, optim, runlog
+from lm import checkpoints, files, optim, runlog
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import prepare as prepare_lib
@@ -68,15 +68,16 @@ def state_mib(tree: Any) -> float:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
 
 
-def model_config(cfg: TrainConfig, vocab_size: int) -> model_lib.ModelConfig:
-    """The preset with the tokenizer's vocabulary (rounded up to a multiple of 128)."""
-    return dataclasses.replace(model_lib.PRESETS[cfg.preset], vocab_size=vocab_size)
+def model_config(cfg: TrainConfig, vocab_size: int, eos_token_id: int | None = None) -> model_lib.ModelConfig:
+    """The preset with the tokenizer's vocabulary (rounded up to a multiple of 128) and end-of-text id."""
+    return dataclasses.replace(model_lib.PRESETS[cfg.preset], vocab_size=vocab_size, eos_token_id=eos_token_id)
 
 
-def build(cfg: TrainConfig, vocab_size: int = 256) -> tuple[model_lib.LLaMA, optax.GradientTransformation]:
+def build(cfg: TrainConfig, vocab_size: int = 256,
+          eos_token_id: int | None = None) -> tuple[model_lib.LLaMA, optax.GradientTransformation]:  # fmt: skip
     """The model (initialized from ``cfg.seed``) and the optimizer with its schedule."""
     dtype, param_dtype = (jnp.dtype(name) for name in (cfg.dtype, cfg.param_dtype))
-    mcfg = model_config(cfg, vocab_size)
+    mcfg = model_config(cfg, vocab_size, eos_token_id)
     model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed))
     sched = optim.schedule(cfg.lr, cfg.steps, cfg.resolved_warmup())
     tx = optim.make_optimizer(
@@ -123,6 +124,12 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     lead = jax.process_index() == 0
     if not lead:
         log = lambda msg: None  # noqa: E731
+    if lead:  # before any work: a place that cannot be written costs a one-line error, not a run
+        files.check_folder(cfg.out, "--out", create=False)
+        if cfg.resume:
+            checkpoints.check_resumable(pathlib.Path(cfg.out).expanduser())
+        if cfg.export:
+            files.check_folder(cfg.export, "--export", create=False)
     corpus = prepare_lib.load(cfg.data, cfg.tokenizer, log=log)
     vocab = corpus.meta["model_vocab_size"]
     micro = cfg.batch_size // cfg.grad_accum
@@ -130,9 +137,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     val = data_lib.validation_batches(corpus.val, micro, cfg.seq_len, cfg.eval_batches)
     if not val:
         raise data_lib.DataError(f"{corpus.description}: the validation split is shorter than one batch")
-    out = pathlib.Path(cfg.out)  # created once the data is known to be good
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(cfg.out).expanduser()  # created once the data is known to be good
 
     devices = jax.devices()
     n = len(devices)
@@ -151,7 +156,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     train_rows = np.concatenate([np.arange(a * micro + micro_rows.start, a * micro + micro_rows.stop)
                                  for a in range(cfg.grad_accum)])  # fmt: skip
 
-    model, tx = build(cfg, vocab)
+    model, tx = build(cfg, vocab, corpus.meta.get("separator"))  # documents end with the separator
     params = nnx.state(model, nnx.Param)
     if cfg.mesh == "fsdp":
         specs = jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(x, n)), params)
@@ -166,9 +171,18 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         train_step = step_lib.make_train_step(model_lib.loss_fn, nnx.Param, cfg.grad_accum)
     adamw_mib = state_mib(jax.eval_shape(optax.adamw(1e-3).init, nnx.to_pure_dict(params)))
     opt_mib = state_mib(nnx.state(optimizer))
+    if lead:  # two checkpoints are kept; an export holds the parameters once
+        param_bytes = state_mib(params) * 2**20
+        ckpt_bytes = 2 * (param_bytes + opt_mib * 2**20) if cfg.checkpoint_every else 0
+        files.check_folder(out, "--out", need_bytes=int(ckpt_bytes))
+        if cfg.export:
+            files.check_folder(cfg.export, "--export", need_bytes=int(param_bytes), create=False)
 
     manager = checkpoints.manager(out, cfg.checkpoint_every, cfg.resume)
-    start_step = checkpoints.restore(manager, model, optimizer, log) if cfg.resume else 0
+    run_config = resume_record(cfg, corpus.meta)
+    start_step, wall_before = (
+        checkpoints.restore(manager, model, optimizer, run_config, log) if cfg.resume else (0, 0.0)
+    )
 
     @nnx.jit
     def eval_step(model: model_lib.LLaMA, batch: jax.Array) -> jax.Array:
@@ -216,7 +230,8 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
                 train_loss = float(np.mean([float(x) for x in running]))
                 running = []
                 median = float(np.median(step_times)) if step_times else float("nan")
-                record = {"step": step + 1, "train_loss": train_loss, "time": time.perf_counter() - t_start,
+                elapsed = wall_before + time.perf_counter() - t_start  # the whole run's, resumed parts summed
+                record = {"step": step + 1, "train_loss": train_loss, "time": elapsed,
                           "tokens_per_s": tokens_per_step / median if step_times else None}  # fmt: skip
                 if peak and step_times:
                     record["mfu"] = flops_token * tokens_per_step / median / (peak * n)
@@ -236,11 +251,13 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
                 jax.block_until_ready(loss)
             step_times.append(time.perf_counter() - t0)
             run.advance()
-            checkpoints.save(manager, step + 1, cfg.checkpoint_every, model, optimizer)
+            checkpoints.save(manager, step + 1, cfg.checkpoint_every, model, optimizer, run_config,
+                             wall_before + time.perf_counter() - t_start)  # fmt: skip
+        records = run.earlier + records  # a resumed run's records continue its first part's
     checkpoints.close(manager)
     if cfg.export:
-        export(model, cfg.export)
-    wall = time.perf_counter() - t_start
+        export(model, cfg.export, fallback=out / "export")
+    wall = wall_before + time.perf_counter() - t_start
     memory = devices[0].memory_stats() if devices[0].platform != "cpu" else None
     final = next((r for r in reversed(records) if "val_loss" in r), {"val_loss": float("nan")})
     median_step = float(np.median(step_times[1:] if len(step_times) > 1 else step_times or [float("nan")]))
@@ -263,8 +280,25 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     }
 
 
-def export(model: model_lib.LLaMA, path: str) -> None:
-    """Saves ``model`` as a Hugging Face checkpoint; with several processes, gathered and written by process 0."""
+# Settings a resumed run may change: where it writes and reads, how often it reports, its devices.
+RESUMABLE_CHANGES = ("out", "export", "data", "eval_every", "eval_batches", "log_every", "checkpoint_every", "resume",
+                     "mesh", "progress", "coordinator_address", "num_processes", "process_id")  # fmt: skip
+
+
+def resume_record(cfg: TrainConfig, meta: dict) -> dict[str, Any]:
+    """What a checkpoint records of its run, and a resumed run must repeat: every setting but
+    :data:`RESUMABLE_CHANGES`, with the data's tokenizer and vocabulary in place of its path."""
+    record = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    return record | {"tokenizer": meta["tokenizer"], "vocabulary": meta["model_vocab_size"]}
+
+
+def export(model: model_lib.LLaMA, path: str, fallback: pathlib.Path | None = None) -> None:
+    """Saves ``model`` as a Hugging Face checkpoint; with several processes, gathered and written by process 0.
+
+    Raises:
+      files.OutputError: writing ``path`` failed; the model went to ``fallback`` instead (named in
+        the message) when that could be written.
+    """
     from lm import hf
 
     if jax.process_count() > 1:
@@ -273,7 +307,7 @@ def export(model: model_lib.LLaMA, path: str) -> None:
         params = nnx.state(model, nnx.Param)
         nnx.update(model, jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params))
     if jax.process_index() == 0:
-        hf.save(model, path)
+        hf.save_or_keep(model, path, "--export", fallback)
 
 
 def plot(runs: dict[str, list[dict]], path: pathlib.Path, title: str, unit: str = "nats/token") -> None:
@@ -301,5 +335,7 @@ def plot(runs: dict[str, list[dict]], path: pathlib.Path, title: str, unit: str 
     ax.legend(handles=ax.get_legend_handles_labels()[0] + style)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")  # written whole, then renamed over the old
+    fig.savefig(staging, dpi=120)
     plt.close(fig)
+    os.replace(staging, path)
