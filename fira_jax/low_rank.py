@@ -149,6 +149,13 @@ def _scale_by_low_rank(
                 "fira_jax: %d selected leaves left full-rank (the subspace optimizer on their whole gradient): %s",
                 len(skipped), "; ".join(f"{path} ({why})" for path, why in skipped),
             )  # fmt: skip
+        elif slots and all(lay is None for lay in lays):  # a mask matching nothing (a typo) saves nothing
+            paths = [masks.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(sharding.pure(params))[0]]
+            _log.warning(
+                "fira_jax: the mask selects none of the %d leaves (%s): every leaf gets the subspace "
+                "optimizer's full state and no memory is saved; check the mask",
+                len(paths), ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else ""),
+            )  # fmt: skip
         for slot, lay in zip(slots, lays, strict=True):
             if lay is None:
                 left.append(optax.MaskedNode())

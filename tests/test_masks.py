@@ -58,3 +58,18 @@ def test_inject_hyperparams_with_a_mask_names_the_fix():
     state.hyperparams["learning_rate"] = jnp.asarray(0.0)
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("variant", ["galore", "fira", "apollo"])
+def test_a_mask_that_selects_nothing_is_said_once(caplog, variant):
+    """A typo in a path pattern would otherwise give every leaf full Adam state in silence."""
+    params = {"attn": {"kernel": jnp.zeros((8, 8))}, "norm": jnp.zeros(8)}
+    typo = getattr(fira_jax, variant)(1e-3, rank=2, mask=fira_jax.mask_by_path("atn"))
+    with caplog.at_level("WARNING", logger="fira_jax"):
+        typo.init(params)
+    (record,) = caplog.records
+    assert "the mask selects none of the 2 leaves (attn/kernel, norm)" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fira_jax"):
+        getattr(fira_jax, variant)(1e-3, rank=2, mask=fira_jax.mask_by_path("attn")).init(params)
+    assert caplog.records == []  # the control: a mask that selects a leaf says nothing

@@ -91,3 +91,15 @@ def test_a_stage_that_changes_non_trainable_state_is_refused():
     opt = step_lib.LayerwiseOptimizer(model, optim.make_optimizer("adamw", 1e-2, rank=1), stages)
     with pytest.raises(ValueError, match="stage 0 changes m/calls"):
         step_lib.run_step(step_lib.make_layerwise_train_step(stages), model, opt, jnp.ones((3,)))
+
+
+def test_per_layer_optimizer_speaks_for_the_whole_model(caplog):
+    """Stages that select no leaf (the embedding's) stay quiet; leaves left full-rank are named once."""
+    model = model_lib.LLaMA(model_lib.PRESETS["micro"], rngs=nnx.Rngs(0))
+    with caplog.at_level("WARNING", logger="fira_jax"):
+        step_lib.LayerwiseOptimizer(model, optim.make_optimizer("fira", 1e-3, rank=4), model_lib.stages)
+    assert caplog.records == []
+    with caplog.at_level("WARNING", logger="fira_jax"):
+        step_lib.LayerwiseOptimizer(model, optim.make_optimizer("fira", 1e-3, rank=40), model_lib.stages)
+    (record,) = caplog.records
+    assert "7 selected leaves left full-rank" in record.getMessage()

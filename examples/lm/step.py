@@ -20,6 +20,7 @@ clip by the global gradient norm or accumulate gradients (both need every gradie
 update); Fira's limiter, which bounds each matrix's residual by its own past, needs neither.
 """
 
+import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -105,7 +106,16 @@ class LayerwiseOptimizer(nnx.Pytree):
     ) -> None:  # fmt: skip
         parts = stages(model)
         _check_partition(model, parts, wrt)
-        self.parts = nnx.List([nnx.Optimizer(part.modules, tx, wrt=wrt) for part in parts])
+        # A stage alone may rightly select no leaf (the embedding's); what fira_jax says about the
+        # selection is said once, for the whole model, as the ordinary step's optimizer would.
+        library = logging.getLogger("fira_jax")
+        level = library.level
+        library.setLevel(logging.ERROR)
+        try:
+            self.parts = nnx.List([nnx.Optimizer(part.modules, tx, wrt=wrt) for part in parts])
+        finally:
+            library.setLevel(level)
+        jax.eval_shape(tx.init, nnx.state(model, wrt))  # shapes only: nothing is allocated
 
 
 def _check_partition(model: nnx.Module, parts: list[Stage], wrt: Any) -> None:
