@@ -100,18 +100,10 @@ def prepare(folder: pathlib.Path, smoke: bool = False) -> None:
         (corpus / f"{i:05d}.txt").write_text(path.read_text(errors="replace"))
     tokenizer = "bytes"
     if not smoke:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from lm import tokenizer as tokenizer_lib  # the BPE of examples/train_tokenizer.py
 
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        trainer = trainers.BpeTrainer(
-            vocab_size=32000, special_tokens=["<unk>", "</s>"], initial_alphabet=alphabet, show_progress=False
-        )
-        tok.train([str(p) for p in sorted(corpus.iterdir())], trainer)
         tokenizer = str(folder / "tokenizer.json")
-        tok.save(tokenizer)
+        tokenizer_lib.train_bpe((p.read_text() for p in sorted(corpus.iterdir())), 32000, tokenizer)
     prepare_lib.prepare(str(corpus), tokenizer, folder / "data", progress=False)
     shutil.rmtree(corpus)
     refs_note = "" if smoke else f"refs/ ({', '.join(REFERENCES.values())}), "

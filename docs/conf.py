@@ -9,6 +9,9 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "docs"))
+
+import inventories  # noqa: E402  (docs/inventories.py)
 
 import fira_jax  # noqa: E402
 
@@ -21,7 +24,9 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
+    "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax copied into _static: the maths renders offline
     "sphinx.ext.viewcode",
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
@@ -34,8 +39,12 @@ autodoc_typehints = "description"
 autodoc_typehints_format = "short"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
-# Types the docstrings name but whose packages publish no inventory here (nothing is downloaded).
-nitpicky = False
+# Every cross-reference must resolve: ours to the API page, outside names (Python, NumPy, JAX,
+# optax) through small inventories written at build time (docs/inventories.py; nothing is downloaded).
+nitpicky = True
+intersphinx_mapping = inventories.write(ROOT / "docs" / "_build" / "inventories")
+# optax's learning-rate type by its name, not as the union it stands for.
+autodoc_type_aliases = {"optax.ScalarOrSchedule": "optax.ScalarOrSchedule"}
 
 # sphinx-book-theme: the theme of optax's and flax's own documentation, so the pages look like the
 # libraries our users already read.

@@ -1,5 +1,7 @@
 """Ready-made optimizers: Fira, GaLore, APOLLO and APOLLO-Mini with AdamW's schedule, as ``optax.chain`` s."""
 
+from __future__ import annotations  # type hints stay names (optax.ScalarOrSchedule) on the API page
+
 from typing import Any
 
 import optax

@@ -325,9 +325,11 @@ def top_singular_bases(
     Args:
       grads: the gradients, canonical layout.
       olds: their current bases (the same layouts' shapes).
-      signs: canonical signs (see :func:`canonical_signs`).
-      svd: one of :data:`SVD_METHODS`, or ``"random"`` (APOLLO's :func:`random_projection`).
-      keys: one PRNG key per gradient (the methods of :data:`RANDOM_METHODS`).
+      signs: make the largest-magnitude entry of each basis vector positive
+        (``Refresh(canonical_signs=True)``).
+      svd: ``"exact"``, ``"randomized"``, ``"subspace"``, ``"gram"``, or ``"random"``
+        (APOLLO's :func:`random_projection`).
+      keys: one PRNG key per gradient (for ``"randomized"``, ``"subspace"`` and ``"random"``).
       oversample: extra probes of the randomized SVD and the subspace iteration.
       power_iters: power iterations of the randomized SVD and the subspace iteration.
       first: whether no basis has been computed yet (a traced bool): the subspace iteration

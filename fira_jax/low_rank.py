@@ -312,8 +312,10 @@ def scale_by_galore(
       of ``update`` are passed on to the inner optimizer.
 
     Raises:
-      ValueError or TypeError at construction for an invalid argument; at init for a selected
-      leaf that has fewer than 2 dimensions or is not floating point (naming its path).
+      ValueError: at construction, for an invalid value (naming the argument); at ``init``, for
+        a selected leaf that has fewer than 2 dimensions or is not floating point (naming its path).
+      TypeError: at construction, for an argument of the wrong type (``refresh`` that is not a
+        :class:`fira_jax.Refresh`, a non-integer ``rank``).
 
     Example:
       >>> import jax.numpy as jnp, fira_jax
@@ -369,9 +371,11 @@ def scale_by_fira(
       An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`.
 
     Raises:
-      ValueError or TypeError at construction for an invalid argument (``proj_type="full"``:
-      the column scaling is undefined there); at init for a selected leaf that has fewer than
-      2 dimensions or is not floating point (naming its path).
+      ValueError: at construction, for an invalid value (naming the argument), including
+        ``proj_type="full"`` (the column scaling is undefined there); at ``init``, for a selected
+        leaf that has fewer than 2 dimensions or is not floating point (naming its path).
+      TypeError: at construction, for an argument of the wrong type (``refresh`` or ``residual``
+        that is not a :class:`fira_jax.Refresh` or :class:`fira_jax.Residual`, a non-integer ``rank``).
 
     Example:
       >>> import jax.numpy as jnp, fira_jax
@@ -468,9 +472,11 @@ def scale_by_apollo(
       An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`.
 
     Raises:
-      ValueError or TypeError at construction for an invalid argument (``proj_type="full"``: a
-      random projection is one-sided); at init for a selected leaf that has fewer than 2
-      dimensions or is not floating point (naming its path).
+      ValueError: at construction, for an invalid value (naming the argument), including
+        ``proj_type="full"`` (a random projection is one-sided); at ``init``, for a selected leaf
+        that has fewer than 2 dimensions or is not floating point (naming its path).
+      TypeError: at construction, for an argument of the wrong type (``refresh`` or ``residual``
+        that is not a :class:`fira_jax.Refresh` or :class:`fira_jax.Residual`, a non-integer ``rank``).
 
     Example:
       >>> import jax.numpy as jnp, fira_jax

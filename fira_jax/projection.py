@@ -83,7 +83,7 @@ def refresh_bases(
       old: their current bases.
       count: the step count.
       update_proj_gap: ``T``.
-      stagger: spread the leaves over the gap (:func:`refresh_groups`).
+      stagger: spread the leaves over the gap (:func:`fira_jax.projection.refresh_groups`).
       refresh_by_shape: one cond per matrix shape instead of per leaf.
       key: this step's key for the methods that draw random numbers (the randomized SVD, the
         subspace iteration's probes, APOLLO's projection); leaf ``j`` uses ``fold_in(key, j)``.

@@ -65,8 +65,8 @@ def scaling_factor(coeffs: jax.Array, low: jax.Array, layout: Layout, granularit
         ``"none"``: ``phi = 1`` (the paper's "w/o scaling" ablation).
 
     Returns:
-      phi, which broadcasts against the canonical gradient: ``batch + (m, 1)``,
-      ``batch + (1, n)`` or ``batch + (1, 1)``.
+      phi, of shape ``batch + (m, 1)``, ``batch + (1, n)`` or ``batch + (1, 1)``; it
+      broadcasts against the canonical gradient.
 
     Example:
       >>> import jax.numpy as jnp, fira_jax
@@ -149,7 +149,7 @@ def residual_norm(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array,
     Where the factored identity holds (module docstring), S is not formed:
     :math:`\|S\|^2 = \|\phi G\|^2 - (2s - s^2) \|\phi R\|^2`. That difference cancels when
     ``s`` is near 1 and G lies almost inside the subspace (the paper's form of the residual, s = 1,
-    right after a refresh), so when it falls below :data:`CANCELLATION` of
+    right after a refresh), so when it falls below ``CANCELLATION`` (1/4) of
     :math:`\|\phi G\|^2` the complement :math:`E = G - \text{back}(R)` is formed instead and
     :math:`\|S\|^2 = (1 - s)^2 \|\phi R\|^2 + \|\phi E\|^2`, a sum of two non-negative terms
     (one more product with the basis, only then: a ``lax.cond``, built only where ``s`` can

@@ -193,3 +193,38 @@ def test_recipes_are_the_authors_settings(capsys):
     with pytest.raises(SystemExit):
         train_lm.parse_args(["--recipe", "paper-60m"])
     assert "T5's tokenizer" in capsys.readouterr().err
+
+
+def test_train_tokenizer_then_prepare_train_and_export(tmp_path, capsys):
+    """docs/pretraining.md's "Training a tokenizer" commands at a small size: the BPE learns from
+    the training split only, ends documents with </s>, round-trips text, and the exported model
+    records that id as its eos_token_id."""
+    import train_lm
+    import train_tokenizer
+
+    common = "".join(f"def step_{i}(value):\n    return value * {i} + offset\n\n" for i in range(400))
+    held_out = "zqxjvw " * 400  # only in the last 5% (the validation split of a single file)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(common + held_out)
+    path = train_tokenizer.main(["--data", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "tok")])
+    assert path == tmp_path / "tok" / "tokenizer.json"
+    tok = tokenizer_lib.load(str(tmp_path / "tok"))
+    assert tok.vocab_size == 400 and tok.separator == 1  # <unk> 0, </s> 1
+    text = "def step_7(value):\n    return value * 7 + offset\n"
+    (ids,) = tok.encode([text])
+    assert tok.decode(ids.tolist()) == text and len(ids) < len(text) / 2  # merges learnt from the train split
+    (word,) = tok.encode(["zqxjvw"])
+    assert len(word) >= 3  # never merged: the validation split was not seen
+    capsys.readouterr()
+    usage = "--vocab-size must be >= 258"
+    with pytest.raises(SystemExit):
+        train_tokenizer.main(["--vocab-size", "100", "--out", str(tmp_path / "x")])
+    assert usage in capsys.readouterr().err
+
+    data = tmp_path / "data"
+    prepare_lib.prepare(str(corpus), str(path), data, progress=False)
+    export = tmp_path / "model"
+    run = ["--preset", "micro", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
+    train_lm.main([*run, "--data", str(data), "--no-progress", "--out", str(tmp_path / "run"), "--export", str(export)])
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((export / name).read_text())["eos_token_id"] == tok.separator

@@ -8,6 +8,7 @@ read. Every tokenizer has a ``separator`` (its end-of-text id, or None) put betw
 
 import hashlib
 import pathlib
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -132,3 +133,23 @@ def fingerprint(spec: str) -> str:
     if resolved == "bytes":
         return resolved
     return hashlib.sha256(pathlib.Path(resolved).read_bytes()).hexdigest()[:16]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | pathlib.Path) -> HuggingFace:
+    """Trains a byte-level BPE (``tokenizers``; GPT-2's scheme) on ``texts`` and saves it to ``path``.
+
+    Every byte is in the vocabulary (no unknown token is ever produced); ``</s>`` ends each document
+    (the separator :mod:`lm.prepare` puts between them), ``<unk>`` is kept for tools that expect one.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "</s>"], initial_alphabet=alphabet,
+                                  show_progress=False)  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(path))
+    return HuggingFace(pathlib.Path(path))
