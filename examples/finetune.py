@@ -134,12 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.method}: {trainable:,} trainable parameters, optimizer state {opt_mib:.2f} MiB, "
           f"{len(train)} training / {len(val)} validation examples, {steps} steps")  # fmt: skip
     pad = tok.separator or 0
-    model_bytes = state_mib(nnx.state(model, nnx.Param)) * 2**20
-    try:  # two checkpoints are kept; an export holds the (merged) parameters once
-        ckpt_bytes = 2 * (state_mib(nnx.state(model)) + opt_mib) * 2**20 if args.checkpoint_every else 0
-        files.check_folder(out, "--out", need_bytes=int(ckpt_bytes))
+    try:  # room for the checkpoints kept, and for an export (the merged parameters once)
+        ckpt_bytes = checkpoints.kept_bytes(model, optimizer) if args.checkpoint_every else 0
+        files.check_folder(out, "--out", need_bytes=ckpt_bytes)
         if args.export:
-            files.check_folder(args.export, "--export", need_bytes=int(model_bytes), create=False)
+            export_bytes = int(state_mib(nnx.state(model, nnx.Param)) * 2**20)
+            files.check_folder(args.export, "--export", need_bytes=export_bytes, create=False)
         manager = checkpoints.manager(out, args.checkpoint_every, args.resume)
         run_config = resume_record(args, len(records), tok.vocab_size)
         start, wall_before = 0, 0.0  # steps and seconds of the run before this process

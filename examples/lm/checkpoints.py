@@ -16,6 +16,7 @@ import shutil
 import sys
 from typing import Any
 
+import jax
 from flax import nnx
 
 
@@ -74,6 +75,12 @@ def check_resumable(out: pathlib.Path) -> None:
     folder = (out / "checkpoints").resolve()
     if not (folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())):
         raise CheckpointError(f"--resume: {folder} holds no checkpoint (drop --resume to start a new run there)")
+
+
+def kept_bytes(model: nnx.Module, optimizer: nnx.Pytree) -> int:
+    """About what the kept checkpoints take on disk: two copies of the model and optimizer state."""
+    arrays = jax.tree.leaves((nnx.state(model), nnx.state(optimizer)))
+    return 2 * sum(x.size * x.dtype.itemsize for x in arrays if hasattr(x, "dtype"))
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

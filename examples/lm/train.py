@@ -171,12 +171,11 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         train_step = step_lib.make_train_step(model_lib.loss_fn, nnx.Param, cfg.grad_accum)
     adamw_mib = state_mib(jax.eval_shape(optax.adamw(1e-3).init, nnx.to_pure_dict(params)))
     opt_mib = state_mib(nnx.state(optimizer))
-    if lead:  # two checkpoints are kept; an export holds the parameters once
-        param_bytes = state_mib(params) * 2**20
-        ckpt_bytes = 2 * (param_bytes + opt_mib * 2**20) if cfg.checkpoint_every else 0
-        files.check_folder(out, "--out", need_bytes=int(ckpt_bytes))
+    if lead:  # room for the checkpoints kept, and for an export (the parameters once)
+        ckpt_bytes = checkpoints.kept_bytes(model, optimizer) if cfg.checkpoint_every else 0
+        files.check_folder(out, "--out", need_bytes=ckpt_bytes)
         if cfg.export:
-            files.check_folder(cfg.export, "--export", need_bytes=int(param_bytes), create=False)
+            files.check_folder(cfg.export, "--export", need_bytes=int(state_mib(params) * 2**20), create=False)
 
     manager = checkpoints.manager(out, cfg.checkpoint_every, cfg.resume)
     run_config = resume_record(cfg, corpus.meta)
