@@ -44,7 +44,8 @@ SHARED = ["preset", "steps", "batch_size", "seq_len", "rank", "update_proj_gap",
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     config_lib.add_flags(p, SHARED)
     lrs_help = f"learning-rate grid (default {COMPARE_LRS}; with --rank-sweep, Fira's and GaLore's: {SWEEP_LRS})"
     p.add_argument("--lrs", type=float, nargs="+", default=None, help=lrs_help)

@@ -105,7 +105,8 @@ def run(flags: list[str], out: pathlib.Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(finetune.METHODS), choices=finetune.METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the headline method, fira")
     p.add_argument("--baseline-seeds", type=int, nargs="+", default=[0],

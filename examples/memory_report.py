@@ -287,7 +287,8 @@ def finetune_report(preset: str, method: str, dtype: Any, vocab: int = VOCAB) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument(
         "--preset", nargs="+", default=["60m", "130m", "350m", "1b", "7b"], choices=sorted(model_lib.PRESETS)
     )

@@ -25,7 +25,8 @@ from lm import tokenizer as tokenizer_lib
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--data", default=None, help="source: file or folder (see above); default the built-in corpus")
     p.add_argument("--tokenizer", default="bytes", help="bytes, a tokenizer.json (or its folder), or a .model")
     p.add_argument("--out", required=True, help="folder to write train.bin, val.bin and meta.json into")

@@ -22,7 +22,8 @@ from lm import tokenizer as tokenizer_lib
 
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--data", default=None, help="source: file or folder (see above); default the built-in corpus")
     p.add_argument("--vocab-size", type=int, default=32000, help="tokens, special ones included (default: 32000)")
     p.add_argument("--val-fraction", type=float, default=0.05,
