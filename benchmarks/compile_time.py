@@ -11,6 +11,10 @@ between 1 and N blocks shows what an update of N blocks shares.
 
   python benchmarks/compile_time.py --platform tpu-v5e --preset 1b --blocks 1 4 --svd gram --refresh-by-shape \
     --json results/compile_time_1b.json
+
+``--stacked`` holds the N blocks as a scanned model does, each parameter one (N, ...) leaf, the
+kernels' matrices declared (``examples/lm/optim.py``): an update whose compile time should not
+grow with N, since the N matrices of a leaf are updated as one batch and refreshed one after another.
 """
 
 import argparse
@@ -24,18 +28,24 @@ ROWS = ("adamw", "galore", "fira", "apollo", "apollo-mini")
 DEFAULT_ROWS = ("adamw", "galore", "fira")  # APOLLO's rows on request (--optimizer)
 
 
-def block_params(preset: str, blocks: int, dtype: Any) -> dict:
-    """Abstract parameters of ``blocks`` blocks of ``preset``, under the model's paths (``layers/i/...``)."""
+def block_params(preset: str, blocks: int, dtype: Any, stacked: bool = False) -> dict:
+    """Abstract parameters of ``blocks`` blocks of ``preset``, under the model's paths: one leaf per
+    block (``layers/i/...``), or with ``stacked`` one leaf per parameter whose leading axis is the
+    block (``layers/...``, as a scanned model holds them)."""
+    import jax
     from flax import nnx
     from lm import model as model_lib
 
     cfg = model_lib.PRESETS[preset]
     one = nnx.eval_shape(lambda: model_lib.Block(cfg, dtype, nnx.Rngs(0), dtype))
     state = nnx.to_pure_dict(nnx.state(one, nnx.Param))
+    if stacked:
+        return {"layers": jax.tree.map(lambda x: jax.ShapeDtypeStruct((blocks, *x.shape), x.dtype), state)}
     return {"layers": dict.fromkeys(range(blocks), state)}
 
 
-def compile_seconds(preset: str, name: str, blocks: int, platform: str, svd: str, by_shape: bool) -> float:
+def compile_seconds(preset: str, name: str, blocks: int, platform: str, svd: str, by_shape: bool,
+                    stacked: bool = False) -> float:  # fmt: skip
     """Seconds to compile one optimizer's update of ``blocks`` blocks (the compilation cache off)."""
     import jax
     import jax.numpy as jnp
@@ -43,9 +53,9 @@ def compile_seconds(preset: str, name: str, blocks: int, platform: str, svd: str
     import optax
 
     jax.config.update("jax_enable_compilation_cache", False)
-    params = block_params(preset, blocks, jnp.bfloat16)
+    params = block_params(preset, blocks, jnp.bfloat16, stacked)
     hidden = memory_report.model_lib.PRESETS[preset].hidden
-    tx = memory_report.optimizer(name, preset, hidden, svd, by_shape)
+    tx = memory_report.optimizer(name, preset, hidden, svd, by_shape, stacked)
     params, state = memory_report.on_chip((params, jax.eval_shape(tx.init, params)), platform)
 
     def step(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
@@ -72,13 +82,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--platform", choices=memory_report.PLATFORMS, default="cpu")
     p.add_argument("--svd", choices=SVD_METHODS, default="exact")
     p.add_argument("--refresh-by-shape", action="store_true")
+    p.add_argument("--stacked", action="store_true",
+                   help="the blocks' parameters stacked on a leading axis, as a scanned model holds them")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write the seconds and their provenance to FILE")
     args = p.parse_args(argv)
     if any(b < 1 for b in args.blocks):
         p.error(f"--blocks must be >= 1, got {args.blocks}")
-    out = {name: {b: compile_seconds(args.preset, name, b, args.platform, args.svd, args.refresh_by_shape)
-                  for b in args.blocks} for name in args.optimizer}  # fmt: skip
-    print(f"{args.preset}, bfloat16, {args.platform} compiler: seconds to compile the update of N blocks")
+    out = {name: {b: compile_seconds(args.preset, name, b, args.platform, args.svd, args.refresh_by_shape,
+                                     args.stacked) for b in args.blocks} for name in args.optimizer}  # fmt: skip
+    layout = "stacked on a leading axis" if args.stacked else "one leaf per block"
+    print(f"{args.preset}, bfloat16, {args.platform} compiler, {layout}: seconds to compile the update of N blocks")
     print("| optimizer | " + " | ".join(f"{b} block{'s' if b > 1 else ''}" for b in args.blocks) + " |")
     print("|---|" + "---|" * len(args.blocks))
     for name, row in out.items():
@@ -87,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         from lm import provenance
 
         record = {"provenance": provenance.record(argv, __file__), "preset": args.preset, "platform": args.platform,
-                  "svd": args.svd, "refresh_by_shape": args.refresh_by_shape, "seconds": out}  # fmt: skip
+                  "svd": args.svd, "refresh_by_shape": args.refresh_by_shape, "stacked": args.stacked,
+                  "seconds": out}  # fmt: skip
         pathlib.Path(args.json).write_text(json.dumps(record, indent=1))
     return out
 

@@ -78,6 +78,31 @@ def test_compile_time_benchmark_times_each_optimizers_block_update(capsys, tmp_p
     assert "--blocks must be >= 1" in capsys.readouterr().err
 
 
+def test_stacked_blocks_project_exactly_the_kernels():
+    """compile_time.py --stacked: as a scanned model holds them, each parameter a (L, ...) stack. The
+    example's optimizer declares the kernels' matrices: L bases per kernel, and the stacked norm
+    scales (L, hidden), two axes but no matrix, keep Adam, as do the norms of the unstacked blocks."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import compile_time
+    import jax
+    import jax.numpy as jnp
+    import memory_report
+
+    params = compile_time.block_params("micro", 3, jnp.float32, stacked=True)
+    assert params["layers"]["attn_norm"]["weight"].shape == (3, 32)
+    state = jax.eval_shape(memory_report.optimizer("fira", "micro", 32, stacked=True).init, params)
+    low_rank = state[0]
+    bases = {
+        jax.tree_util.keystr(p): x.shape
+        for p, x in jax.tree_util.tree_leaves_with_path((low_rank.left, low_rank.right))
+    }
+    assert sorted(b[0] for b in bases.values()) == [3] * 7  # one basis stack per kernel, L = 3 matrices each
+    assert not any("norm" in path for path in bases)
+    flat = compile_time.block_params("micro", 3, jnp.float32)
+    unstacked = jax.eval_shape(memory_report.optimizer("fira", "micro", 32).init, flat)[0]
+    assert len(jax.tree.leaves((unstacked.left, unstacked.right))) == 3 * 7
+
+
 def test_live_at_peak_finds_the_values_alive_together(tmp_path):
     """Two sorted copies of x must both live until their product: the peak's live set has both."""
     import jax.numpy as jnp

@@ -39,18 +39,23 @@ def make_optimizer(
     svd: str = "exact",
     refresh_by_shape: bool = False,
     apollo_scale: float | None = None,
+    stacked: bool = False,
 ) -> optax.GradientTransformation:
     """Builds one of :data:`OPTIMIZERS`; ``ablation`` applies to Fira only, ``svd`` and
     ``refresh_by_shape`` to Fira and GaLore (and APOLLO's refresh, which draws a random projection
     instead of an SVD), ``apollo_scale`` to APOLLO (default :data:`APOLLO_SCALES`); ``scale`` is
-    Fira's and GaLore's."""
-    mask = fira_jax.mask_by_path(*TARGET_MODULES)
+    Fira's and GaLore's. ``stacked``: the target kernels are stacks of layers (leading axes), as a
+    scanned model holds them: their matrices are declared (the last two axes) and exactly they are
+    projected ("attn/", not the stacked, 2-D but not matrix, "attn_norm" scales)."""
+    mask, axes = fira_jax.mask_by_path(*TARGET_MODULES), None
+    if stacked:
+        mask, axes = None, fira_jax.axes_by_path({f"{m}/": fira_jax.MatrixAxes() for m in TARGET_MODULES})
     decay_mask = fira_jax.mask_by_path(*DECAY_MODULES)
     if name == "adamw":
         return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=decay_mask)
     if name in APOLLO_SCALES:
         common = {"update_proj_gap": update_proj_gap, "weight_decay": weight_decay, "gamma": gamma, "mask": mask,
-                  "weight_decay_mask": decay_mask,
+                  "weight_decay_mask": decay_mask, "axes": axes,
                   "scale": APOLLO_SCALES[name] if apollo_scale is None else apollo_scale}  # fmt: skip
         if name == "apollo-mini":
             return fira_jax.apollo_mini(learning_rate, **common)
@@ -58,7 +63,7 @@ def make_optimizer(
     if name == "galore":
         return fira_jax.galore(
             learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
-            mask=mask, weight_decay_mask=decay_mask, svd=svd, refresh_by_shape=refresh_by_shape,
+            mask=mask, weight_decay_mask=decay_mask, svd=svd, refresh_by_shape=refresh_by_shape, axes=axes,
         )  # fmt: skip
     if name != "fira":
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
@@ -70,7 +75,7 @@ def make_optimizer(
     tx = fira_jax.fira(
         learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
         gamma=gamma, mask=mask, granularity=granularity, weight_decay_mask=decay_mask, svd=svd,
-        refresh_by_shape=refresh_by_shape,
+        refresh_by_shape=refresh_by_shape, axes=axes,
     )  # fmt: skip
     if ablation == "grad-clip":
         tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
