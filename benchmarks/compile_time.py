@@ -12,9 +12,10 @@ between 1 and N blocks shows what an update of N blocks shares.
   python benchmarks/compile_time.py --platform tpu-v5e --preset 1b --blocks 1 4 --svd gram --refresh-by-shape \
     --json results/compile_time_1b.json
 
-``--stacked`` holds the N blocks as a scanned model does, each parameter one (N, ...) leaf, the
-kernels' matrices declared (``examples/lm/optim.py``): an update whose compile time should not
-grow with N, since the N matrices of a leaf are updated as one batch and refreshed one after another.
+``--stacked`` adds, beside each row, the same update with the N blocks held as a scanned model
+holds them (row "NAME stacked"): each parameter one (N, ...) leaf, the kernels' matrices declared
+(``examples/lm/optim.py``). Its compile time should not grow with N: the N matrices of a leaf are
+updated as one batch and refreshed one after another.
 """
 
 import argparse
@@ -83,15 +84,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--svd", choices=SVD_METHODS, default="exact")
     p.add_argument("--refresh-by-shape", action="store_true")
     p.add_argument("--stacked", action="store_true",
-                   help="the blocks' parameters stacked on a leading axis, as a scanned model holds them")  # fmt: skip
+                   help="also time each update on the blocks stacked as a scanned model holds them")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write the seconds and their provenance to FILE")
     args = p.parse_args(argv)
     if any(b < 1 for b in args.blocks):
         p.error(f"--blocks must be >= 1, got {args.blocks}")
-    out = {name: {b: compile_seconds(args.preset, name, b, args.platform, args.svd, args.refresh_by_shape,
-                                     args.stacked) for b in args.blocks} for name in args.optimizer}  # fmt: skip
-    layout = "stacked on a leading axis" if args.stacked else "one leaf per block"
-    print(f"{args.preset}, bfloat16, {args.platform} compiler, {layout}: seconds to compile the update of N blocks")
+    out = {}
+    for name in args.optimizer:
+        for stacked in (False, True) if args.stacked else (False,):
+            out[name + " stacked" * stacked] = {
+                b: compile_seconds(args.preset, name, b, args.platform, args.svd, args.refresh_by_shape, stacked)
+                for b in args.blocks
+            }
+    print(f"{args.preset}, bfloat16, {args.platform} compiler: seconds to compile the update of N blocks"
+          + (" (stacked: one (N, ...) leaf per parameter)" if args.stacked else ""))  # fmt: skip
     print("| optimizer | " + " | ".join(f"{b} block{'s' if b > 1 else ''}" for b in args.blocks) + " |")
     print("|---|" + "---|" * len(args.blocks))
     for name, row in out.items():

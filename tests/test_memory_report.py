@@ -101,6 +101,8 @@ def test_stacked_blocks_project_exactly_the_kernels():
     flat = compile_time.block_params("micro", 3, jnp.float32)
     unstacked = jax.eval_shape(memory_report.optimizer("fira", "micro", 32).init, flat)[0]
     assert len(jax.tree.leaves((unstacked.left, unstacked.right))) == 3 * 7
+    out = compile_time.main(["--preset", "micro", "--blocks", "1", "2", "--optimizer", "fira", "--stacked"])
+    assert list(out) == ["fira", "fira stacked"] and all(s > 0 for row in out.values() for s in row.values())
 
 
 def test_live_at_peak_finds_the_values_alive_together(tmp_path):
