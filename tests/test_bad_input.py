@@ -449,8 +449,16 @@ def test_resume_errors(tmp_path, capsys):
     train_lm.main(argv)
     capsys.readouterr()
     # Another preset, vocabulary, optimizer, rank or schedule: each difference named, before any array is read.
+    from lm import prepare as prepare_lib
+    from lm import tokenizer as tokenizer_lib
+
+    text = "".join(f"def f_{i}(x):\n    return x + {i}\n" for i in range(2000))
+    bpe = tokenizer_lib.train_bpe([text], 300, tmp_path / "tokenizer.json")
+    (tmp_path / "corpus.txt").write_text(text)
+    prepare_lib.prepare(str(tmp_path / "corpus.txt"), bpe.name, tmp_path / "bpe-data", progress=False)
     where = f"--resume: the checkpoint of step 2 in {out.resolve() / 'checkpoints'} was made with"
     for flags, says in [
+        (["--data", str(tmp_path / "bpe-data")], f"--tokenizer bytes (now {bpe.name}), --vocabulary 256 (now 384)"),
         (["--preset", "tiny"], "--preset micro (now tiny)"),
         (["--steps", "4"], "--steps 2 (now 4)"),
         (["--optimizer", "adamw", "--rank", "3"], "--optimizer fira (now adamw), --rank None (now 3)"),
