@@ -76,7 +76,7 @@ def lm_gradient(hidden: int, inter: int, steps: int = 2) -> list[np.ndarray]:
 
     # The up-projection (hidden x inter): its gradient sum_t x_t (delta_t * silu(gate_t))^T is not
     # limited by the 256-byte vocabulary, unlike the down-projection's (rank <= ~256 there).
-    return [np.asarray(step(model, opt, jnp.asarray(batches(t)))["layers"][0]["mlp"]["up"]["kernel"][...])
+    return [np.asarray(step(model, opt, jnp.asarray(batches(t)))["layers"]["mlp"]["up"]["kernel"][0])
             for t in range(steps)]  # fmt: skip
 
 

@@ -56,7 +56,7 @@ def compile_seconds(preset: str, name: str, blocks: int, platform: str, svd: str
     jax.config.update("jax_enable_compilation_cache", False)
     params = block_params(preset, blocks, jnp.bfloat16, stacked)
     hidden = memory_report.model_lib.PRESETS[preset].hidden
-    tx = memory_report.optimizer(name, preset, hidden, svd, by_shape, stacked)
+    tx = memory_report.optimizer(name, preset, hidden, svd, by_shape)
     params, state = memory_report.on_chip((params, jax.eval_shape(tx.init, params)), platform)
 
     def step(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:

@@ -68,7 +68,7 @@ def make_optimizer(method: str, model: nnx.Module, schedule: optax.Schedule, arg
 
 # Settings a resumed run may change: where it writes, what it evaluates, how often it reports.
 RESUMABLE_CHANGES = ("out", "export", "eval", "eval_mode", "eval_every", "checkpoint_every", "resume", "progress",
-                     "checkpoint", "tokenizer", "data")  # fmt: skip
+                     "checkpoint", "tokenizer", "data", "remat")  # fmt: skip
 
 
 def resume_record(args: config_lib.FinetuneConfig, n_records: int, vocabulary: int) -> dict:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.export:
             files.check_folder(args.export, "--export", create=False)
         tok = tokenizer_lib.load(args.tokenizer)
-        model = hf.load(args.checkpoint)
+        model = hf.load(args.checkpoint, remat=args.remat)
         if tok.vocab_size > model.cfg.vocab_size:
             raise data_lib.DataError(
                 f"--tokenizer has {tok.vocab_size} tokens; the checkpoint only {model.cfg.vocab_size}"

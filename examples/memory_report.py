@@ -77,13 +77,13 @@ def nbytes(tree: Any) -> int:
 
 
 def optimizer(
-    name: str, preset: str, hidden: int, svd: str = "exact", by_shape: bool = False, stacked: bool = False
+    name: str, preset: str, hidden: int, svd: str = "exact", by_shape: bool = False
 ) -> optax.GradientTransformation:
-    """The row's optimizer at the authors' rank and scale for ``preset`` (``stacked``: on stacked layers)."""
+    """The row's optimizer at the authors' rank and scale for ``preset``."""
     if name == "sgd":
         return optax.sgd(1e-3)
     rank, scale = RANKS.get(preset, hidden // 4), SCALES.get(preset, 0.25)
-    return optim.make_optimizer(name, 1e-3, rank=rank, scale=scale, svd=svd, refresh_by_shape=by_shape, stacked=stacked)
+    return optim.make_optimizer(name, 1e-3, rank=rank, scale=scale, svd=svd, refresh_by_shape=by_shape)
 
 
 def tpu_device(platform: str) -> Any:

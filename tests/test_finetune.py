@@ -46,7 +46,7 @@ def test_each_method_trains_only_what_it_should(tmp_path, checkpoint, method):
     flat_after = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(after_p)[0]}
     changed = {k for k in flat_before if not np.array_equal(flat_before[k], flat_after[k])}
     if method.startswith("lora"):
-        targets = {f"['layers'][0]['{m}'][{n!r}]['kernel']" for m, names in (("attn", "qkv"), ("mlp", ("up", "down")))
+        targets = {f"['layers']['{m}'][{n!r}]['kernel']" for m, names in (("attn", "qkv"), ("mlp", ("up", "down")))
                    for n in names}  # fmt: skip
         assert changed == targets, changed  # only the adapted kernels, through their adapters
         assert summary["trainable_params"] < sum(v.size for v in flat_before.values()) / 2

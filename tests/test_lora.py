@@ -29,7 +29,7 @@ def test_lora_with_b_zero_gives_the_base_logits():
     lora.apply(model, rank=4, alpha=8.0, dropout=0.1)
     model.eval()  # no dropout
     np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(base))
-    layer = model.layers[0]
+    layer = model.layers  # the stacked blocks
     assert isinstance(layer.attn.q, lora.LoRALinear) and isinstance(layer.mlp.down, lora.LoRALinear)
     assert not isinstance(layer.attn.o, lora.LoRALinear) and not isinstance(layer.mlp.gate, lora.LoRALinear)
     assert layer.attn.q.scaling == 2.0  # alpha / r, PEFT's convention
@@ -63,7 +63,7 @@ def test_only_adapters_train_and_merge_is_exact(jit):
     model.eval()
     adapted = model(tokens)
     lora.merge(model)
-    assert not isinstance(model.layers[0].attn.q, lora.LoRALinear)
+    assert not isinstance(model.layers.attn.q, lora.LoRALinear)
     np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(adapted), atol=1e-5)
 
 

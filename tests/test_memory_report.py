@@ -90,7 +90,7 @@ def test_stacked_blocks_project_exactly_the_kernels():
 
     params = compile_time.block_params("micro", 3, jnp.float32, stacked=True)
     assert params["layers"]["attn_norm"]["weight"].shape == (3, 32)
-    state = jax.eval_shape(memory_report.optimizer("fira", "micro", 32, stacked=True).init, params)
+    state = jax.eval_shape(memory_report.optimizer("fira", "micro", 32).init, params)
     low_rank = state[0]
     bases = {
         jax.tree_util.keystr(p): x.shape

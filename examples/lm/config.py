@@ -62,6 +62,10 @@ class TrainConfig:
         False, "apply each layer's update as soon as its gradient exists (less memory; no --grad-accum above 1, "
         "no --grad-clip)"
     )  # fmt: skip
+    remat: str = _field(
+        "none", "what the backward pass recomputes instead of keeping: nothing, each block from its input, or all "
+        "but its matrix products (per-layer updates recompute each block anyway)", choices=model_lib.REMAT,
+    )  # fmt: skip
     seq_len: int = _field(128, "tokens per sequence")
     seed: int = _field(0, "seed of the initialization and of the data order")
     out: str = _field("runs/lm", "output folder (metrics.jsonl, loss.png, checkpoints)")
@@ -124,6 +128,8 @@ class FinetuneConfig:
                            "preamble)", choices=("alpaca", "plain"))  # fmt: skip
     train_on_inputs: bool = _field(True, "loss on the prompt too (the authors' default)")
     cutoff: int = _field(256, "tokens per example at most")
+    remat: str = _field("none", "what the backward pass recomputes instead of keeping: nothing, each block from its "
+                        "input, or all but its matrix products", choices=model_lib.REMAT)  # fmt: skip
     val_size: int | float = _field(
         120, "records held out for the validation loss: a count (the authors' 120), or a fraction of --data "
         "below 1 (e.g. 0.05)", type=count_or_fraction,

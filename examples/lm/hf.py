@@ -8,15 +8,19 @@ straight into their target sharding, so no second full host copy is made. ``save
 writes a folder ``transformers`` loads (with the bos / eos token ids the model knows, in
 ``config.json`` and ``generation_config.json``). Nothing is downloaded.
 
-The name map (Hugging Face ``nn.Linear`` weights are (out, in); NNX kernels are (in, out)):
+The name map (Hugging Face ``nn.Linear`` weights are (out, in); NNX kernels are (in, out); the
+blocks are stacked, so layer ``i`` of Hugging Face is row ``[i]`` of our leaf):
 
   model.embed_tokens.weight                   embed.embedding
-  model.layers.{i}.input_layernorm.weight     layers.{i}.attn_norm.weight
-  model.layers.{i}.self_attn.{q,k,v,o}_proj   layers.{i}.attn.{q,k,v,o}.kernel (transposed)
-  model.layers.{i}.post_attention_layernorm   layers.{i}.mlp_norm.weight
-  model.layers.{i}.mlp.{gate,up,down}_proj    layers.{i}.mlp.{gate,up,down}.kernel (transposed)
+  model.layers.{i}.input_layernorm.weight     layers.attn_norm.weight[i]
+  model.layers.{i}.self_attn.{q,k,v,o}_proj   layers.attn.{q,k,v,o}.kernel[i] (transposed)
+  model.layers.{i}.post_attention_layernorm   layers.mlp_norm.weight[i]
+  model.layers.{i}.mlp.{gate,up,down}_proj    layers.mlp.{gate,up,down}.kernel[i] (transposed)
   model.norm.weight                           norm.weight
   lm_head.weight                              lm_head.kernel (transposed; absent when tied)
+
+A stacked leaf is assembled on the host from its layers' tensors, then placed: the host holds
+one leaf at a time.
 """
 
 import json
@@ -142,20 +146,20 @@ def config_to_hf(cfg: model_lib.ModelConfig, dtype: Any) -> dict:
     }
 
 
-def name_map(cfg: model_lib.ModelConfig) -> Iterator[tuple[str, tuple[str, ...], bool]]:
-    """(Hugging Face tensor name, our parameter path, transposed) for every parameter."""
-    yield "model.embed_tokens.weight", ("embed", "embedding"), False
-    for i in range(cfg.layers):
-        hf, ours = f"model.layers.{i}", ("layers", i)
-        yield f"{hf}.input_layernorm.weight", (*ours, "attn_norm", "weight"), False
-        yield f"{hf}.post_attention_layernorm.weight", (*ours, "mlp_norm", "weight"), False
-        for p in "qkvo":
-            yield f"{hf}.self_attn.{p}_proj.weight", (*ours, "attn", p, "kernel"), True
-        for p in ("gate", "up", "down"):
-            yield f"{hf}.mlp.{p}_proj.weight", (*ours, "mlp", p, "kernel"), True
-    yield "model.norm.weight", ("norm", "weight"), False
+def name_map(cfg: model_lib.ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int | None, bool]]:
+    """(Hugging Face tensor name, our parameter path, layer or None, transposed) for every tensor,
+    a stacked leaf's layers one after another."""
+    yield "model.embed_tokens.weight", ("embed", "embedding"), None, False
+    per_layer = [("input_layernorm.weight", ("attn_norm", "weight"), False),
+                 ("post_attention_layernorm.weight", ("mlp_norm", "weight"), False)]  # fmt: skip
+    per_layer += [(f"self_attn.{p}_proj.weight", ("attn", p, "kernel"), True) for p in "qkvo"]
+    per_layer += [(f"mlp.{p}_proj.weight", ("mlp", p, "kernel"), True) for p in ("gate", "up", "down")]
+    for hf, ours, transpose in per_layer:
+        for i in range(cfg.layers):
+            yield f"model.layers.{i}.{hf}", ("layers", *ours), i, transpose
+    yield "model.norm.weight", ("norm", "weight"), None, False
     if not cfg.tie_embeddings:
-        yield "lm_head.weight", ("lm_head", "kernel"), True
+        yield "lm_head.weight", ("lm_head", "kernel"), None, True
 
 
 def _weight_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -173,8 +177,10 @@ def _weight_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def load(path: str | pathlib.Path, dtype: Any = jnp.float32, shardings: Any = None) -> model_lib.LLaMA:
-    """The example's NNX LLaMA with the checkpoint's weights (stored as ``dtype``).
+def load(
+    path: str | pathlib.Path, dtype: Any = jnp.float32, shardings: Any = None, remat: str = "none"
+) -> model_lib.LLaMA:
+    """The example's NNX LLaMA with the checkpoint's weights (stored as ``dtype``; ``remat`` as the model's).
 
     ``shardings``, if given, is a callable from a parameter path (a tuple) and shape to a
     ``jax.sharding.Sharding``: each tensor goes straight there.
@@ -183,22 +189,32 @@ def load(path: str | pathlib.Path, dtype: Any = jnp.float32, shardings: Any = No
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (a Hugging Face checkpoint folder is expected)")
     cfg = config_from_hf(_read_json(path / "config.json"), str(path / "config.json"))
-    model = nnx.eval_shape(lambda: model_lib.LLaMA(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: model_lib.LLaMA(cfg, rngs=nnx.Rngs(0), remat=remat))
     params = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(params)
     weight_files = _weight_files(path)
-    for hf_name, ours, transpose in name_map(cfg):
+    stack = None  # the stacked leaf being assembled on the host
+    for hf_name, ours, layer, transpose in name_map(cfg):
         if hf_name not in weight_files:
             raise CheckpointError(f"{path}: tensor {hf_name} is missing")
         tensor = _tensor(weight_files[hf_name], hf_name)  # one tensor at a time
         tensor = tensor.T if transpose else tensor
-        expected = tuple(_get(pure, ours[:-1])[ours[-1]].shape)
+        target = _get(pure, ours[:-1])[ours[-1]]
+        expected = tuple(target.shape if layer is None else target.shape[1:])
         if tuple(tensor.shape) != expected:
             raise CheckpointError(
                 f"{path}: tensor {hf_name} has shape {tuple(tensor.shape)}"
                 f"{' (transposed)' if transpose else ''}, the model expects {expected}"
             )
-        tensor = tensor.astype(dtype)
+        if layer is None:
+            tensor = tensor.astype(dtype)
+        else:
+            if layer == 0:
+                stack = np.empty(target.shape, jnp.dtype(dtype))
+            stack[layer] = np.asarray(tensor.astype(dtype))
+            if layer + 1 < cfg.layers:
+                continue
+            tensor, stack = stack, None
         _get(pure, ours[:-1])[ours[-1]] = jax.device_put(tensor, shardings(ours, tensor.shape)) if shardings else tensor
     nnx.replace_by_pure_dict(params, pure)
     nnx.update(model, params)
@@ -243,9 +259,11 @@ def _write(model: model_lib.LLaMA, path: pathlib.Path) -> None:
 
     cfg = model.cfg
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tensors = {}
-    for hf_name, ours, transpose in name_map(cfg):
-        value = np.asarray(jax.device_get(_get(pure, ours)))
+    tensors, host = {}, {}
+    for hf_name, ours, layer, transpose in name_map(cfg):
+        if ours not in host:  # each leaf fetched once (a stacked leaf gives all its layers)
+            host = {ours: np.asarray(jax.device_get(_get(pure, ours)))}
+        value = host[ours] if layer is None else host[ours][layer]
         tensors[hf_name] = jnp.asarray(np.ascontiguousarray(value.T if transpose else value))
     dtype = tensors["model.embed_tokens.weight"].dtype
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

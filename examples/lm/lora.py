@@ -6,6 +6,10 @@ module's output; PEFT (what the Fira authors fine-tune with) also scales the ada
 :func:`apply` puts adapters on the target modules (the authors': q, k, v, up, down). Only the
 adapters' ``nnx.LoRAParam`` s are trained (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``);
 :func:`merge` folds them into the kernels (``W + alpha / r * A B``) for export.
+
+The model's blocks are stacked (``lm.model``), so each adapter is too: ``A`` is ``(layers, in, r)``
+and ``B`` ``(layers, r, out)``, each layer's initialized from its own key, and the scan hands each
+layer its slice.
 """
 
 import jax
@@ -17,14 +21,14 @@ AUTHORS_TARGETS = ("q", "k", "v", "up", "down")  # LLM-Adapters' / the Fira auth
 
 
 class LoRALinear(nnx.Module):
-    """``base(x) + alpha / r * dropout(x) @ A @ B`` around an existing ``nnx.Linear``."""
+    """``base(x) + alpha / r * dropout(x) @ A @ B`` around an existing (stacked) ``nnx.Linear``."""
 
     def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs) -> None:
-        d_in, d_out = base.kernel.shape
+        layers, d_in, d_out = base.kernel.shape
         self.base = base
-        self.lora = nnx.LoRA(d_in, rank, d_out, rngs=rngs)
+        self.lora = model_lib.stacked(layers, lambda r: nnx.LoRA(d_in, rank, d_out, rngs=r), rngs)
         self.scaling = alpha / rank
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = model_lib.stacked(layers, lambda r: nnx.Dropout(dropout, rngs=r), rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.base(x) + self.scaling * self.lora(self.dropout(x)).astype(x.dtype)
@@ -39,20 +43,19 @@ def apply(model: model_lib.LLaMA, rank: int = 32, alpha: float = 64.0, dropout: 
     if not targets or set(targets) - known:
         raise ValueError(f"LoRA targets must be among {sorted(known)}, got {targets}")
     rngs = nnx.Rngs(seed)
-    for layer in model.layers:
-        for name in targets:
-            parent = layer.attn if name in ("q", "k", "v", "o") else layer.mlp
-            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, rngs))
+    layer = model.layers
+    for name in targets:
+        parent = layer.attn if name in ("q", "k", "v", "o") else layer.mlp
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, rngs))
     return model
 
 
 def merge(model: model_lib.LLaMA) -> model_lib.LLaMA:
     """Folds every adapter into its kernel (``W + alpha / r * A B``) and removes it (in place)."""
-    for layer in model.layers:
-        for parent in (layer.attn, layer.mlp):
-            for name, child in list(vars(parent).items()):
-                if isinstance(child, LoRALinear):
-                    delta = child.scaling * child.lora.lora_a[...] @ child.lora.lora_b[...]
-                    child.base.kernel.set_value(child.base.kernel[...] + delta.astype(child.base.kernel.dtype))
-                    setattr(parent, name, child.base)
+    for parent in (model.layers.attn, model.layers.mlp):
+        for name, child in list(vars(parent).items()):
+            if isinstance(child, LoRALinear):
+                delta = child.scaling * child.lora.lora_a[...] @ child.lora.lora_b[...]  # (layers, in, out)
+                child.base.kernel.set_value(child.base.kernel[...] + delta.astype(child.base.kernel.dtype))
+                setattr(parent, name, child.base)
     return model

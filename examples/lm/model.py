@@ -4,6 +4,14 @@ The presets mirror the configurations of the Fira and GaLore papers (LLaMA 60M .
 ``tiny`` and ``micro`` one for CPUs and tests. Attention and MLP kernels sit under paths that
 contain "attn" and "mlp", the papers' target modules for low-rank projection; the embedding,
 the norms and the output head do not.
+
+The blocks are scanned, as in MaxText (``scan_layers``) and levanter: ``model.layers`` is one
+:class:`Block` whose every parameter holds all layers along a leading axis (made with
+``nnx.vmap``), and :func:`scan_blocks` runs them with ``jax.lax.scan``, so the step compiles one
+block whatever the depth. A kernel is then an ``(layers, in, out)`` leaf: a stack of matrices, which
+the optimizers are told (``fira_jax.axes_by_path``, ``lm.optim``). ``remat`` picks what the
+backward pass recomputes instead of keeping: nothing (``"none"``), the whole block from its input
+(``"block"``), or all but its matrix products (``"dots"``).
 """
 
 import dataclasses
@@ -122,30 +130,70 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+REMAT = ("none", "block", "dots")
+
+
+def stacked(layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """``make(rngs)`` for ``layers`` layers at once: one module whose every variable has a leading
+    layer axis, each layer initialized from its own split of ``rngs``."""
+
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=0, out_axes=0, axis_size=layers)
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        return make(rngs)
+
+    return build(rngs)
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """``fn`` under ``jax.checkpoint`` as ``policy`` (one of :data:`REMAT`) says."""
+    if policy not in REMAT:
+        raise ValueError(f"remat must be one of {REMAT}, got {policy!r}")
+    if policy == "none":
+        return fn
+    if policy == "block":
+        return jax.checkpoint(fn)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def scan_blocks(layers: nnx.Module, x: jax.Array, policy: str = "none") -> jax.Array:
+    """Runs the stacked ``layers`` on ``x`` one layer after another (``jax.lax.scan``); a layer's
+    RNG state (LoRA's dropout) advances in place."""
+    graphdef, state = nnx.split(layers)
+
+    def body(x: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, nnx.State]:
+        layer = nnx.merge(graphdef, layer_state)
+        return layer(x), nnx.state(layer, nnx.RngState)
+
+    x, rng_state = jax.lax.scan(remat(body, policy), x, state)
+    nnx.update(layers, rng_state)
+    return x
+
+
 class LLaMA(nnx.Module):
     """Decoder-only LM; the output head is its own matrix unless ``cfg.tie_embeddings``.
 
     ``dtype`` is the computation's dtype, ``param_dtype`` the one the parameters (and so the
-    gradients and the optimizer state) are stored in.
+    gradients and the optimizer state) are stored in; ``remat`` one of :data:`REMAT`.
     """
 
     def __init__(
         self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs, remat: str = "none",
     ) -> None:  # fmt: skip
-        self.cfg = cfg
+        if remat not in REMAT:
+            raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
+        self.cfg, self.remat = cfg, remat
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.hidden, embedding_init=nnx.initializers.normal(0.02), dtype=dtype,
             param_dtype=param_dtype, rngs=rngs,
         )  # fmt: skip
-        self.layers = nnx.List([Block(cfg, dtype, rngs, param_dtype) for _ in range(cfg.layers)])
+        self.layers = stacked(cfg.layers, lambda r: Block(cfg, dtype, r, param_dtype), rngs)
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, param_dtype)
         self.lm_head = None if cfg.tie_embeddings else _linear(cfg.hidden, cfg.vocab_size, dtype, rngs, param_dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x)
+        x = scan_blocks(self.layers, self.embed(tokens), self.remat)
         return output_logits(self.norm, self.embed.attend if self.lm_head is None else self.lm_head, x)
 
 
@@ -167,17 +215,18 @@ def loss_fn(model: LLaMA, batch: jax.Array) -> jax.Array:
 
 def stages(model: LLaMA) -> list[Stage]:
     """``loss_fn`` as a chain of stages for per-layer updates (``step.make_layerwise_train_step``):
-    the embedding, each block, then the norm and head with the loss. Each stage owns its modules
-    under their paths in the model, so path masks (``fira_jax.mask_by_path``) select the same leaves."""
+    the embedding, the blocks (scanned: each layer's update is applied in the backward scan), then
+    the norm and head with the loss. Each stage owns its modules under their paths in the model,
+    so path rules (``fira_jax.axes_by_path``) select the same leaves."""
     if model.lm_head is None:
         raise ValueError(
             "per-layer updates need each parameter in one stage; with tie_embeddings the embedding is used by "
             "the first and the last stage: train this model with the ordinary step"
         )
     embed = Stage({"embed": model.embed}, lambda m, _, batch: m["embed"](batch[:, :-1]))
-    blocks = [Stage({"layers": {i: b}}, lambda m, x, _, i=i: m["layers"][i](x)) for i, b in enumerate(model.layers)]
+    blocks = Stage({"layers": model.layers}, lambda m, x, _: m["layers"](x), layers=model.cfg.layers)
     head = Stage(
         {"norm": model.norm, "lm_head": model.lm_head},
         lambda m, x, batch: next_token_loss(output_logits(m["norm"], m["lm_head"], x), batch),
     )
-    return [embed, *blocks, head]
+    return [embed, blocks, head]

@@ -16,9 +16,10 @@ APOLLO_SCALES = {"apollo": 1.0, "apollo-mini": 128.0}
 # instead of the limiter.
 ABLATIONS = ("none", "no-scaling", "matrix-level", "no-limiter", "grad-clip")
 TARGET_MODULES = ("attn", "mlp")
+TARGET_AXES = fira_jax.axes_by_path({f"{m}/": fira_jax.MatrixAxes() for m in TARGET_MODULES})
 # Weight decay, when asked for, goes to the kernels only: norms' scales and the embedding are
 # exempt, as in LLM recipes (the model has no biases).
-DECAY_MODULES = ("attn", "mlp", "lm_head")
+DECAY_MODULES = ("attn/", "mlp/", "lm_head")
 
 
 def schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
@@ -39,17 +40,17 @@ def make_optimizer(
     svd: str = "exact",
     refresh_by_shape: bool = False,
     apollo_scale: float | None = None,
-    stacked: bool = False,
 ) -> optax.GradientTransformation:
     """Builds one of :data:`OPTIMIZERS`; ``ablation`` applies to Fira only, ``svd`` and
     ``refresh_by_shape`` to Fira and GaLore (and APOLLO's refresh, which draws a random projection
     instead of an SVD), ``apollo_scale`` to APOLLO (default :data:`APOLLO_SCALES`); ``scale`` is
-    Fira's and GaLore's. ``stacked``: the target kernels are stacks of layers (leading axes), as a
-    scanned model holds them: their matrices are declared (the last two axes) and exactly they are
-    projected ("attn/", not the stacked, 2-D but not matrix, "attn_norm" scales)."""
-    mask, axes = fira_jax.mask_by_path(*TARGET_MODULES), None
-    if stacked:
-        mask, axes = None, fira_jax.axes_by_path({f"{m}/": fira_jax.MatrixAxes() for m in TARGET_MODULES})
+    Fira's and GaLore's.
+
+    The projected leaves are declared by path (:data:`TARGET_AXES`): every kernel under "attn/" and
+    "mlp/" is a stack of matrices over its last two axes, one per layer of the scanned model (or
+    one matrix, for a layer's slice in per-layer updates); the stacked norm scales ("attn_norm",
+    2-D but not matrices), the embedding and the head get the subspace optimizer's plain Adam."""
+    mask, axes = None, TARGET_AXES
     decay_mask = fira_jax.mask_by_path(*DECAY_MODULES)
     if name == "adamw":
         return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=decay_mask)

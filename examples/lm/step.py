@@ -82,14 +82,18 @@ class Stage(NamedTuple):
 
     Attributes:
       modules: the NNX modules this stage owns, in a dict keyed by their paths in the model (e.g.
-        ``{"layers": {3: block}}``), so the optimizer's path masks see the same paths as for the
+        ``{"layers": blocks}``), so the optimizer's path rules see the same paths as for the
         whole model.
       apply: ``apply(modules, x, *batch)``: the stage's output from the previous stage's ``x``
         (None for the first stage); the last stage returns the scalar loss.
+      layers: None, or the number of layers of a scanned stage: every variable of ``modules``
+        then holds that many layers along its leading axis, and ``apply`` runs one layer (it gets
+        ``modules`` holding that layer's slice), the layers one after another.
     """
 
     modules: dict
     apply: Callable[..., Any]
+    layers: int | None = None
 
 
 class LayerwiseOptimizer(nnx.Pytree):
@@ -142,6 +146,13 @@ def make_layerwise_train_step(stages: Callable[[Any], list[Stage]], wrt: Any = n
     update reads the stage's parameters only once its gradient exists, and the previous stage's
     backward waits for the update.
 
+    A scanned stage (``Stage.layers``) runs forward as a ``jax.lax.scan`` that keeps only each
+    layer's input, and backward as a reverse scan: each iteration recomputes its layer's
+    ``jax.vjp`` at the saved input, and applies that layer's slice of the update (the stage
+    optimizer's state sliced along the layer axis; the state that is not per layer, such as the
+    step count, is read by every layer and advanced once). So no step holds more than one layer's
+    gradients, and the backward pass costs one more forward of the layers (as ``remat="block"``).
+
     Args:
       stages: a function from the model to its :class:`Stage` s (e.g. ``lm.model.stages``).
       wrt: the NNX filter of the trainable variables.
@@ -159,23 +170,31 @@ def make_layerwise_train_step(stages: Callable[[Any], list[Stage]], wrt: Any = n
         for k, part in enumerate(parts):
             module_def, params, rest = nnx.split(part.modules, wrt, ...)
 
-            def run(
-                p: Any, x: Any, module_def: Any = module_def, rest: Any = rest, part: Stage = part, k: int = k
-            ) -> Any:
+            def run(p: Any, x: Any, rest: Any, module_def: Any = module_def, part: Stage = part, k: int = k) -> Any:
                 modules = nnx.merge(module_def, p, rest, copy=True)
                 y = part.apply(modules, x, *batch)
                 _check_unchanged(rest, nnx.state(modules, nnx.Not(wrt)), k)
                 return y
 
-            if x is None:
-                x, vjp = jax.vjp(lambda p, run=run: run(p, None), params)
+            if part.layers is not None:
+                if x is None:
+                    raise ValueError(f"stage {k} is scanned, but scanned stages need an input: not the first stage")
+                # Forward, one layer after another; each layer's input is kept for its backward.
+                x, inputs = jax.lax.scan(lambda x, layer, run=run: (run(layer[0], x, layer[1]), x), x, (params, rest))
+                backward.append((run, inputs, rest))
+            elif x is None:
+                x, vjp = jax.vjp(lambda p, run=run, rest=rest: run(p, None, rest), params)
+                backward.append(vjp)
             else:
-                x, vjp = jax.vjp(run, params, x)
-            backward.append(vjp)
+                x, vjp = jax.vjp(lambda p, x, run=run, rest=rest: run(p, x, rest), params, x)
+                backward.append(vjp)
         loss = x
         cotangent = jnp.ones_like(loss)
-        for part, opt, vjp in reversed(list(zip(parts, optimizer.parts, backward, strict=True))):
-            grads, *rest_ct = vjp(cotangent)
+        for part, opt, saved in reversed(list(zip(parts, optimizer.parts, backward, strict=True))):
+            if part.layers is not None:
+                cotangent = _scanned_backward(part, opt, *saved, cotangent, wrt)
+                continue
+            grads, *rest_ct = saved(cotangent)
             # The update reads the parameters only once this stage's gradient exists: else the
             # compiler may keep each weight's copy prepared for the forward pass until its update.
             grads, params = jax.lax.optimization_barrier((grads, nnx.state(part.modules, wrt)))
@@ -188,6 +207,70 @@ def make_layerwise_train_step(stages: Callable[[Any], list[Stage]], wrt: Any = n
         return nnx.state((model, optimizer)), loss
 
     return jax.jit(step, static_argnums=0, donate_argnums=1)
+
+
+def layer_axes(tx: optax.GradientTransformation, params: Any, opt_state: Any, layers: int) -> list[bool]:
+    """Which leaves of ``opt_state`` (``tx``'s state for the stacked ``params``) are per layer.
+
+    A leaf shaped ``(layers, *s)`` where ``tx``'s state for one layer's slice of ``params`` has
+    ``s`` is per layer (sliced for that layer's update); one shaped alike in both is shared (the
+    step count), read by every layer. Raises a ValueError naming a leaf that is neither.
+    """
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
+    single, single_def = jax.tree.flatten(jax.eval_shape(tx.init, one))
+    stacked, stacked_def = jax.tree_util.tree_flatten_with_path(opt_state)
+    if single_def != stacked_def:
+        raise ValueError(f"the optimizer's state for one layer is not structured as for the stack of {layers}")
+    out = []
+    for (path, a), b in zip(stacked, single, strict=True):
+        if tuple(a.shape) == (layers, *b.shape):
+            out.append(True)
+        elif tuple(a.shape) == tuple(b.shape):
+            out.append(False)
+        else:
+            raise ValueError(
+                f"optimizer state {jax.tree_util.keystr(path)} has shape {tuple(a.shape)}: neither per layer "
+                f"({layers}, *{tuple(b.shape)}) nor shared {tuple(b.shape)}"
+            )
+    return out
+
+
+def _scanned_backward(
+    part: Stage, opt: nnx.Optimizer, run: Callable, inputs: jax.Array, rest: nnx.State, cotangent: jax.Array,
+    wrt: Any,
+) -> jax.Array:  # fmt: skip
+    """The backward pass of a scanned stage, last layer first, each layer updated as soon as its
+    gradient exists; returns the cotangent of the stage's input."""
+    params = nnx.as_pure(nnx.state(part.modules, wrt))
+    opt_state = nnx.as_pure(opt.opt_state)
+    per_layer = layer_axes(opt.tx, params, opt_state, part.layers)
+    leaves, treedef = jax.tree.flatten(opt_state)
+    shared = [None if p else a for a, p in zip(leaves, per_layer, strict=True)]
+    stacks = [a if p else None for a, p in zip(leaves, per_layer, strict=True)]
+
+    def layer_state(stacks: list, i: jax.Array) -> Any:
+        return treedef.unflatten([s[i] if p else a for s, a, p in zip(stacks, shared, per_layer, strict=True)])
+
+    def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+        ct, params, stacks, _ = carry
+        i, x, rest_i = xs
+        p = jax.tree.map(lambda a: a[i], params)
+        _, vjp = jax.vjp(lambda p, x: run(p, x, rest_i), p, x)
+        grads, ct = vjp(ct)
+        updates, new_state = opt.tx.update(grads, layer_state(stacks, i), p)
+        params = jax.tree.map(lambda a, v: a.at[i].set(v), params, optax.apply_updates(p, updates))
+        new = treedef.flatten_up_to(new_state)
+        stacks = [s.at[i].set(v) if p else None for s, v, p in zip(stacks, new, per_layer, strict=True)]
+        return (ct, params, stacks, [None if p else v for v, p in zip(new, per_layer, strict=True)]), None
+
+    steps = jnp.arange(part.layers)
+    carry = (cotangent, params, stacks, shared)
+    (cotangent, params, stacks, new_shared), _ = jax.lax.scan(body, carry, (steps, inputs, rest), reverse=True)
+    nnx.update(part.modules, params)
+    state = [s if p else a for s, a, p in zip(stacks, new_shared, per_layer, strict=True)]
+    nnx.update(opt.opt_state, nnx.state(treedef.unflatten(state)))
+    opt.step[...] += 1
+    return cotangent
 
 
 def _check_unchanged(before: nnx.State, after: nnx.State, k: int) -> None:

@@ -54,9 +54,11 @@ def maybe_initialize_distributed(cfg: TrainConfig | None = None) -> None:
         jax.distributed.initialize()
 
 
-def _param_spec(x: jax.Array, n: int) -> P:
-    """FSDP-style: shard the largest axis divisible by the device count, else replicate."""
-    for axis in sorted(range(x.ndim), key=lambda a: -x.shape[a]):
+def _param_spec(path: tuple, x: jax.Array, n: int) -> P:
+    """FSDP-style: shard the largest axis divisible by the device count, else replicate; never the
+    layer axis of the scanned blocks' leaves (each scan step reads one layer whole)."""
+    first = 1 if path and getattr(path[0], "key", None) == "layers" else 0
+    for axis in sorted(range(first, x.ndim), key=lambda a: -x.shape[a]):
         if x.shape[axis] % n == 0:
             spec = [None] * x.ndim
             spec[axis] = "data"
@@ -78,7 +80,7 @@ def build(cfg: TrainConfig, vocab_size: int = 256,
     """The model (initialized from ``cfg.seed``) and the optimizer with its schedule."""
     dtype, param_dtype = (jnp.dtype(name) for name in (cfg.dtype, cfg.param_dtype))
     mcfg = model_config(cfg, vocab_size, eos_token_id)
-    model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed))
+    model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed), remat=cfg.remat)
     sched = optim.schedule(cfg.lr, cfg.steps, cfg.resolved_warmup())
     tx = optim.make_optimizer(
         cfg.optimizer, sched, rank=cfg.resolved_rank(), scale=cfg.scale, update_proj_gap=cfg.update_proj_gap,
@@ -159,7 +161,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     model, tx = build(cfg, vocab, corpus.meta.get("separator"))  # documents end with the separator
     params = nnx.state(model, nnx.Param)
     if cfg.mesh == "fsdp":
-        specs = jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(x, n)), params)
+        specs = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, _param_spec(path, x, n)), params)
     else:
         specs = jax.tree.map(lambda x: NamedSharding(mesh, P()), params)
     nnx.update(model, _place(params, specs))
@@ -281,7 +283,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
 
 # Settings a resumed run may change: where it writes and reads, how often it reports, its devices.
 RESUMABLE_CHANGES = ("out", "export", "data", "eval_every", "eval_batches", "log_every", "checkpoint_every", "resume",
-                     "mesh", "progress", "coordinator_address", "num_processes", "process_id")  # fmt: skip
+                     "remat", "mesh", "progress", "coordinator_address", "num_processes", "process_id")  # fmt: skip
 
 
 def resume_record(cfg: TrainConfig, meta: dict) -> dict[str, Any]:
