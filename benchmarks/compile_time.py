@@ -4,13 +4,20 @@ For each optimizer, jit ``update`` + ``apply_updates`` over the parameters of ``
 of ``--preset`` (abstract values: nothing is allocated), as ``examples/lm/optim.py`` builds it at
 the authors' rank (GaLore and Fira: ``--svd``, ``--refresh-by-shape``), and time its compilation
 for ``--platform`` (the CPU, or one TPU chip without a TPU, as ``memory_report.py --platform``).
-The per-layer train step (``lm/step.py``) compiles one such update per block, one after another in
-its unrolled backward pass; the ordinary step one for the whole model. So the seconds of one block
-times the blocks bound what per-layer updates add to the step's compile time, and the difference
-between 1 and N blocks shows what an update of N blocks shares.
+A model that holds its blocks in a Python list hands the optimizer one leaf per block, and its
+per-layer step compiles one such update per block; the difference between 1 and N blocks shows
+what an update of N blocks shares.
 
   python benchmarks/compile_time.py --platform tpu-v5e --preset 1b --blocks 1 4 --svd gram --refresh-by-shape \
     --json results/compile_time_1b.json
+
+``--step`` times instead the whole train step that training runs (``memory_report.py``'s, on the
+model with ``--blocks`` layers; SGD's row is the floor), ordinary and with per-layer updates (rows
+"NAME per-layer"), and records each step's compiled peak beside its seconds. The model is scanned,
+so neither should grow with the layers:
+
+  python benchmarks/compile_time.py --step --platform tpu-v5p --preset 7b --blocks 2 32 --svd gram \
+    --refresh-by-shape --optimizer sgd adamw galore fira --json results/compile_time_7b_step.json
 
 ``--stacked`` adds, beside each row, the same update with the N blocks held as a scanned model
 holds them (row "NAME stacked"): each parameter one (N, ...) leaf, the kernels' matrices declared
@@ -69,6 +76,20 @@ def compile_seconds(preset: str, name: str, blocks: int, platform: str, svd: str
     return time.perf_counter() - start
 
 
+def step_record(preset: str, name: str, layers: int, platform: str, svd: str, by_shape: bool,
+                per_layer: bool) -> dict:  # fmt: skip
+    """Seconds to compile the whole train step of ``preset`` with ``layers`` layers (bfloat16, 1 x
+    256 tokens, the compilation cache off), and the compiled step's peak bytes."""
+    import jax
+    import jax.numpy as jnp
+    import memory_report
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    rec = memory_report.report(preset, name, jnp.bfloat16, 1, 256, platform=platform, svd=svd, by_shape=by_shape,
+                               per_layer=per_layer, layers=layers)  # fmt: skip
+    return {"seconds": rec["compile_seconds"], "peak_bytes": rec["peak_bytes"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
     import memory_report
@@ -79,16 +100,28 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1b", choices=sorted(model_lib.PRESETS))
     p.add_argument("--blocks", type=int, nargs="+", default=[1, 4], help="blocks per compiled update")
-    p.add_argument("--optimizer", nargs="+", choices=ROWS, default=list(DEFAULT_ROWS))
+    p.add_argument("--optimizer", nargs="+", choices=("sgd", *ROWS), default=list(DEFAULT_ROWS),
+                   help="rows (sgd: with --step only)")  # fmt: skip
     p.add_argument("--platform", choices=memory_report.PLATFORMS, default="cpu")
     p.add_argument("--svd", choices=SVD_METHODS, default="exact")
     p.add_argument("--refresh-by-shape", action="store_true")
-    p.add_argument("--stacked", action="store_true",
-                   help="also time each update on the blocks stacked as a scanned model holds them")  # fmt: skip
+    p.add_argument(
+        "--stacked",
+        action="store_true",
+        help="also time each update on the blocks stacked as a scanned model holds them",
+    )
+    p.add_argument("--step", action="store_true",
+                   help="time the whole train step (ordinary and per-layer) of the model with N layers")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write the seconds and their provenance to FILE")
     args = p.parse_args(argv)
     if any(b < 1 for b in args.blocks):
         p.error(f"--blocks must be >= 1, got {args.blocks}")
+    if args.step and args.stacked:
+        p.error("--step times the scanned model's step: --stacked does not apply")
+    if "sgd" in args.optimizer and not args.step:
+        p.error("--optimizer sgd: with --step only (SGD has no update worth timing alone)")
+    if args.step:
+        return _steps(args, argv)
     out = {}
     for name in args.optimizer:
         for stacked in (False, True) if args.stacked else (False,):
@@ -108,6 +141,31 @@ def main(argv: list[str] | None = None) -> dict:
         record = {"provenance": provenance.record(argv, __file__), "preset": args.preset, "platform": args.platform,
                   "svd": args.svd, "refresh_by_shape": args.refresh_by_shape, "stacked": args.stacked,
                   "seconds": out}  # fmt: skip
+        pathlib.Path(args.json).write_text(json.dumps(record, indent=1))
+    return out
+
+
+def _steps(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    out = {}
+    for per_layer in (False, True):
+        for name in args.optimizer:
+            out[name + " per-layer" * per_layer] = {
+                b: step_record(args.preset, name, b, args.platform, args.svd, args.refresh_by_shape, per_layer)
+                for b in args.blocks
+            }
+    print(f"{args.preset}, bfloat16, 1 x 256 tokens, {args.platform} compiler: seconds to compile the whole train "
+          "step of the model with N layers (peak GiB)")  # fmt: skip
+    print("| step | " + " | ".join(f"{b} layer{'s' if b > 1 else ''}" for b in args.blocks) + " |")
+    print("|---|" + "---|" * len(args.blocks))
+    for name, row in out.items():
+        cells = [f"{r['seconds']:.1f} ({(r['peak_bytes'] or float('nan')) / 2**30:.2f})" for r in row.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.json:
+        from lm import provenance
+
+        record = {"provenance": provenance.record(argv, __file__), "preset": args.preset, "platform": args.platform,
+                  "svd": args.svd, "refresh_by_shape": args.refresh_by_shape, "step": True, "tokens": [1, 256],
+                  "steps": out}  # fmt: skip
         pathlib.Path(args.json).write_text(json.dumps(record, indent=1))
     return out
 

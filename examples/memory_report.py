@@ -189,11 +189,13 @@ def _bytes(text: str) -> int:
 
 def build(
     preset: str, name: str, dtype: Any, vocab: int = VOCAB, svd: str = "exact", by_shape: bool = False,
-    per_layer: bool = False,
+    per_layer: bool = False, layers: int | None = None,
 ) -> tuple[model_lib.LLaMA, nnx.Optimizer | step_lib.LayerwiseOptimizer]:  # fmt: skip
-    """The preset's model (parameters and compute in ``dtype``) and the row's optimizer: an
-    ``nnx.Optimizer``, or with ``per_layer`` one per stage (``step_lib.LayerwiseOptimizer``)."""
+    """The preset's model (parameters and compute in ``dtype``; ``layers`` blocks instead of the
+    preset's, if given) and the row's optimizer: an ``nnx.Optimizer``, or with ``per_layer`` one
+    per stage (``step_lib.LayerwiseOptimizer``)."""
     mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=vocab)
+    mcfg = mcfg if layers is None else dataclasses.replace(mcfg, layers=layers)
     model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     tx = optimizer(name, preset, mcfg.hidden, svd, by_shape)
     if per_layer:
@@ -227,9 +229,9 @@ def _compile(lowered: Any, label: str, dump: str | None) -> Any:
 
 def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vocab: int = VOCAB,
            platform: str = "cpu", breakdown: int = 0, svd: str = "exact", by_shape: bool = False,
-           per_layer: bool = False) -> dict:  # fmt: skip
+           per_layer: bool = False, layers: int | None = None) -> dict:  # fmt: skip
     """Bytes of parameters, gradients, state, and the compiled train step's peak, for one optimizer."""
-    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab, svd, by_shape, per_layer))
+    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab, svd, by_shape, per_layer, layers))
     graphdef, state = nnx.split((model, opt))
     batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
     state, batch = on_chip((state, batch), platform)

@@ -21,14 +21,11 @@ AUTHORS_TARGETS = ("q", "k", "v", "up", "down")  # LLM-Adapters' / the Fira auth
 
 
 class LoRALinear(nnx.Module):
-    """``base(x) + alpha / r * dropout(x) @ A @ B`` around an existing (stacked) ``nnx.Linear``."""
+    """``base(x) + scaling * dropout(x) @ A @ B`` around an existing (stacked) ``nnx.Linear``;
+    ``lora`` and ``dropout`` are stacked like it."""
 
-    def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs) -> None:
-        layers, d_in, d_out = base.kernel.shape
-        self.base = base
-        self.lora = model_lib.stacked(layers, lambda r: nnx.LoRA(d_in, rank, d_out, rngs=r), rngs)
-        self.scaling = alpha / rank
-        self.dropout = model_lib.stacked(layers, lambda r: nnx.Dropout(dropout, rngs=r), rngs)
+    def __init__(self, base: nnx.Linear, lora: nnx.LoRA, dropout: nnx.Dropout, scaling: float) -> None:
+        self.base, self.lora, self.dropout, self.scaling = base, lora, dropout, scaling
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.base(x) + self.scaling * self.lora(self.dropout(x)).astype(x.dtype)
@@ -36,17 +33,28 @@ class LoRALinear(nnx.Module):
 
 def apply(model: model_lib.LLaMA, rank: int = 32, alpha: float = 64.0, dropout: float = 0.05,
           targets: tuple[str, ...] = AUTHORS_TARGETS, seed: int = 0) -> model_lib.LLaMA:  # fmt: skip
-    """Wraps each target linear layer of every block in a :class:`LoRALinear` (in place); returns the model."""
+    """Wraps each target linear layer of the blocks in a :class:`LoRALinear` (in place); returns the model.
+
+    The adapters are made layer by layer, target by target, from one ``nnx.Rngs(seed)``, then
+    stacked: the numbers a Python list of layers would get."""
     if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
         raise ValueError(f"LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1); got {rank}, {alpha}, {dropout}")
     known = {"q", "k", "v", "o", "gate", "up", "down"}
     if not targets or set(targets) - known:
         raise ValueError(f"LoRA targets must be among {sorted(known)}, got {targets}")
     rngs = nnx.Rngs(seed)
-    layer = model.layers
+    blocks = model.layers
+    parents = {name: blocks.attn if name in ("q", "k", "v", "o") else blocks.mlp for name in targets}
+    made: dict[str, list] = {name: [] for name in targets}
+    for _ in range(model.cfg.layers):
+        for name in targets:
+            _, d_in, d_out = getattr(parents[name], name).kernel.shape
+            made[name].append((nnx.LoRA(d_in, rank, d_out, rngs=rngs), nnx.Dropout(dropout, rngs=rngs)))
     for name in targets:
-        parent = layer.attn if name in ("q", "k", "v", "o") else layer.mlp
-        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, rngs))
+        adapters, dropouts = zip(*made[name], strict=True)
+        base = getattr(parents[name], name)
+        wrapped = LoRALinear(base, model_lib.stack(list(adapters)), model_lib.stack(list(dropouts)), alpha / rank)
+        setattr(parents[name], name, wrapped)
     return model
 
 

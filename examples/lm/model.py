@@ -7,7 +7,7 @@ the norms and the output head do not.
 
 The blocks are scanned, as in MaxText (``scan_layers``) and levanter: ``model.layers`` is one
 :class:`Block` whose every parameter holds all layers along a leading axis (made with
-``nnx.vmap``), and :func:`scan_blocks` runs them with ``jax.lax.scan``, so the step compiles one
+:func:`stacked`), and :func:`scan_blocks` runs them with ``jax.lax.scan``, so the step compiles one
 block whatever the depth. A kernel is then an ``(layers, in, out)`` leaf: a stack of matrices, which
 the optimizers are told (``fira_jax.axes_by_path``, ``lm.optim``). ``remat`` picks what the
 backward pass recomputes instead of keeping: nothing (``"none"``), the whole block from its input
@@ -133,16 +133,17 @@ class Block(nnx.Module):
 REMAT = ("none", "block", "dots")
 
 
+def stack(modules: list[nnx.Module]) -> nnx.Module:
+    """One module whose every variable is the stack of ``modules``' (alike) along a new leading axis."""
+    graphdef, _ = nnx.split(modules[0])
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in modules]))
+
+
 def stacked(layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
-    """``make(rngs)`` for ``layers`` layers at once: one module whose every variable has a leading
-    layer axis, each layer initialized from its own split of ``rngs``."""
-
-    @nnx.split_rngs(splits=layers)
-    @nnx.vmap(in_axes=0, out_axes=0, axis_size=layers)
-    def build(rngs: nnx.Rngs) -> nnx.Module:
-        return make(rngs)
-
-    return build(rngs)
+    """``make(rngs)`` for ``layers`` layers, stacked (:func:`stack`). The layers are made one after
+    another from ``rngs``, as a Python list of layers is: a scanned model starts from the numbers
+    an unscanned one of the same seed would."""
+    return stack([make(rngs) for _ in range(layers)])
 
 
 def remat(fn: Callable, policy: str) -> Callable:
