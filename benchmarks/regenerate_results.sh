@@ -73,8 +73,8 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
         --refresh-by-shape --per-layer --save results/memory_tpu_v5e_bfloat16_per_layer.json
       python examples/memory_report.py --platform tpu-v5p --preset 7b --dtype bfloat16 --svd gram \
         --refresh-by-shape --per-layer --save results/memory_tpu_v5p_bfloat16_per_layer.json
-      python benchmarks/compile_time.py --platform tpu-v5e --preset 1b --blocks 1 4 24 --svd gram \
-        --refresh-by-shape --json results/compile_time_1b.json ;;
+      python benchmarks/compile_time.py --step --platform tpu-v5p --preset 7b --blocks 2 32 --svd gram \
+        --refresh-by-shape --optimizer sgd adamw galore fira --json results/compile_time_7b_step.json ;;
     *)
       echo "regenerate_results.sh: unknown part '$part' (compare seed1 sweep family similarity finetune memory refresh memory-tpu memory-tpu-per-layer)" >&2
       exit 2 ;;

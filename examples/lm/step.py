@@ -12,10 +12,12 @@ gradient exists. With ``grad_accum > 1`` each batch array carries a leading axis
 a ``lax.scan`` sums their gradients into one accumulator (one more gradient-sized buffer).
 
 :func:`make_layerwise_train_step` is the same step with per-layer updates (GaLore's §5.5): the
-model runs as a chain of :class:`Stage` s (embedding, each block, head and loss), the backward
-pass goes through them one at a time with ``jax.vjp``, and each stage's update is applied, by its
-own ``nnx.Optimizer`` (a :class:`LayerwiseOptimizer`), as soon as its gradient exists. Then no
-step needs more than one stage's gradients at once, whatever the compiler's schedule. It cannot
+model runs as a chain of :class:`Stage` s (embedding, the scanned blocks, head and loss), the
+backward pass goes through them one at a time with ``jax.vjp`` (through a scanned stage's layers
+one at a time, in a reverse scan), and each stage's update is applied, by its own
+``nnx.Optimizer`` (a :class:`LayerwiseOptimizer`; a scanned stage's one layer's slice at a time),
+as soon as its gradient exists. Then no step needs more than one layer's gradients at once,
+whatever the compiler's schedule. It cannot
 clip by the global gradient norm or accumulate gradients (both need every gradient before any
 update); Fira's limiter, which bounds each matrix's residual by its own past, needs neither.
 """
