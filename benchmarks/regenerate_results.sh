@@ -59,6 +59,10 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
       python examples/memory_report.py --preset "${presets[@]}" --save results/memory_float32.json
       python examples/memory_report.py --preset "${presets[@]}" --dtype bfloat16 --save results/memory_bfloat16.json
       python examples/memory_report.py --preset "${presets[@]}" --refresh-by-shape --save results/memory_float32_by_shape.json
+      python examples/memory_report.py --preset 350m 1b 7b --per-layer --save results/memory_float32_per_layer.json
+      python examples/memory_report.py --preset 350m 1b 7b --dtype bfloat16 --per-layer --save results/memory_bfloat16_per_layer.json
+      python examples/memory_report.py --preset 60m 1b 7b --dtype bfloat16 --optimizer sgd adamw fira apollo apollo-mini \
+        --save results/memory_bfloat16_family.json
       python benchmarks/measure_peak_rss.py --preset 60m --json results/memory_rss_60m.json
       python benchmarks/measure_peak_rss.py --preset 350m --json results/memory_rss_350m.json
       python benchmarks/measure_peak_rss.py --preset 350m --per-layer --json results/memory_rss_350m_per_layer.json ;;
