@@ -1,5 +1,6 @@
 """Smoke tests of the Flax LM example: one step of train_lm on a micro model, the data formats."""
 
+import dataclasses
 import functools
 import gzip
 import json
@@ -174,6 +175,28 @@ def test_train_lm_fsdp_on_8_simulated_devices(tmp_path):
     assert "1 cpu device(s)" in proc.stdout
     unsharded = json.loads((tmp_path / "one_device" / "summary.json").read_text())["final_val_loss"]
     assert unsharded == pytest.approx(final, rel=1e-5)
+
+
+def test_fsdp_never_shards_the_layer_axis():
+    """The scanned blocks' leaves are (layers, ...) and each scan step reads one layer whole, so
+    FSDP never shards the layer axis: with 3 devices and 3 layers (no other axis divisible by 3),
+    the blocks' leaves stay replicated, where any other leaf of that shape would be sharded."""
+    import jax
+    from flax import nnx
+    from lm import model as model_lib
+    from lm import train as train_lib
+
+    cfg = dataclasses.replace(model_lib.PRESETS["micro"], layers=3)
+    params = nnx.state(nnx.eval_shape(lambda: model_lib.LLaMA(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    specs = jax.tree_util.tree_map_with_path(lambda path, x: train_lib._param_spec(path, x, 3), params)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    flat = {
+        jax.tree_util.keystr(p): tuple(s) for p, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
+    }
+    layered = {k: v for k, v in flat.items() if "layers" in k}
+    assert len(layered) == 9 and all("data" not in v for v in layered.values()), layered
+    kernel = jax.ShapeDtypeStruct((3, 32, 88), jax.numpy.float32)
+    assert tuple(train_lib._param_spec((jax.tree_util.DictKey("other"),), kernel, 3)) == ("data", None, None)
 
 
 def test_weight_decay_goes_to_kernels_only():
