@@ -189,15 +189,20 @@ def _bytes(text: str) -> int:
 
 def build(
     preset: str, name: str, dtype: Any, vocab: int = VOCAB, svd: str = "exact", by_shape: bool = False,
-    per_layer: bool = False, layers: int | None = None,
+    per_layer: bool = False, layers: int | None = None, grad_clip: float | None = None,
 ) -> tuple[model_lib.LLaMA, nnx.Optimizer | step_lib.LayerwiseOptimizer]:  # fmt: skip
     """The preset's model (parameters and compute in ``dtype``; ``layers`` blocks instead of the
     preset's, if given) and the row's optimizer: an ``nnx.Optimizer``, or with ``per_layer`` one
-    per stage (``step_lib.LayerwiseOptimizer``)."""
+    per stage (``step_lib.LayerwiseOptimizer``); ``grad_clip``: clipped by the global gradient norm
+    first, as ``train_lm.py --grad-clip`` does (the ordinary step only)."""
+    if grad_clip is not None and per_layer:
+        raise ValueError("--grad-clip needs every gradient before the first update: not with --per-layer")
     mcfg = dataclasses.replace(model_lib.PRESETS[preset], vocab_size=vocab)
     mcfg = mcfg if layers is None else dataclasses.replace(mcfg, layers=layers)
     model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     tx = optimizer(name, preset, mcfg.hidden, svd, by_shape)
+    if grad_clip is not None:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
     if per_layer:
         return model, step_lib.LayerwiseOptimizer(model, tx, model_lib.stages)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -229,9 +234,9 @@ def _compile(lowered: Any, label: str, dump: str | None) -> Any:
 
 def report(preset: str, name: str, dtype: Any, batch_size: int, seq_len: int, vocab: int = VOCAB,
            platform: str = "cpu", breakdown: int = 0, svd: str = "exact", by_shape: bool = False,
-           per_layer: bool = False, layers: int | None = None) -> dict:  # fmt: skip
+           per_layer: bool = False, layers: int | None = None, grad_clip: float | None = None) -> dict:  # fmt: skip
     """Bytes of parameters, gradients, state, and the compiled train step's peak, for one optimizer."""
-    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab, svd, by_shape, per_layer, layers))
+    model, opt = nnx.eval_shape(lambda: build(preset, name, dtype, vocab, svd, by_shape, per_layer, layers, grad_clip))
     graphdef, state = nnx.split((model, opt))
     batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
     state, batch = on_chip((state, batch), platform)
@@ -317,6 +322,10 @@ def main(argv: list[str] | None = None) -> dict:
         "applied as soon as its gradient exists",
     )  # fmt: skip
     p.add_argument(
+        "--grad-clip", type=float, metavar="NORM",
+        help="clip by the global gradient norm first (the paper-7b recipe's 1.0; the ordinary step only)",
+    )  # fmt: skip
+    p.add_argument(
         "--breakdown", type=int, default=0, metavar="K",
         help="list each step's K largest buffers and groups of temporaries alive at its peak",
     )  # fmt: skip
@@ -326,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 1 or args.vocab_size < 1 or args.breakdown < 0:
         p.error("--batch-size, --seq-len and --vocab-size must be >= 1, --breakdown >= 0")
+    if args.grad_clip is not None and (args.per_layer or not args.grad_clip > 0):
+        p.error("--grad-clip must be > 0, and needs the ordinary step: per-layer updates cannot clip globally")
     if args.save:
         try:
             files.check_folder(pathlib.Path(args.save).expanduser().parent, "--save")
@@ -340,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.optimizer:
             out[preset][name] = report(
                 preset, name, dtype, args.batch_size, args.seq_len, args.vocab_size, args.platform, args.breakdown,
-                args.svd, args.refresh_by_shape, args.per_layer,
+                args.svd, args.refresh_by_shape, args.per_layer, grad_clip=args.grad_clip,
             )  # fmt: skip
             if not args.json:
                 print(f"{preset} {name}: compiled", file=sys.stderr, flush=True)
@@ -348,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(out))
     saved = {"dtype": args.dtype, "platform": args.platform, "svd": args.svd,
              "refresh_by_shape": args.refresh_by_shape, "per_layer": args.per_layer,
+             **({"grad_clip": args.grad_clip} if args.grad_clip is not None else {}),
              "tokens": [args.batch_size, args.seq_len], "vocab_size": args.vocab_size, "report": out}  # fmt: skip
     if args.save:  # FILE.json and its page FILE.md, rendered from it; only a saved file needs its provenance
         saved = {"provenance": provenance.record(argv, __file__)} | saved
@@ -373,7 +385,8 @@ def render(saved: dict, heading: bool = True) -> str:
         lines += [
             f"{preset} ({dtype}, rank {RANKS.get(preset)}, svd={saved.get('svd', 'exact')!r}"
             + (", refresh by shape" if saved.get("refresh_by_shape") else "")
-            + (", per-layer updates" if saved.get("per_layer") else "") + ", "
+            + (", per-layer updates" if saved.get("per_layer") else "")
+            + (f", clipped to global norm {saved['grad_clip']:g}" if saved.get("grad_clip") is not None else "") + ", "
             f"{platform.upper()} compiler, peak for {batch} x {seq} tokens)",
             "",
             "| optimizer | params GiB | grads GiB | state GiB | params + state GiB |"

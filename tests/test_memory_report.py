@@ -78,6 +78,41 @@ def test_compile_time_benchmark_times_each_optimizers_block_update(capsys, tmp_p
     assert "--blocks must be >= 1" in capsys.readouterr().err
 
 
+def test_compile_time_step_times_the_whole_step_at_each_depth(capsys, tmp_path):
+    """--step compiles the whole train step (ordinary and per-layer) of the model with N layers."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import compile_time
+
+    out = compile_time.main(["--step", "--preset", "micro", "--blocks", "1", "2", "--optimizer", "sgd", "fira",
+                             "--json", str(tmp_path / "s.json")])  # fmt: skip
+    assert list(out) == ["sgd", "fira", "sgd per-layer", "fira per-layer"]
+    assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for row in out.values() for r in row.values())
+    assert out["fira"][2]["peak_bytes"] > out["fira"][1]["peak_bytes"]  # one more layer's parameters
+    assert json.loads((tmp_path / "s.json").read_text())["steps"]["fira per-layer"]["2"] == out["fira per-layer"][2]
+    assert "| fira per-layer |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        compile_time.main(["--optimizer", "sgd"])
+    assert "with --step only" in capsys.readouterr().err
+
+
+def test_grad_clip_row_is_the_ordinary_step_with_a_global_clip(capsys):
+    """--grad-clip chains optax's global clip before the row's optimizer; refused with --per-layer."""
+    import jax.numpy as jnp
+    import memory_report
+    import optax
+
+    _, opt = nnx.eval_shape(lambda: memory_report.build("micro", "fira", jnp.float32, 256, grad_clip=1.0))
+    assert isinstance(
+        jax.tree.leaves(opt.opt_state, is_leaf=lambda x: isinstance(x, optax.EmptyState))[0], optax.EmptyState
+    )  # the clip's, then Fira's state
+    flags = ["--preset", "micro", "--json", "--seq-len", "16", "--vocab-size", "256", "--optimizer", "fira"]
+    assert memory_report.main([*flags, "--grad-clip", "1.0"])["micro"]["fira"]["peak_bytes"] > 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        memory_report.main([*flags, "--grad-clip", "1.0", "--per-layer"])
+    assert "per-layer updates cannot clip globally" in capsys.readouterr().err
+
+
 def test_stacked_blocks_project_exactly_the_kernels():
     """compile_time.py --stacked: as a scanned model holds them, each parameter a (L, ...) stack. The
     example's optimizer declares the kernels' matrices: L bases per kernel, and the stacked norm

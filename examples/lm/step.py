@@ -31,6 +31,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+# The values of a state's Variables: nnx.as_pure from flax 0.12.2 (nnx.pure before, deprecated since).
+_as_pure = getattr(nnx, "as_pure", None) or nnx.pure
+
 
 def make_train_step(loss_fn: Any, wrt: Any = nnx.Param, grad_accum: int = 1) -> Any:
     """The jitted train step ``(graphdef, state, *batch) -> (state, loss)``.
@@ -243,8 +246,8 @@ def _scanned_backward(
 ) -> jax.Array:  # fmt: skip
     """The backward pass of a scanned stage, last layer first, each layer updated as soon as its
     gradient exists; returns the cotangent of the stage's input."""
-    params = nnx.as_pure(nnx.state(part.modules, wrt))
-    opt_state = nnx.as_pure(opt.opt_state)
+    params = _as_pure(nnx.state(part.modules, wrt))
+    opt_state = _as_pure(opt.opt_state)
     per_layer = layer_axes(opt.tx, params, opt_state, part.layers)
     leaves, treedef = jax.tree.flatten(opt_state)
     shared = [None if p else a for a, p in zip(leaves, per_layer, strict=True)]
