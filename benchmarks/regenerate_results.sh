@@ -71,6 +71,8 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
         --refresh-by-shape --save results/memory_tpu_v5e_bfloat16.json
       python examples/memory_report.py --platform tpu-v5p --preset 7b --dtype bfloat16 --svd gram \
         --refresh-by-shape --save results/memory_tpu_v5p_bfloat16.json
+      python examples/memory_report.py --platform tpu-v5p --preset 7b --dtype bfloat16 --svd gram \
+        --refresh-by-shape --grad-clip 1.0 --save results/memory_tpu_v5p_bfloat16_grad_clip.json
       python examples/memory_report.py --platform tpu-v5e --preset 60m --save results/memory_tpu_v5e_exact_60m.json ;;
     memory-tpu-per-layer)  # the same with per-layer updates (lm/step.py's make_layerwise_train_step)
       python examples/memory_report.py --platform tpu-v5e --preset 60m 130m 350m 1b --dtype bfloat16 --svd gram \

@@ -193,6 +193,16 @@ def test_recipes_are_the_authors_settings(capsys):
     with pytest.raises(SystemExit):
         train_lm.parse_args(["--recipe", "paper-60m"])
     assert "T5's tokenizer" in capsys.readouterr().err
+    # The 7B recipe clips globally, which per-layer updates cannot: refused, and told how to drop it.
+    seven = ["--recipe", "paper-7b", "--tokenizer", "bytes", "--per-layer-updates"]
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(seven)
+    assert "--grad-clip 0 drops a recipe's clip" in capsys.readouterr().err
+    cfg, _ = train_lm.parse_args([*seven, "--grad-clip", "0"])
+    assert cfg.grad_clip == 0 and cfg.per_layer_updates
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--grad-clip", "-1"])
+    assert "--grad-clip must be > 0 (or 0: no clipping)" in capsys.readouterr().err
 
 
 def test_train_tokenizer_then_prepare_train_and_export(tmp_path, capsys):

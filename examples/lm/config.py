@@ -39,7 +39,9 @@ class TrainConfig:
     gamma: float = _field(1.01, "Fira's norm-growth limit; inf disables it")
     weight_decay: float = _field(0.0, "decoupled weight decay, on the kernels only")
     ablation: str = _field("none", "Fira ablations (paper Table 5)", choices=optim.ABLATIONS)
-    grad_clip: float | None = _field(None, "clip the gradient's global norm to this (the 7B recipe: 1.0)")
+    grad_clip: float | None = _field(
+        None, "clip the gradient's global norm to this (the 7B recipe: 1.0); 0: no clipping (to drop a recipe's)"
+    )
     # model and data
     preset: str = _field("tiny", "model size", choices=sorted(model_lib.PRESETS))
     dtype: str = _field("float32", "compute dtype", choices=("float32", "bfloat16"))
@@ -246,12 +248,13 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"--data {cfg.data}: no such file or folder")
     if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"--grad-accum {cfg.grad_accum} must be >= 1 and divide --batch-size {cfg.batch_size}")
-    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
-        raise ValueError(f"--grad-clip must be > 0, got {cfg.grad_clip}")
-    if cfg.per_layer_updates and (cfg.grad_accum > 1 or cfg.grad_clip is not None or cfg.ablation == "grad-clip"):
+    if cfg.grad_clip is not None and not cfg.grad_clip >= 0:
+        raise ValueError(f"--grad-clip must be > 0 (or 0: no clipping), got {cfg.grad_clip}")
+    if cfg.per_layer_updates and (cfg.grad_accum > 1 or cfg.grad_clip or cfg.ablation == "grad-clip"):
         raise ValueError(
             "--per-layer-updates applies each layer's update before the next layer's gradient exists: it cannot "
-            "accumulate gradients (--grad-accum) or clip their global norm (--grad-clip, --ablation grad-clip)"
+            "accumulate gradients (--grad-accum) or clip their global norm (--grad-clip, --ablation grad-clip; "
+            "--grad-clip 0 drops a recipe's clip)"
         )
     multi = (cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     if any(x is not None for x in multi) and not all(x is not None for x in multi):

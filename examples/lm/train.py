@@ -87,7 +87,7 @@ def build(cfg: TrainConfig, vocab_size: int = 256,
         gamma=cfg.gamma, weight_decay=cfg.weight_decay, ablation=cfg.ablation, svd=cfg.svd,
         apollo_scale=cfg.apollo_scale,
     )  # fmt: skip
-    if cfg.grad_clip is not None:
+    if cfg.grad_clip:  # None or 0: no clipping
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
     return model, tx
 
