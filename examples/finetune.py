@@ -58,8 +58,11 @@ def make_optimizer(method: str, model: nnx.Module, schedule: optax.Schedule, arg
         wrt = nnx.LoRAParam
         if method == "lora":
             return wrt, optax.adamw(schedule, weight_decay=0.0)
-        # The authors' ft_fira.sh: FiraAdamW on the LoRA factors, rank 16, gap 200, alpha 1.0.
-        return wrt, fira_jax.fira(schedule, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale)
+        # The authors' ft_fira.sh: FiraAdamW on the LoRA factors, rank 16, gap 200, alpha 1.0. The
+        # factors are stacked like the blocks, (layers, in, r) and (layers, r, out): each layer's
+        # matrix is declared, as for the kernels.
+        return wrt, fira_jax.fira(schedule, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
+                                  axes=optim.TARGET_AXES)  # fmt: skip
     if method == "full-adamw":
         return nnx.Param, optax.adamw(schedule, weight_decay=0.0)
     tx = optim.make_optimizer(method, schedule, rank=args.rank, scale=args.scale, update_proj_gap=args.update_proj_gap)

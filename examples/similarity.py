@@ -16,6 +16,7 @@ reported, as in the paper's Table 1 (LLaMA 60M, matrix level: 0.9972 / 0.9662).
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(e))
 
     params = nnx.state(model, nnx.Param)
-    mask = fira_jax.mask_by_path(*optim.TARGET_MODULES)
+    axes = optim.TARGET_AXES  # the attention and MLP kernels: each a stack of matrices, one per layer
     # Full-rank training: Adam (reference convention) with the papers' schedule.
     sched = optim.schedule(args.lr, args.steps, args.steps // 10)
     full_adam = fira_jax.scale_by_adam()  # N = m / (sqrt(v) + eps), uncorrected: the factor's numerator
@@ -100,14 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
     # and with low-rank Adam: back(R) and back(N). P is orthonormal, so their norms along G's
     # other axis, and their Frobenius norms, are those of R and N.
     refresh = fira_jax.Refresh(update_proj_gap=args.update_proj_gap)
-    shadow_r = fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=optax.identity(), mask=mask)
-    shadow_n = fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=fira_jax.scale_by_adam(), mask=mask)
+    shadow_r = fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=optax.identity(), axes=axes)
+    shadow_n = fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=fira_jax.scale_by_adam(), axes=axes)
 
     pure = nnx.to_pure_dict(params)
     graphdef, _ = nnx.split(model, nnx.Param)
     states = (full_adam.init(pure), trainer.init(pure), shadow_r.init(pure), shadow_n.init(pure))
-    selected = jax.tree.leaves(mask(pure))
-    layouts = fira_jax.layout.layouts(pure, rank, "std", mask)
+    layouts = fira_jax.layout.layouts(pure, rank, "std", None, axes)
+    n_matrices = sum(math.prod(lay.batch) for lay in layouts if lay is not None)
 
     def loss_of(p: dict, batch: jax.Array) -> jax.Array:
         state = nnx.State(params)
@@ -127,23 +128,26 @@ def main(argv: list[str] | None = None) -> dict:
             if lay is None:
                 continue
             n_c, g_c, r_c, nl_c = (lay.canonical(x) for x in (n, g, br, bn))
-            # Column level: norms over the axis the projection reduces (rows of G on the left side).
-            axis = -2 if lay.side == "left" else -1
+            # Matrix level: one factor per matrix (per layer of a stack); column level: norms over
+            # the axis the projection reduces (rows of G on the left side).
+            axis, both = (-2 if lay.side == "left" else -1), (-2, -1)
             factors.append({
-                "matrix_full": jnp.linalg.norm(n_c) / (jnp.linalg.norm(g_c) + 1e-8),
-                "matrix_low": jnp.linalg.norm(nl_c) / (jnp.linalg.norm(r_c) + 1e-8),
+                "matrix_full": (jnp.linalg.norm(n_c, axis=both) / (jnp.linalg.norm(g_c, axis=both) + 1e-8)).ravel(),
+                "matrix_low": (jnp.linalg.norm(nl_c, axis=both) / (jnp.linalg.norm(r_c, axis=both) + 1e-8)).ravel(),
                 "column_full": (jnp.linalg.norm(n_c, axis=axis) / (jnp.linalg.norm(g_c, axis=axis) + 1e-8)).ravel(),
                 "column_low": (jnp.linalg.norm(nl_c, axis=axis) / (jnp.linalg.norm(r_c, axis=axis) + 1e-8)).ravel(),
             })  # fmt: skip
         return optax.apply_updates(p, upd), (s_full, s_train, s_shadow_r, s_shadow_n), loss, factors
 
-    print(f"{description}; {args.preset}, rank {rank}, {sum(selected)} projected matrices, lr {args.lr}")
+    print(f"{description}; {args.preset}, rank {rank}, {n_matrices} projected matrices, lr {args.lr}")
     table = []
     p_cur = pure
     for t in range(args.steps):
         p_cur, states, loss, factors = step(p_cur, states, jnp.asarray(batches(t)))
         if (t + 1) % args.measure_every == 0:
-            fm = np.array([[float(f["matrix_full"]), float(f["matrix_low"])] for f in factors])
+            fm = np.stack(
+                [np.concatenate([np.asarray(f[k]) for f in factors]) for k in ("matrix_full", "matrix_low")], 1
+            )
             fc_full = np.concatenate([np.asarray(f["column_full"]) for f in factors])
             fc_low = np.concatenate([np.asarray(f["column_low"]) for f in factors])
             row = {

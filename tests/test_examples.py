@@ -117,6 +117,19 @@ def test_resume_continues_identically(tmp_path, per_layer):
     assert result["wall_s"] > first_two and wall > 0
 
 
+def test_similarity_measures_every_layers_matrices(tmp_path, capsys):
+    """similarity.py on the scanned model: one factor per matrix of every stacked kernel (7 per
+    layer), and rank correlations that are numbers."""
+    import similarity
+
+    saved = similarity.main(["--preset", "micro", "--steps", "2", "--measure-every", "2", "--batch-size", "2",
+                             "--seq-len", "16", "--rank", "4", "--out", str(tmp_path)])  # fmt: skip
+    (row,) = saved["rows"]
+    assert row["n_matrices"] == 7 * similarity.model_lib.PRESETS["micro"].layers
+    assert all(np.isfinite(row[k]) for k in ("matrix_spearman", "column_spearman", "column_kendall"))
+    assert (tmp_path / "similarity.json").exists()
+
+
 def test_rank_correlations_match_definitions():
     import itertools
 

@@ -179,6 +179,18 @@ def test_memory_report_finetune_is_what_the_optimizer_allocates(method):
     assert row["weights_bytes"] == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def test_lora_fira_projects_every_stacked_factor():
+    """The authors' setup: Fira on the LoRA factors. They are stacked like the blocks, (layers, in,
+    r) and (layers, r, out), and each layer's matrix gets its own basis (none left full-rank)."""
+    model = model_lib.LLaMA(model_lib.PRESETS["micro"], rngs=nnx.Rngs(0))
+    _, tx = finetune.make_optimizer("lora-fira", model, 1e-4, finetune.parser().parse_args(["--checkpoint", "x"]))
+    state = tx.init(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
+    low_rank = next(s for s in state if hasattr(s, "right"))
+    bases = [x for x in jax.tree.leaves((low_rank.left, low_rank.right)) if x.ndim == 3]
+    layers = model_lib.PRESETS["micro"].layers
+    assert len(bases) == 10 and all(b.shape[0] == layers and 16 in b.shape[1:] for b in bases)  # 5 targets x A, B
+
+
 def test_a_non_finite_loss_stops_fine_tuning(tmp_path, checkpoint, capsys):
     (tmp_path / "train.json").write_text(json.dumps(RECORDS))
     flags = ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "train.json"), "--method", "full-adamw",
