@@ -135,13 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|" + "---|" * len(args.blocks))
     for name, row in out.items():
         print(f"| {name} | " + " | ".join(f"{s:.1f}" for s in row.values()) + " |")
-    if args.json:
-        from lm import provenance
-
-        record = {"provenance": provenance.record(argv, __file__), "preset": args.preset, "platform": args.platform,
-                  "svd": args.svd, "refresh_by_shape": args.refresh_by_shape, "stacked": args.stacked,
-                  "seconds": out}  # fmt: skip
-        pathlib.Path(args.json).write_text(json.dumps(record, indent=1))
+    _save(args, argv, stacked=args.stacked, seconds=out)
     return out
 
 
@@ -160,14 +154,18 @@ def _steps(args: argparse.Namespace, argv: list[str] | None) -> dict:
     for name, row in out.items():
         cells = [f"{r['seconds']:.1f} ({(r['peak_bytes'] or float('nan')) / 2**30:.2f})" for r in row.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    _save(args, argv, step=True, tokens=[1, 256], steps=out)
+    return out
+
+
+def _save(args: argparse.Namespace, argv: list[str] | None, **figures: Any) -> None:
+    """With ``--json FILE``: the figures, the run's settings and their provenance."""
     if args.json:
         from lm import provenance
 
         record = {"provenance": provenance.record(argv, __file__), "preset": args.preset, "platform": args.platform,
-                  "svd": args.svd, "refresh_by_shape": args.refresh_by_shape, "step": True, "tokens": [1, 256],
-                  "steps": out}  # fmt: skip
+                  "svd": args.svd, "refresh_by_shape": args.refresh_by_shape, **figures}  # fmt: skip
         pathlib.Path(args.json).write_text(json.dumps(record, indent=1))
-    return out
 
 
 if __name__ == "__main__":

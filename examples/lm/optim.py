@@ -50,13 +50,12 @@ def make_optimizer(
     "mlp/" is a stack of matrices over its last two axes, one per layer of the scanned model (or
     one matrix, for a layer's slice in per-layer updates); the stacked norm scales ("attn_norm",
     2-D but not matrices), the embedding and the head get the subspace optimizer's plain Adam."""
-    mask, axes = None, TARGET_AXES
     decay_mask = fira_jax.mask_by_path(*DECAY_MODULES)
     if name == "adamw":
         return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=decay_mask)
     if name in APOLLO_SCALES:
-        common = {"update_proj_gap": update_proj_gap, "weight_decay": weight_decay, "gamma": gamma, "mask": mask,
-                  "weight_decay_mask": decay_mask, "axes": axes,
+        common = {"update_proj_gap": update_proj_gap, "weight_decay": weight_decay, "gamma": gamma,
+                  "weight_decay_mask": decay_mask, "axes": TARGET_AXES,
                   "scale": APOLLO_SCALES[name] if apollo_scale is None else apollo_scale}  # fmt: skip
         if name == "apollo-mini":
             return fira_jax.apollo_mini(learning_rate, **common)
@@ -64,7 +63,7 @@ def make_optimizer(
     if name == "galore":
         return fira_jax.galore(
             learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
-            mask=mask, weight_decay_mask=decay_mask, svd=svd, refresh_by_shape=refresh_by_shape, axes=axes,
+            weight_decay_mask=decay_mask, svd=svd, refresh_by_shape=refresh_by_shape, axes=TARGET_AXES,
         )  # fmt: skip
     if name != "fira":
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
@@ -75,8 +74,8 @@ def make_optimizer(
         gamma = float("inf")
     tx = fira_jax.fira(
         learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
-        gamma=gamma, mask=mask, granularity=granularity, weight_decay_mask=decay_mask, svd=svd,
-        refresh_by_shape=refresh_by_shape, axes=axes,
+        gamma=gamma, granularity=granularity, weight_decay_mask=decay_mask, svd=svd,
+        refresh_by_shape=refresh_by_shape, axes=TARGET_AXES,
     )  # fmt: skip
     if ablation == "grad-clip":
         tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
