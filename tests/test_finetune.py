@@ -135,25 +135,37 @@ def test_batched_loglik_scores_equal_one_sequence_at_a_time():
 
 
 def test_demonstration_tables_and_reuse(tmp_path, monkeypatch):
-    """The CPU demonstration end to end on a tiny budget, then a rerun that trains nothing."""
+    """The CPU demonstration end to end on a tiny budget, both tasks, a learning-rate grid chosen on
+    validation loss, paired differences; then a rerun that trains nothing."""
     import finetune_demo
 
+    monkeypatch.setattr(finetune_demo, "GRID", {**finetune_demo.GRID, "lora": (1e-3, 3e-2), "lora-fira": (3e-3,)})
     flags = ["--preset", "micro", "--pretrain-steps", "1", "--steps", "2", "--batch-size", "2", "--train-examples", "8",
-             "--test-examples", "6", "--methods", "fira", "lora", "--seeds", "0", "1", "--baseline-seeds", "0",
+             "--test-examples", "6", "--methods", "lora-fira", "lora", "--seeds", "0", "1", "--lr-grid",
              "--cache", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]  # fmt: skip
-    results = finetune_demo.main(flags)
-    assert [len(results["fira"]), len(results["lora"])] == [2, 1]
-    page = (tmp_path / "finetune.md").read_text()
-    rows = [line for line in page.splitlines() if line.startswith("| ")]
-    lrs = finetune_demo.LRS
-    assert rows[0].startswith("| method | lr |") and rows[1].startswith(f"| fira | {lrs['fira']} | ")
-    assert rows[2].startswith(f"| lora | {lrs['lora']} | ") and "±" in rows[1] and "±" not in rows[2]
-    assert rows[3].startswith(f"| {finetune_demo.CONTROL} | {lrs['full-adamw']} | ")  # from a random init
+    tasks = finetune_demo.main(flags)
+    assert list(tasks) == ["called", "operator"]
     saved = json.loads((tmp_path / "finetune.json").read_text())
-    accuracies = [r["accuracy/test"] for r in saved["runs"]["fira"]]
-    assert all(a in {k / 6 for k in range(7)} for a in accuracies)  # 6 test lines
+    page = (tmp_path / "finetune.md").read_text()
+    for task, t in tasks.items():
+        assert [len(t["runs"]["lora-fira"]), len(t["runs"]["lora"]), len(t["runs"][finetune_demo.CONTROL])] == [2, 2, 1]
+        # The grid: every rate on seed 0, and the chosen one is that of lowest validation loss.
+        grid = saved["tasks"][task]["grid"]["lora"]
+        assert sorted(grid) == ["0.001", "0.03"]
+        best = min(grid, key=lambda lr: grid[lr]["final_val_loss"])
+        assert [r["flags"][r["flags"].index("--lr") + 1] for r in t["runs"]["lora"]] == [best] * 2
+        # The paired difference, recomputed from the runs (NumPy, and the t quantile for 1 degree of freedom).
+        acc = {m: np.array([r["accuracy/test"] for r in t["runs"][m]]) for m in ("lora-fira", "lora")}
+        d = acc["lora-fira"] - acc["lora"]
+        row = t["paired"]["lora-fira - lora"]
+        np.testing.assert_allclose(row["diff"], d)
+        half = 12.706205 * d.std(ddof=1) / np.sqrt(2)
+        np.testing.assert_allclose([row["lo"], row["hi"]], [d.mean() - half, d.mean() + half], atol=1e-6)
+        assert all(a in {k / 6 for k in range(7)} for a in acc["lora"])  # 6 test lines
+        assert json.loads((tmp_path / "runs" / task / "test.json").read_text()) != []
+        assert f"({task})" in page
+    assert "| lora-fira - lora | " in page and "(chosen)" in page
     assert (tmp_path / "finetune.png").stat().st_size > 0
-    assert json.loads((tmp_path / "runs" / "test.json").read_text()) != []
     assert finetune_demo.render(saved) == page  # the page is a function of the JSON
     assert saved["provenance"]["command"].startswith("python examples/finetune_demo.py --preset micro")
 
@@ -163,7 +175,18 @@ def test_demonstration_tables_and_reuse(tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "main", no_training)
     (tmp_path / "finetune.md").unlink()
     finetune_demo.main(flags)
-    assert (tmp_path / "finetune.md").read_text().split("| method")[1] == page.split("| method")[1]
+    assert (tmp_path / "finetune.md").read_text().split("| method")[1:] == page.split("| method")[1:]
+
+
+def test_demonstration_usage_errors(capsys):
+    import finetune_demo
+
+    for flags, message in ((["--lr-grid", "--seeds", "1"], "--seeds must include 0"),
+                           (["--lr-grid", "--lr", "0.1"], "not allowed with argument"),
+                           (["--tasks", "nope"], "invalid choice: 'nope'")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            finetune_demo.main(flags)
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", finetune.METHODS)
