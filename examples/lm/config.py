@@ -152,6 +152,8 @@ class FinetuneConfig:
     lora_dropout: float = _field(0.05, "dropout on the LoRA adapters' input")
     # run
     eval_every: int = _field(50, "validate every this many steps")
+    log_every: int = _field(10, "log the running training loss every this many steps (the host waits on the "
+                                "device only then)")  # fmt: skip
     checkpoint_every: int = _field(0, "save an orbax checkpoint every this many steps; 0: never")
     resume: bool = _field(False, "continue from the latest checkpoint in --out")
     seed: int = _field(0, "seed of the data order and of LoRA's initialization")

@@ -1,4 +1,5 @@
-"""The training loop: jitted steps, periodic validation, metrics, checkpoints, devices, hosts.
+"""Pre-training: the model, data, optimizer, mesh and checkpoints that the shared loop
+(``lm/loop.py``) runs; devices and hosts.
 
 ``train(config)`` runs one optimizer on one model and returns its results; ``train_lm.py`` is
 its command line and ``compare.py`` calls it for each optimizer and learning rate.
@@ -13,7 +14,6 @@ import dataclasses
 import math
 import os
 import pathlib
-import time
 from typing import Any
 
 import jax
@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lm import checkpoints, files, optim, runlog
+from lm import checkpoints, files, loop, optim, runlog
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import prepare as prepare_lib
@@ -191,7 +191,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
 
     def evaluate() -> float:
         losses = [eval_step(model, _global_batch(b[micro_rows], val_sharding, val_shape)) for b in val]
-        return float(np.mean([float(x) for x in losses]))
+        return float(jnp.mean(jnp.stack(losses)))  # one wait, after every batch is dispatched
 
     mcfg = model_config(cfg, vocab)
     flops_token = flops_per_token(mcfg, cfg.seq_len)
@@ -215,53 +215,37 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     def bits_per_byte(nats_per_token: float) -> float:
         return nats_per_token / bpt / math.log(2)
 
-    records: list[dict] = []
-    step_times: list[float] = []
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    t_start = time.perf_counter()
+
+    def batch(step: int) -> jax.Array:
+        local = batches(step, train_rows).reshape(*train_shape[:-2], -1, cfg.seq_len + 1)
+        return _global_batch(local, batch_sharding, train_shape)
+
+    def throughput(step_s: float) -> dict[str, float]:
+        fields = {"tokens_per_s": tokens_per_step / step_s}
+        return fields | ({"mfu": flops_token * tokens_per_step / step_s / (peak * n)} if peak else {})
+
+    def validation() -> dict[str, float]:
+        val_loss = evaluate()
+        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": bits_per_byte(val_loss)}
+
+    def checkpoint(step: int, wall: float) -> None:
+        checkpoints.save(manager, step, cfg.checkpoint_every, model, optimizer, run_config, wall)
+
     with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log) as run:
-        running = []
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            local = batches(step, train_rows).reshape(*train_shape[:-2], -1, cfg.seq_len + 1)
-            loss = step_lib.run_step(train_step, model, optimizer, _global_batch(local, batch_sharding, train_shape))
-            running.append(loss)
-            last = step + 1 == cfg.steps
-            if (step + 1) % cfg.log_every == 0 or last or (step + 1) % cfg.eval_every == 0:
-                train_loss = float(np.mean([float(x) for x in running]))
-                running = []
-                median = float(np.median(step_times)) if step_times else float("nan")
-                elapsed = wall_before + time.perf_counter() - t_start  # the whole run's, resumed parts summed
-                record = {"step": step + 1, "train_loss": train_loss, "time": elapsed,
-                          "tokens_per_s": tokens_per_step / median if step_times else None}  # fmt: skip
-                if peak and step_times:
-                    record["mfu"] = flops_token * tokens_per_step / median / (peak * n)
-                if (step + 1) % cfg.eval_every == 0 or last:
-                    val_loss = evaluate()
-                    record |= {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": bits_per_byte(val_loss)}
-                    run.say(
-                        f"step {step + 1}: train {train_loss:.4f}  val {val_loss:.4f} nats/token  "
-                        f"ppl {math.exp(val_loss):.2f}  {bits_per_byte(val_loss):.3f} bits/byte"
-                    )
-                finite = run.finite(step + 1, train_loss)
-                records.append(record)
-                run.write(record, loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
-                if not finite:
-                    break
-            else:
-                jax.block_until_ready(loss)
-            step_times.append(time.perf_counter() - t0)
-            run.advance()
-            checkpoints.save(manager, step + 1, cfg.checkpoint_every, model, optimizer, run_config,
-                             wall_before + time.perf_counter() - t_start)  # fmt: skip
-        records = run.earlier + records  # a resumed run's records continue its first part's
+        result = loop.run(
+            run, lambda b: step_lib.run_step(train_step, model, optimizer, b), batch, start_step, cfg.steps,
+            log_every=cfg.log_every, eval_every=cfg.eval_every, evaluate=validation, checkpoint=checkpoint,
+            throughput=throughput, wall_before=wall_before,
+        )  # fmt: skip
+        records = run.earlier + result.records  # a resumed run's records continue its first part's
     checkpoints.close(manager)
     if cfg.export:
         export(model, cfg.export, fallback=out / "export")
-    wall = wall_before + time.perf_counter() - t_start
     memory = devices[0].memory_stats() if devices[0].platform != "cpu" else None
     final = next((r for r in reversed(records) if "val_loss" in r), {"val_loss": float("nan")})
-    median_step = float(np.median(step_times[1:] if len(step_times) > 1 else step_times or [float("nan")]))
+    median_step = result.median_step_s
+    wall = result.wall_s
     return {
         "optimizer": cfg.optimizer,
         "preset": cfg.preset,
