@@ -4,8 +4,9 @@
 ``train(config)`` runs one optimizer on one model and returns its results; ``train_lm.py`` is
 its command line and ``compare.py`` calls it for each optimizer and learning rate.
 
-Many devices: the batch is sharded over a one-axis ``data`` mesh of every device of every
-process; ``mesh="fsdp"`` also shards each parameter's largest divisible axis. Many processes:
+Many devices: a mesh of every device of every process with the axes ``data``, ``fsdp`` and
+``tensor`` (``--mesh``); the batch's rows are sharded over ``data`` x ``fsdp``, and each
+parameter by its logical axes (``lm/sharding.py``'s one table). Many processes:
 each process reads only its rows of each global batch (``jax.make_array_from_process_local_data``),
 every process runs the same steps, and only process 0 writes metrics, plots and logs.
 """
@@ -22,12 +23,12 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from lm import checkpoints, files, loop, optim, runlog
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import prepare as prepare_lib
+from lm import sharding as sharding_lib
 from lm import step as step_lib
 from lm.config import TrainConfig
 
@@ -52,18 +53,6 @@ def maybe_initialize_distributed(cfg: TrainConfig | None = None) -> None:
         jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     else:
         jax.distributed.initialize()
-
-
-def _param_spec(path: tuple, x: jax.Array, n: int) -> P:
-    """FSDP-style: shard the largest axis divisible by the device count, else replicate; never the
-    layer axis of the scanned blocks' leaves (each scan step reads one layer whole)."""
-    first = 1 if path and getattr(path[0], "key", None) == "layers" else 0
-    for axis in sorted(range(first, x.ndim), key=lambda a: -x.shape[a]):
-        if x.shape[axis] % n == 0:
-            spec = [None] * x.ndim
-            spec[axis] = "data"
-            return P(*spec)
-    return P()
 
 
 def state_mib(tree: Any) -> float:
@@ -143,15 +132,17 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
 
     devices = jax.devices()
     n = len(devices)
-    if micro % n:
-        raise ValueError(f"--batch-size / --grad-accum = {micro} must be divisible by the {n} devices")
-    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    val_sharding = NamedSharding(mesh, P("data"))
+    mesh = sharding_lib.make_mesh(sharding_lib.parse_mesh(cfg.mesh, n), devices)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro % rows:
+        raise sharding_lib.MeshError(f"--batch-size / --grad-accum = {micro} must be divisible by the mesh's data x "
+                                     f"fsdp = {rows} devices")  # fmt: skip
+    val_sharding = sharding_lib.batch_sharding(mesh)
     val_shape = (micro, cfg.seq_len + 1)
     if cfg.grad_accum == 1:  # (row, token)
         batch_sharding, train_shape = val_sharding, val_shape
     else:  # (accumulation step, row, token)
-        batch_sharding = NamedSharding(mesh, P(None, "data"))
+        batch_sharding = sharding_lib.batch_sharding(mesh, leading=1)
         train_shape = (cfg.grad_accum, micro, cfg.seq_len + 1)
     micro_rows = _process_rows(val_sharding, val_shape)  # a micro-batch is sharded like a validation batch
     # This process's rows of the global batch: its rows of each accumulation step's micro-batch.
@@ -160,11 +151,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
 
     model, tx = build(cfg, vocab, corpus.meta.get("separator"))  # documents end with the separator
     params = nnx.state(model, nnx.Param)
-    if cfg.mesh == "fsdp":
-        specs = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, _param_spec(path, x, n)), params)
-    else:
-        specs = jax.tree.map(lambda x: NamedSharding(mesh, P()), params)
-    nnx.update(model, _place(params, specs))
+    nnx.update(model, _place(params, sharding_lib.param_shardings(params, mesh)))
     if cfg.per_layer_updates:  # one optimizer per stage, each stage's update applied in the backward pass
         optimizer = step_lib.LayerwiseOptimizer(model, tx, model_lib.stages)
         train_step = step_lib.make_layerwise_train_step(model_lib.stages)
