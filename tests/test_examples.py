@@ -221,6 +221,50 @@ def test_meshes_train_alike_on_8_simulated_devices(tmp_path):
     assert one <= total / 2, state
 
 
+# On 8 simulated devices: the tiny preset initialized sharded, against one device, jitted and eager.
+_SHARDED_INIT = """
+import sys
+sys.path.insert(0, {examples!r})
+import jax, numpy as np
+from flax import nnx
+from lm import model as model_lib, sharding
+make = lambda: model_lib.LLaMA(model_lib.PRESETS["tiny"], rngs=nnx.Rngs(0))
+mesh = sharding.make_mesh(sharding.parse_mesh("data=2,fsdp=2,tensor=2", 8), jax.devices())
+sharded = jax.tree.leaves(nnx.state(sharding.init_sharded(make, mesh), nnx.Param))
+assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in sharded)
+one = jax.tree.leaves(jax.jit(lambda: nnx.state(make(), nnx.Param))())
+eager = jax.tree.leaves(nnx.state(make(), nnx.Param))
+print("JIT", all(np.array_equal(a, b) for a, b in zip(sharded, one, strict=True)))
+ulps = max(float(np.max(np.abs(np.asarray(a) - b) / np.spacing(np.abs(b)))) for a, b in zip(sharded, eager))
+print("EAGER_ULPS", ulps)
+"""
+
+
+def test_sharded_initialization_holds_one_shard_per_device(tmp_path):
+    """The 7b preset (24 GiB in float32) initialized on 8 simulated devices
+    (benchmarks/init_memory.py): the compiled program's output is one shard per device, its
+    temporaries at most a quarter of that (compiler analysis, nothing allocated). A tiny model
+    initialized sharded on (2,2,2) is the model the same program makes on one device, bit for bit,
+    and the eager one within one ulp."""
+    import os
+    import subprocess
+
+    script = EXAMPLES.parent / "benchmarks" / "init_memory.py"
+    proc = subprocess.run([sys.executable, str(script), "--preset", "7b", "--devices", "8", "--json",
+                           str(tmp_path / "init.json")], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads((tmp_path / "init.json").read_text())
+    total, output, temp = found["model_bytes"], found["output_bytes"], found["temp_bytes"]
+    assert total > 24 * 2**30 and abs(output - total / 8) <= 0.001 * total / 8, (total, output)
+    assert temp <= 0.25 * output, (temp, output)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_INIT.format(examples=str(EXAMPLES))], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+    assert found["JIT"] == ["True"] and float(found["EAGER_ULPS"][0]) <= 1.0
+
+
 def test_logical_axes_map_to_the_mesh_by_one_table():
     """Every parameter of the model (and of its LoRA adapters) has logical axis names; RULES place
     them: the layer axis never sharded, embed on fsdp, heads / mlp / vocab on tensor; an axis that

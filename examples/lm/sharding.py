@@ -14,8 +14,11 @@ matrix side they span).
 """
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -91,3 +94,15 @@ def param_shardings(params: object, mesh: jax.sharding.Mesh) -> object:
 def batch_sharding(mesh: jax.sharding.Mesh, leading: int = 0) -> NamedSharding:
     """Rows over ``data`` x ``fsdp``, after ``leading`` unsharded axes (the accumulation steps)."""
     return NamedSharding(mesh, P(*([None] * leading), BATCH))
+
+
+def init_sharded(make: Callable[[], Any], mesh: jax.sharding.Mesh) -> Any:
+    """The module ``make()`` builds, initialized under ``jax.jit`` straight into its parameters'
+    shardings (:func:`param_shardings`), so that no device ever holds more than its shards and the
+    random numbers of the shards it makes (the compiler partitions the random number generator,
+    ``jax_threefry_partitionable``). ``make`` is traced abstractly first for the shardings; it must
+    make only ``nnx.Param`` s.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=param_shardings(state, mesh))()
+    return nnx.merge(graphdef, state)

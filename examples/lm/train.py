@@ -64,12 +64,22 @@ def model_config(cfg: TrainConfig, vocab_size: int, eos_token_id: int | None = N
     return dataclasses.replace(model_lib.PRESETS[cfg.preset], vocab_size=vocab_size, eos_token_id=eos_token_id)
 
 
-def build(cfg: TrainConfig, vocab_size: int = 256,
-          eos_token_id: int | None = None) -> tuple[model_lib.LLaMA, optax.GradientTransformation]:  # fmt: skip
-    """The model (initialized from ``cfg.seed``) and the optimizer with its schedule."""
+def build(cfg: TrainConfig, vocab_size: int = 256, eos_token_id: int | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> tuple[model_lib.LLaMA, optax.GradientTransformation]:  # fmt: skip
+    """The model (initialized from ``cfg.seed``) and the optimizer with its schedule.
+
+    With a ``mesh`` of several devices the model is initialized under ``jax.jit`` straight into its
+    shardings (``lm.sharding.init_sharded``: no device holds more than its shards); else eagerly,
+    on one device. The two agree within one float32 ulp (the compiled random-number program rounds
+    a few values differently from the eager one); the jitted one is the same on any mesh, bit for bit.
+    """
     dtype, param_dtype = (jnp.dtype(name) for name in (cfg.dtype, cfg.param_dtype))
     mcfg = model_config(cfg, vocab_size, eos_token_id)
-    model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed), remat=cfg.remat)
+
+    def make() -> model_lib.LLaMA:
+        return model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed), remat=cfg.remat)
+
+    model = sharding_lib.init_sharded(make, mesh) if mesh is not None and mesh.size > 1 else make()
     sched = optim.schedule(cfg.lr, cfg.steps, cfg.resolved_warmup())
     tx = optim.make_optimizer(
         cfg.optimizer, sched, rank=cfg.resolved_rank(), scale=cfg.scale, update_proj_gap=cfg.update_proj_gap,
@@ -149,9 +159,10 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     train_rows = np.concatenate([np.arange(a * micro + micro_rows.start, a * micro + micro_rows.stop)
                                  for a in range(cfg.grad_accum)])  # fmt: skip
 
-    model, tx = build(cfg, vocab, corpus.meta.get("separator"))  # documents end with the separator
+    model, tx = build(cfg, vocab, corpus.meta.get("separator"), mesh)  # documents end with the separator
     params = nnx.state(model, nnx.Param)
-    nnx.update(model, _place(params, sharding_lib.param_shardings(params, mesh)))
+    if mesh.size == 1:
+        nnx.update(model, _place(params, sharding_lib.param_shardings(params, mesh)))
     if cfg.per_layer_updates:  # one optimizer per stage, each stage's update applied in the backward pass
         optimizer = step_lib.LayerwiseOptimizer(model, tx, model_lib.stages)
         train_step = step_lib.make_layerwise_train_step(model_lib.stages)
