@@ -29,7 +29,6 @@ import json
 import math
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from lm import checkpoints, files, hf, instruct, lora, optim, runlog
+from lm import checkpoints, files, hf, instruct, loop, lora, optim, runlog
 from lm import config as config_lib
 from lm import data as data_lib
 from lm import step as step_lib
@@ -70,8 +69,8 @@ def make_optimizer(method: str, model: nnx.Module, schedule: optax.Schedule, arg
 
 
 # Settings a resumed run may change: where it writes, what it evaluates, how often it reports.
-RESUMABLE_CHANGES = ("out", "export", "eval", "eval_mode", "eval_every", "checkpoint_every", "resume", "progress",
-                     "checkpoint", "tokenizer", "data", "remat")  # fmt: skip
+RESUMABLE_CHANGES = ("out", "export", "eval", "eval_mode", "eval_every", "log_every", "checkpoint_every", "resume",
+                     "progress", "checkpoint", "tokenizer", "data", "remat")  # fmt: skip
 
 
 def resume_record(args: config_lib.FinetuneConfig, n_records: int, vocabulary: int) -> dict:
@@ -92,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     p = parser()
     args = config_lib.from_args(p.parse_args(argv), config_lib.FinetuneConfig)
-    for name in ("batch_size", "cutoff", "rank", "lora_rank", "update_proj_gap", "eval_every"):
+    for name in ("batch_size", "cutoff", "rank", "lora_rank", "update_proj_gap", "eval_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.epochs > 0 or not args.lr > 0:
@@ -172,33 +171,34 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         return float(np.mean(losses)) if losses else float("nan")
 
-    rng, t0 = np.random.default_rng(args.seed), time.perf_counter()
-    order = np.array([], int)
+    # The data order: the seed's permutations of the training examples, one after another, cut
+    # into batches (a resumed run replays it to its checkpoint's step).
+    rng = np.random.default_rng(args.seed)
+    n = args.batch_size
+    order = [rng.permutation(len(train)) for _ in range(-(-steps * n // len(train)))] if steps else []
+    order = np.concatenate(order) if order else np.array([], int)
+
+    def batch(step: int) -> tuple[jax.Array, jax.Array]:
+        return padded([train[i] for i in order[step * n : (step + 1) * n]])
+
+    def validation() -> dict[str, float]:
+        val_loss = validate()
+        model.train()
+        return {"val_loss": val_loss}
+
+    def checkpoint(step: int, wall: float) -> None:
+        checkpoints.save(manager, step, args.checkpoint_every, model, optimizer, run_config, wall)
+
     with runlog.RunLog(out, steps, start, progress=args.progress) as run:
-        records_out = run.earlier  # a resumed run's records continue its first part's
-        for step in range(steps):
-            if len(order) < args.batch_size:
-                order = np.concatenate([order, rng.permutation(len(train))])
-            idx, order = order[: args.batch_size], order[args.batch_size :]
-            if step < start:  # resumed: the data order is replayed, the steps are not
-                continue
-            loss = float(step_lib.run_step(train_step, model, optimizer, *padded([train[i] for i in idx])))
-            record = {"step": step + 1, "train_loss": loss}
-            if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-                record["val_loss"] = validate()
-                model.train()
-                run.say(f"step {step + 1}: train {loss:.4f}  val {record['val_loss']:.4f} nats/token")
-            finite = run.finite(step + 1, loss)
-            records_out.append(record)
-            run.write(record, loss=f"{loss:.3f}")
-            if not finite:
-                break
-            run.advance()
-            checkpoints.save(manager, step + 1, args.checkpoint_every, model, optimizer, run_config,
-                             wall_before + time.perf_counter() - t0)  # fmt: skip
+        result = loop.run(
+            run, lambda b: step_lib.run_step(train_step, model, optimizer, *b), batch, start, steps,
+            log_every=args.log_every, eval_every=args.eval_every, evaluate=validation, checkpoint=checkpoint,
+            wall_before=wall_before,
+        )  # fmt: skip
+        records_out = run.earlier + result.records  # a resumed run's records continue its first part's
     checkpoints.close(manager)
     model.eval()
-    wall = wall_before + time.perf_counter() - t0  # the whole run's, resumed parts summed
+    wall = result.wall_s  # the whole run's, resumed parts summed
     summary = {"method": args.method, "trainable_params": trainable, "optimizer_state_mib": opt_mib, "steps": steps,
                "wall_s": wall, "final_val_loss": validate() if val else None}  # fmt: skip
     for name, task in tasks.items():

@@ -2,7 +2,8 @@
 
 With no arguments: the ``tiny`` preset, Fira, on the Python standard library's sources read as
 bytes, in a few minutes on a laptop CPU. The same command runs unchanged on GPU/TPU and on
-several devices (data parallel; ``--mesh fsdp`` also shards the parameters).
+several devices (``--mesh``: by default every device shards the batch and the parameters;
+``--mesh data=2,fsdp=2,tensor=2`` adds data and tensor parallelism).
 
   python examples/train_lm.py                                   # tiny, Fira, built-in corpus
   python examples/train_lm.py --optimizer adamw --lr 1e-3
@@ -26,6 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from lm import checkpoints, files
 from lm import config as config_lib
 from lm import data as data_lib
+from lm import sharding as sharding_lib
 from lm import tokenizer as tokenizer_lib
 from lm.train import TrainConfig, maybe_initialize_distributed, plot, train
 
@@ -52,14 +54,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Arg
 def main(argv: list[str] | None = None) -> dict:
     cfg, parser = parse_args(argv)
     maybe_initialize_distributed(cfg)
-    if cfg.batch_size // cfg.grad_accum % jax.device_count():
+    try:
+        sizes = sharding_lib.parse_mesh(cfg.mesh, jax.device_count())
+    except sharding_lib.MeshError as e:
+        parser.error(str(e))
+    rows = sizes["data"] * sizes["fsdp"]
+    if cfg.batch_size // cfg.grad_accum % rows:
         parser.error(
-            f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} must be divisible by the "
-            f"{jax.device_count()} devices"
+            f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} must be divisible by the mesh's "
+            f"data x fsdp = {rows} devices"
         )
     try:
         result = train(cfg)
-    except (data_lib.DataError, tokenizer_lib.TokenizerError, files.OutputError, checkpoints.CheckpointError) as e:
+    except (data_lib.DataError, tokenizer_lib.TokenizerError, files.OutputError, checkpoints.CheckpointError,
+            sharding_lib.MeshError) as e:  # fmt: skip
         parser.error(str(e))  # a one-line usage error, not a traceback
     if jax.process_index() != 0:
         return result

@@ -63,6 +63,7 @@ MARKERS = {
     "test_finetune": ("examples",),
     "test_hf": ("examples", "parity"),
     "test_lora": ("examples",),
+    "test_loop": ("examples",),
     "test_memory_report": ("examples",),
     "test_multihost": ("examples", "slow"),
     "test_pytasks": ("examples",),

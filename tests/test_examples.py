@@ -1,6 +1,5 @@
 """Smoke tests of the Flax LM example: one step of train_lm on a micro model, the data formats."""
 
-import dataclasses
 import functools
 import gzip
 import json
@@ -159,57 +158,150 @@ def test_rank_correlations_match_definitions():
     assert similarity.kendall_tau_b(a, b) == pytest.approx(tau_b, rel=1e-12)
 
 
-def test_train_lm_fsdp_on_8_simulated_devices(tmp_path):
-    """The example shards batch and parameters over 8 devices (a subprocess: the device count is set at start)."""
+# Trains the micro preset on 8 simulated devices with each mesh of argv[2:] ("MESH" or "MESH+per-layer")
+# into argv[1]/MESH, and prints the optimizer state's bytes on one device against its total.
+_MESH_RUNS = """
+import json, pathlib, sys
+sys.path.insert(0, {examples!r})
+import jax
+from flax import nnx
+import train_lm
+from lm import sharding, train
+flags = {flags!r}
+for spec in sys.argv[2:]:
+    mesh_spec, per_layer = spec.split("+")[0], spec.endswith("+per-layer")
+    out = pathlib.Path(sys.argv[1]) / spec
+    train_lm.main([*flags, "--mesh", mesh_spec, "--out", str(out)] + ["--per-layer-updates"] * per_layer)
+    cfg = train.TrainConfig(preset="micro", rank=4, mesh=mesh_spec)
+    model, tx = train.build(cfg)
+    mesh = sharding.make_mesh(sharding.parse_mesh(mesh_spec, jax.device_count()), jax.devices())
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.device_put(params, sharding.param_shardings(params, mesh)))
+    state = jax.tree.leaves(nnx.state(nnx.Optimizer(model, tx, wrt=nnx.Param)).filter(nnx.OptState))
+    one = sum(x.addressable_shards[0].data.nbytes for x in state)
+    print("STATE", spec, one, sum(x.nbytes for x in state))
+"""
+
+
+def test_meshes_train_alike_on_8_simulated_devices(tmp_path):
+    """The example on meshes (data, fsdp, tensor) = (8,1,1), (2,4,1), (2,2,2) and (2,2,2)
+    with per-layer updates gives the losses of one device, step by step (sharding reorders
+    reductions only), and the optimizer's state follows the parameters: on (2,2,2) one device holds
+    at most half of it, on (8,1,1) all of it. (A subprocess: the device count is set at start.)"""
     import os
     import subprocess
 
+    flags = ["--preset", "micro", "--steps", "3", "--batch-size", "8", "--seq-len", "16", "--eval-every", "3",
+             "--eval-batches", "1", "--log-every", "1", "--rank", "4", "--update-proj-gap", "2",
+             "--no-progress"]  # fmt: skip
+    meshes = ["data", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2", "data=2,fsdp=2,tensor=2+per-layer"]
+    code = _MESH_RUNS.format(examples=str(EXAMPLES), flags=flags)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, str(EXAMPLES / "train_lm.py"), "--preset", "micro", "--steps", "2", "--batch-size", "8",
-           "--seq-len", "16", "--eval-batches", "1", "--rank", "4", "--mesh", "fsdp", "--no-progress",
-           "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), *meshes], capture_output=True, text=True,
+                          env=env, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 cpu device(s)" in proc.stdout
-    final = json.loads((tmp_path / "summary.json").read_text())["final_val_loss"]
-    assert np.isfinite(final)
-    # Per-layer updates on the sharded model: one optimizer per stage, the same training.
-    cmd[cmd.index("--out") + 1] = str(tmp_path / "per_layer")
-    proc = subprocess.run([*cmd, "--per-layer-updates"], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    per_layer = json.loads((tmp_path / "per_layer" / "summary.json").read_text())["final_val_loss"]
-    assert per_layer == pytest.approx(final, rel=1e-5)
-    # The same run on one device, unsharded: the same losses (sharding reorders reductions only).
-    one = [a for a in cmd if a not in ("--mesh", "fsdp")]
-    one[one.index("--out") + 1] = str(tmp_path / "one_device")
     env_one = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(one, capture_output=True, text=True, env=env_one, timeout=600)
+    proc_one = subprocess.run([sys.executable, str(EXAMPLES / "train_lm.py"), *flags, "--out", str(tmp_path / "one")],
+                              capture_output=True, text=True, env=env_one, timeout=600)  # fmt: skip
+    assert proc_one.returncode == 0, proc_one.stderr[-3000:]
+    assert "1 cpu device(s)" in proc_one.stdout
+
+    def losses(run):
+        records = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["train_loss"] for r in records] + [records[-1]["val_loss"]]
+
+    reference = losses("one")
+    for mesh in meshes:
+        np.testing.assert_allclose(losses(mesh), reference, rtol=1e-5, err_msg=mesh)
+    state = {line.split()[1]: [int(v) for v in line.split()[2:]] for line in proc.stdout.splitlines()
+             if line.startswith("STATE")}  # fmt: skip
+    assert state["data"][0] == state["data"][1]  # replicated
+    one, total = state["data=2,fsdp=2,tensor=2"]
+    assert one <= total / 2, state
+
+
+# On 8 simulated devices: the tiny preset initialized sharded, against one device, jitted and eager.
+_SHARDED_INIT = """
+import sys
+sys.path.insert(0, {examples!r})
+import jax, numpy as np
+from flax import nnx
+from lm import model as model_lib, sharding
+make = lambda: model_lib.LLaMA(model_lib.PRESETS["tiny"], rngs=nnx.Rngs(0))
+mesh = sharding.make_mesh(sharding.parse_mesh("data=2,fsdp=2,tensor=2", 8), jax.devices())
+sharded = jax.tree.leaves(nnx.state(sharding.init_sharded(make, mesh), nnx.Param))
+assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in sharded)
+one = jax.tree.leaves(jax.jit(lambda: nnx.state(make(), nnx.Param))())
+eager = jax.tree.leaves(nnx.state(make(), nnx.Param))
+print("JIT", all(np.array_equal(a, b) for a, b in zip(sharded, one, strict=True)))
+ulps = max(float(np.max(np.abs(np.asarray(a) - b) / np.spacing(np.abs(b)))) for a, b in zip(sharded, eager))
+print("EAGER_ULPS", ulps)
+"""
+
+
+def test_sharded_initialization_holds_one_shard_per_device(tmp_path):
+    """The 7b preset (24 GiB in float32) initialized on 8 simulated devices
+    (benchmarks/init_memory.py): the compiled program's output is one shard per device, its
+    temporaries at most a quarter of that (compiler analysis, nothing allocated). A tiny model
+    initialized sharded on (2,2,2) is the model the same program makes on one device, bit for bit,
+    and the eager one within one ulp."""
+    import os
+    import subprocess
+
+    script = EXAMPLES.parent / "benchmarks" / "init_memory.py"
+    proc = subprocess.run([sys.executable, str(script), "--preset", "7b", "--devices", "8", "--json",
+                           str(tmp_path / "init.json")], capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "1 cpu device(s)" in proc.stdout
-    unsharded = json.loads((tmp_path / "one_device" / "summary.json").read_text())["final_val_loss"]
-    assert unsharded == pytest.approx(final, rel=1e-5)
+    found = json.loads((tmp_path / "init.json").read_text())
+    total, output, temp = found["model_bytes"], found["output_bytes"], found["temp_bytes"]
+    assert total > 24 * 2**30 and abs(output - total / 8) <= 0.001 * total / 8, (total, output)
+    assert temp <= 0.25 * output, (temp, output)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_INIT.format(examples=str(EXAMPLES))], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+    assert found["JIT"] == ["True"] and float(found["EAGER_ULPS"][0]) <= 1.0
 
 
-def test_fsdp_never_shards_the_layer_axis():
-    """The scanned blocks' leaves are (layers, ...) and each scan step reads one layer whole, so
-    FSDP never shards the layer axis: with 3 devices and 3 layers (no other axis divisible by 3),
-    the blocks' leaves stay replicated, where any other leaf of that shape would be sharded."""
+def test_logical_axes_map_to_the_mesh_by_one_table():
+    """Every parameter of the model (and of its LoRA adapters) has logical axis names; RULES place
+    them: the layer axis never sharded, embed on fsdp, heads / mlp / vocab on tensor; an axis that
+    does not divide its mesh axis is an error naming the parameter; a mesh spec is checked."""
     import jax
     from flax import nnx
+    from jax.sharding import AbstractMesh
+    from lm import lora, sharding
     from lm import model as model_lib
-    from lm import train as train_lib
 
-    cfg = dataclasses.replace(model_lib.PRESETS["micro"], layers=3)
-    params = nnx.state(nnx.eval_shape(lambda: model_lib.LLaMA(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    specs = jax.tree_util.tree_map_with_path(lambda path, x: train_lib._param_spec(path, x, 3), params)
-    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
-    flat = {
-        jax.tree_util.keystr(p): tuple(s) for p, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
-    }
-    layered = {k: v for k, v in flat.items() if "layers" in k}
-    assert len(layered) == 9 and all("data" not in v for v in layered.values()), layered
-    kernel = jax.ShapeDtypeStruct((3, 32, 88), jax.numpy.float32)
-    assert tuple(train_lib._param_spec((jax.tree_util.DictKey("other"),), kernel, 3)) == ("data", None, None)
+    model = lora.apply(nnx.eval_shape(lambda: model_lib.LLaMA(model_lib.PRESETS["micro"], rngs=nnx.Rngs(0))), rank=4)
+    params = nnx.state(model, nnx.Param)
+    mesh = AbstractMesh((2, 2, 2), sharding.AXES)
+    specs = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = model_lib.path_names(path)
+        specs["/".join(names)] = tuple(sharding.param_spec("/".join(names), model_lib.logical_axes(names, x.ndim),
+                                                           x.shape, mesh))  # fmt: skip
+    assert specs["embed/embedding"] == ("tensor", "fsdp") and specs["lm_head/kernel"] == ("fsdp", "tensor")
+    assert specs["layers/attn/q/base/kernel"] == (None, "fsdp", "tensor")
+    assert specs["layers/attn/o/kernel"] == (None, "tensor", "fsdp")
+    assert specs["layers/mlp/down/base/kernel"] == (None, "tensor", "fsdp")
+    assert specs["layers/attn/q/lora/lora_a"] == (None, "fsdp", None)
+    assert specs["layers/mlp/up/lora/lora_b"] == (None, None, "tensor")
+    assert specs["layers/attn_norm/weight"] == (None, None) and specs["norm/weight"] == (None,)
+    assert all(s[0] is None for k, s in specs.items() if k.startswith("layers/"))
+    with pytest.raises(sharding.MeshError, match=r"parameter layers/mlp/up/kernel: axis 2 \(mlp, size 88\)"):
+        sharding.param_spec("layers/mlp/up/kernel", ("layers", "embed", "mlp"), (1, 32, 88),
+                            AbstractMesh((1, 1, 16), sharding.AXES))  # fmt: skip
+    with pytest.raises(ValueError, match="no logical axis names"):
+        model_lib.logical_axes(("layers", "attn", "extra", "kernel"), 3)
+    assert sharding.parse_mesh("fsdp", 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert sharding.parse_mesh("tensor=2,data=4", 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+    for bad, message in (("data=3,fsdp=2", "multiply to 6"), ("pipe=8", "expected data, fsdp"),
+                         ("data=0,fsdp=8", "SIZE >= 1")):  # fmt: skip
+        with pytest.raises(sharding.MeshError, match=message):
+            sharding.parse_mesh(bad, 8)
 
 
 def test_weight_decay_goes_to_kernels_only():

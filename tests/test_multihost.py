@@ -1,5 +1,6 @@
 """Multi-host input: 2 JAX processes on localhost (CPU collectives, 4 simulated devices each) train
-5 steps of the micro preset with the same losses as 1 process with 8 devices; process 0 writes the
+5 steps of the micro preset on a (data, fsdp, tensor) = (2, 2, 2) mesh with the same losses as 1
+process with 8 devices; process 0 writes the
 metrics, an orbax checkpoint is written by both processes together, and the exported Hugging Face
 checkpoint (gathered from both) equals the one process's export."""
 
@@ -15,7 +16,7 @@ import numpy as np
 TRAIN_LM = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
 FLAGS = ["--preset", "micro", "--steps", "5", "--batch-size", "8", "--seq-len", "16", "--eval-every", "5",
          "--eval-batches", "2", "--log-every", "1", "--rank", "4", "--update-proj-gap", "2",
-         "--no-progress"]  # fmt: skip
+         "--mesh", "data=2,fsdp=2,tensor=2", "--no-progress"]  # fmt: skip
 
 
 def _env(devices, tmp_path):

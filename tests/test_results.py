@@ -17,6 +17,7 @@ import accelerator  # noqa: E402
 import bench_refresh  # noqa: E402
 import compare  # noqa: E402
 import finetune_demo  # noqa: E402
+import host_overhead  # noqa: E402
 import memory_report  # noqa: E402
 import similarity  # noqa: E402
 from lm import sweep  # noqa: E402
@@ -24,7 +25,7 @@ from lm import sweep  # noqa: E402
 RENDER = {"compare.json": compare.render, "rank_sweep.json": sweep.render, "similarity.json": similarity.render,
           "finetune.json": finetune_demo.render, "family_sweep.json": sweep.render_family,
           "refresh_7b.json": bench_refresh.render, "accelerator.json": accelerator.render,
-          "accelerator_update.json": accelerator.render}  # fmt: skip
+          "accelerator_update.json": accelerator.render, "host_overhead.json": host_overhead.render}  # fmt: skip
 MARKER = re.compile(r"<!-- table from (results/[\w/.-]+\.md) -->")
 
 

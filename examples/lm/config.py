@@ -79,7 +79,8 @@ class TrainConfig:
     log_every: int = _field(10, "log the running training loss every this many steps")
     checkpoint_every: int = _field(0, "save an orbax checkpoint every this many steps; 0: never")
     resume: bool = _field(False, "continue from the latest checkpoint in --out")
-    mesh: str = _field("data", "data: replicate params; fsdp: also shard them over devices", choices=("data", "fsdp"))
+    mesh: str = _field("fsdp", "the device mesh: fsdp (every device shards batch and parameters), data (parameters "
+                       "replicated), or sizes such as data=2,fsdp=2,tensor=2 (lm/sharding.py)")  # fmt: skip
     progress: bool = _field(True, "show a progress bar")
     # several processes (multi-host); auto-detected under SLURM / Open MPI
     coordinator_address: str | None = _field(None, "HOST:PORT of process 0, for jax.distributed.initialize")
@@ -152,6 +153,8 @@ class FinetuneConfig:
     lora_dropout: float = _field(0.05, "dropout on the LoRA adapters' input")
     # run
     eval_every: int = _field(50, "validate every this many steps")
+    log_every: int = _field(10, "log the running training loss every this many steps (the host waits on the "
+                                "device only then)")  # fmt: skip
     checkpoint_every: int = _field(0, "save an orbax checkpoint every this many steps; 0: never")
     resume: bool = _field(False, "continue from the latest checkpoint in --out")
     seed: int = _field(0, "seed of the data order and of LoRA's initialization")

@@ -171,6 +171,44 @@ def scan_blocks(layers: nnx.Module, x: jax.Array, policy: str = "none") -> jax.A
     return x
 
 
+# What each axis of each parameter is: logical axis names, as MaxText's, that lm/sharding.py's
+# RULES map to mesh axes. Keyed by (module, parameter); a kernel is (in, out).
+_LOGICAL = {
+    ("embed", "embedding"): ("vocab", "embed"),
+    ("q", "kernel"): ("embed", "heads"), ("k", "kernel"): ("embed", "heads"), ("v", "kernel"): ("embed", "heads"),
+    ("o", "kernel"): ("heads", "embed"),
+    ("gate", "kernel"): ("embed", "mlp"), ("up", "kernel"): ("embed", "mlp"), ("down", "kernel"): ("mlp", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+    ("attn_norm", "weight"): ("norm",), ("mlp_norm", "weight"): ("norm",), ("norm", "weight"): ("norm",),
+}  # fmt: skip
+
+
+def path_names(path: tuple) -> tuple[str, ...]:
+    """A pytree path of an ``nnx.State`` as names (``("layers", "attn", "q", "kernel")``)."""
+    names = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return names[:-1] if names and names[-1] == "value" else names
+
+
+def logical_axes(names: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+    """The logical axis names of the parameter at ``names`` with ``ndim`` axes (``layers`` first
+    for the stacked blocks'). A LoRA factor (``.../q/lora/lora_a``, ``(in, r)``; ``lora_b``,
+    ``(r, out)``) takes its kernel's in or out axis, and ``lora`` for its rank.
+
+    Raises:
+      ValueError: a parameter this table does not know (name its axes in ``_LOGICAL``).
+    """
+    inner = [n for n in names if n not in ("base",)]
+    lead = ("layers",) if names and names[0] == "layers" else ()
+    if len(inner) >= 3 and inner[-2] == "lora" and inner[-1] in ("lora_a", "lora_b"):
+        kernel = _LOGICAL.get((inner[-3], "kernel"))
+        axes = None if kernel is None else (kernel[0], "lora") if inner[-1] == "lora_a" else ("lora", kernel[1])
+    else:
+        axes = _LOGICAL.get(tuple(inner[-2:]))
+    if axes is None or len(lead) + len(axes) != ndim:
+        raise ValueError(f"parameter {'/'.join(names)} ({ndim} axes): no logical axis names for it in lm/model.py")
+    return lead + axes
+
+
 class LLaMA(nnx.Module):
     """Decoder-only LM; the output head is its own matrix unless ``cfg.tie_embeddings``.
 

@@ -1,10 +1,12 @@
-"""The training loop: jitted steps, periodic validation, metrics, checkpoints, devices, hosts.
+"""Pre-training: the model, data, optimizer, mesh and checkpoints that the shared loop
+(``lm/loop.py``) runs; devices and hosts.
 
 ``train(config)`` runs one optimizer on one model and returns its results; ``train_lm.py`` is
 its command line and ``compare.py`` calls it for each optimizer and learning rate.
 
-Many devices: the batch is sharded over a one-axis ``data`` mesh of every device of every
-process; ``mesh="fsdp"`` also shards each parameter's largest divisible axis. Many processes:
+Many devices: a mesh of every device of every process with the axes ``data``, ``fsdp`` and
+``tensor`` (``--mesh``); the batch's rows are sharded over ``data`` x ``fsdp``, and each
+parameter by its logical axes (``lm/sharding.py``'s one table). Many processes:
 each process reads only its rows of each global batch (``jax.make_array_from_process_local_data``),
 every process runs the same steps, and only process 0 writes metrics, plots and logs.
 """
@@ -13,7 +15,6 @@ import dataclasses
 import math
 import os
 import pathlib
-import time
 from typing import Any
 
 import jax
@@ -22,12 +23,12 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from lm import checkpoints, files, optim, runlog
+from lm import checkpoints, files, loop, optim, runlog
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import prepare as prepare_lib
+from lm import sharding as sharding_lib
 from lm import step as step_lib
 from lm.config import TrainConfig
 
@@ -54,18 +55,6 @@ def maybe_initialize_distributed(cfg: TrainConfig | None = None) -> None:
         jax.distributed.initialize()
 
 
-def _param_spec(path: tuple, x: jax.Array, n: int) -> P:
-    """FSDP-style: shard the largest axis divisible by the device count, else replicate; never the
-    layer axis of the scanned blocks' leaves (each scan step reads one layer whole)."""
-    first = 1 if path and getattr(path[0], "key", None) == "layers" else 0
-    for axis in sorted(range(first, x.ndim), key=lambda a: -x.shape[a]):
-        if x.shape[axis] % n == 0:
-            spec = [None] * x.ndim
-            spec[axis] = "data"
-            return P(*spec)
-    return P()
-
-
 def state_mib(tree: Any) -> float:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
 
@@ -75,12 +64,22 @@ def model_config(cfg: TrainConfig, vocab_size: int, eos_token_id: int | None = N
     return dataclasses.replace(model_lib.PRESETS[cfg.preset], vocab_size=vocab_size, eos_token_id=eos_token_id)
 
 
-def build(cfg: TrainConfig, vocab_size: int = 256,
-          eos_token_id: int | None = None) -> tuple[model_lib.LLaMA, optax.GradientTransformation]:  # fmt: skip
-    """The model (initialized from ``cfg.seed``) and the optimizer with its schedule."""
+def build(cfg: TrainConfig, vocab_size: int = 256, eos_token_id: int | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> tuple[model_lib.LLaMA, optax.GradientTransformation]:  # fmt: skip
+    """The model (initialized from ``cfg.seed``) and the optimizer with its schedule.
+
+    With a ``mesh`` of several devices the model is initialized under ``jax.jit`` straight into its
+    shardings (``lm.sharding.init_sharded``: no device holds more than its shards); else eagerly,
+    on one device. The two agree within one float32 ulp (the compiled random-number program rounds
+    a few values differently from the eager one); the jitted one is the same on any mesh, bit for bit.
+    """
     dtype, param_dtype = (jnp.dtype(name) for name in (cfg.dtype, cfg.param_dtype))
     mcfg = model_config(cfg, vocab_size, eos_token_id)
-    model = model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed), remat=cfg.remat)
+
+    def make() -> model_lib.LLaMA:
+        return model_lib.LLaMA(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed), remat=cfg.remat)
+
+    model = sharding_lib.init_sharded(make, mesh) if mesh is not None and mesh.size > 1 else make()
     sched = optim.schedule(cfg.lr, cfg.steps, cfg.resolved_warmup())
     tx = optim.make_optimizer(
         cfg.optimizer, sched, rank=cfg.resolved_rank(), scale=cfg.scale, update_proj_gap=cfg.update_proj_gap,
@@ -143,28 +142,27 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
 
     devices = jax.devices()
     n = len(devices)
-    if micro % n:
-        raise ValueError(f"--batch-size / --grad-accum = {micro} must be divisible by the {n} devices")
-    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    val_sharding = NamedSharding(mesh, P("data"))
+    mesh = sharding_lib.make_mesh(sharding_lib.parse_mesh(cfg.mesh, n), devices)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro % rows:
+        raise sharding_lib.MeshError(f"--batch-size / --grad-accum = {micro} must be divisible by the mesh's data x "
+                                     f"fsdp = {rows} devices")  # fmt: skip
+    val_sharding = sharding_lib.batch_sharding(mesh)
     val_shape = (micro, cfg.seq_len + 1)
     if cfg.grad_accum == 1:  # (row, token)
         batch_sharding, train_shape = val_sharding, val_shape
     else:  # (accumulation step, row, token)
-        batch_sharding = NamedSharding(mesh, P(None, "data"))
+        batch_sharding = sharding_lib.batch_sharding(mesh, leading=1)
         train_shape = (cfg.grad_accum, micro, cfg.seq_len + 1)
     micro_rows = _process_rows(val_sharding, val_shape)  # a micro-batch is sharded like a validation batch
     # This process's rows of the global batch: its rows of each accumulation step's micro-batch.
     train_rows = np.concatenate([np.arange(a * micro + micro_rows.start, a * micro + micro_rows.stop)
                                  for a in range(cfg.grad_accum)])  # fmt: skip
 
-    model, tx = build(cfg, vocab, corpus.meta.get("separator"))  # documents end with the separator
+    model, tx = build(cfg, vocab, corpus.meta.get("separator"), mesh)  # documents end with the separator
     params = nnx.state(model, nnx.Param)
-    if cfg.mesh == "fsdp":
-        specs = jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, _param_spec(path, x, n)), params)
-    else:
-        specs = jax.tree.map(lambda x: NamedSharding(mesh, P()), params)
-    nnx.update(model, _place(params, specs))
+    if mesh.size == 1:
+        nnx.update(model, _place(params, sharding_lib.param_shardings(params, mesh)))
     if cfg.per_layer_updates:  # one optimizer per stage, each stage's update applied in the backward pass
         optimizer = step_lib.LayerwiseOptimizer(model, tx, model_lib.stages)
         train_step = step_lib.make_layerwise_train_step(model_lib.stages)
@@ -191,7 +189,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
 
     def evaluate() -> float:
         losses = [eval_step(model, _global_batch(b[micro_rows], val_sharding, val_shape)) for b in val]
-        return float(np.mean([float(x) for x in losses]))
+        return float(jnp.mean(jnp.stack(losses)))  # one wait, after every batch is dispatched
 
     mcfg = model_config(cfg, vocab)
     flops_token = flops_per_token(mcfg, cfg.seq_len)
@@ -215,53 +213,37 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     def bits_per_byte(nats_per_token: float) -> float:
         return nats_per_token / bpt / math.log(2)
 
-    records: list[dict] = []
-    step_times: list[float] = []
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    t_start = time.perf_counter()
+
+    def batch(step: int) -> jax.Array:
+        local = batches(step, train_rows).reshape(*train_shape[:-2], -1, cfg.seq_len + 1)
+        return _global_batch(local, batch_sharding, train_shape)
+
+    def throughput(step_s: float) -> dict[str, float]:
+        fields = {"tokens_per_s": tokens_per_step / step_s}
+        return fields | ({"mfu": flops_token * tokens_per_step / step_s / (peak * n)} if peak else {})
+
+    def validation() -> dict[str, float]:
+        val_loss = evaluate()
+        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": bits_per_byte(val_loss)}
+
+    def checkpoint(step: int, wall: float) -> None:
+        checkpoints.save(manager, step, cfg.checkpoint_every, model, optimizer, run_config, wall)
+
     with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log) as run:
-        running = []
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            local = batches(step, train_rows).reshape(*train_shape[:-2], -1, cfg.seq_len + 1)
-            loss = step_lib.run_step(train_step, model, optimizer, _global_batch(local, batch_sharding, train_shape))
-            running.append(loss)
-            last = step + 1 == cfg.steps
-            if (step + 1) % cfg.log_every == 0 or last or (step + 1) % cfg.eval_every == 0:
-                train_loss = float(np.mean([float(x) for x in running]))
-                running = []
-                median = float(np.median(step_times)) if step_times else float("nan")
-                elapsed = wall_before + time.perf_counter() - t_start  # the whole run's, resumed parts summed
-                record = {"step": step + 1, "train_loss": train_loss, "time": elapsed,
-                          "tokens_per_s": tokens_per_step / median if step_times else None}  # fmt: skip
-                if peak and step_times:
-                    record["mfu"] = flops_token * tokens_per_step / median / (peak * n)
-                if (step + 1) % cfg.eval_every == 0 or last:
-                    val_loss = evaluate()
-                    record |= {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": bits_per_byte(val_loss)}
-                    run.say(
-                        f"step {step + 1}: train {train_loss:.4f}  val {val_loss:.4f} nats/token  "
-                        f"ppl {math.exp(val_loss):.2f}  {bits_per_byte(val_loss):.3f} bits/byte"
-                    )
-                finite = run.finite(step + 1, train_loss)
-                records.append(record)
-                run.write(record, loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
-                if not finite:
-                    break
-            else:
-                jax.block_until_ready(loss)
-            step_times.append(time.perf_counter() - t0)
-            run.advance()
-            checkpoints.save(manager, step + 1, cfg.checkpoint_every, model, optimizer, run_config,
-                             wall_before + time.perf_counter() - t_start)  # fmt: skip
-        records = run.earlier + records  # a resumed run's records continue its first part's
+        result = loop.run(
+            run, lambda b: step_lib.run_step(train_step, model, optimizer, b), batch, start_step, cfg.steps,
+            log_every=cfg.log_every, eval_every=cfg.eval_every, evaluate=validation, checkpoint=checkpoint,
+            throughput=throughput, wall_before=wall_before,
+        )  # fmt: skip
+        records = run.earlier + result.records  # a resumed run's records continue its first part's
     checkpoints.close(manager)
     if cfg.export:
         export(model, cfg.export, fallback=out / "export")
-    wall = wall_before + time.perf_counter() - t_start
     memory = devices[0].memory_stats() if devices[0].platform != "cpu" else None
     final = next((r for r in reversed(records) if "val_loss" in r), {"val_loss": float("nan")})
-    median_step = float(np.median(step_times[1:] if len(step_times) > 1 else step_times or [float("nan")]))
+    median_step = result.median_step_s
+    wall = result.wall_s
     return {
         "optimizer": cfg.optimizer,
         "preset": cfg.preset,
