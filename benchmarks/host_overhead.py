@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="tiny", choices=sorted(model_lib.PRESETS))
     p.add_argument("--steps", type=int, default=300, help="steps per run (a multiple of 50)")
     p.add_argument("--pairs", type=int, default=2, help="runs of each setting, in alternation")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--json", metavar="FILE", help="also write the figures and their provenance to FILE")
     args = p.parse_args(argv)
     if args.steps < 100 or args.steps % max(SETTINGS):
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
         for log_every in SETTINGS if pair % 2 == 0 else SETTINGS[::-1]:
             with tempfile.TemporaryDirectory() as out:
                 cfg = TrainConfig(preset=args.preset, steps=args.steps, log_every=log_every, eval_every=args.steps,
-                                  out=out, progress=False)  # fmt: skip
+                                  batch_size=args.batch_size, seq_len=args.seq_len, out=out,
+                                  progress=False)  # fmt: skip
                 result = train_lib.train(cfg, log=lambda msg: None)
             records = result["records"]  # a window's step_s: its seconds over its steps
             windows = [(r["step"] - prev["step"], r["step_s"]) for prev, r in itertools.pairwise(records)

@@ -14,6 +14,7 @@ TPU (libtpu).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--preset", default="7b")
     p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--layers", type=int, default=None, help="the preset with this many layers (default: its own)")
     p.add_argument("--mesh", default="fsdp", help="as train_lm.py's --mesh")
     p.add_argument("--platform", choices=("cpu", "tpu-v5e"), default="cpu")
     p.add_argument("--json", metavar="FILE", help="also write the figures and their provenance to FILE")
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.preset not in model_lib.PRESETS:
         p.error(f"--preset {args.preset!r}: one of {sorted(model_lib.PRESETS)}")
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers must be >= 1, got {args.layers}")
+    cfg = model_lib.PRESETS[args.preset]
+    cfg = dataclasses.replace(cfg, layers=args.layers) if args.layers else cfg
     if args.platform == "cpu":
         devices = jax.devices()
     else:
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                              axis_types=(jax.sharding.AxisType.Auto,) * 3)  # fmt: skip
 
     def make() -> model_lib.LLaMA:
-        return model_lib.LLaMA(model_lib.PRESETS[args.preset], rngs=nnx.Rngs(0))
+        return model_lib.LLaMA(cfg, rngs=nnx.Rngs(0))
 
     _, state = nnx.split(nnx.eval_shape(make))
     t0 = time.perf_counter()
@@ -76,9 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
     memory = program.lower().compile().memory_analysis()
     seconds = time.perf_counter() - t0
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    saved = {"preset": args.preset, "devices": len(devices), "mesh": sizes, "platform": args.platform,
-             "device_kind": devices[0].device_kind, "model_bytes": total, "output_bytes": memory.output_size_in_bytes,
-             "temp_bytes": memory.temp_size_in_bytes, "compile_s": seconds}  # fmt: skip
+    saved = {"preset": args.preset, "layers": cfg.layers, "devices": len(devices), "mesh": sizes,
+             "platform": args.platform, "device_kind": devices[0].device_kind, "model_bytes": total,
+             "output_bytes": memory.output_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+             "compile_s": seconds}  # fmt: skip
     print(render(saved))
     if args.json:
         saved["provenance"] = provenance.record(argv, __file__)
@@ -90,7 +97,8 @@ def render(saved: dict) -> str:
     """One line: the model, one device's output and temporaries, in GiB and as shares of a shard."""
     gib = 2**30
     shard = saved["model_bytes"] / saved["devices"]
-    return (f"{saved['preset']} float32 ({saved['model_bytes'] / gib:.2f} GiB) on {saved['devices']} "
+    return (f"{saved['preset']} ({saved.get('layers', '?')} layers) float32 ({saved['model_bytes'] / gib:.2f} GiB) "
+            f"on {saved['devices']} "
             f"{saved['device_kind']} devices, mesh {saved['mesh']}: per device, output "
             f"{saved['output_bytes'] / gib:.3f} GiB ({saved['output_bytes'] / shard:.3f} of a 1/{saved['devices']} "
             f"shard) + temporaries {saved['temp_bytes'] / gib:.3f} GiB ({saved['temp_bytes'] / shard:.3f}); "

@@ -143,8 +143,9 @@ def test_demonstration_tables_and_reuse(tmp_path, monkeypatch):
     import finetune_demo
 
     monkeypatch.setattr(finetune_demo, "GRID", {**finetune_demo.GRID, "lora": (1e-3, 3e-2), "lora-fira": (3e-3,)})
-    flags = ["--preset", "micro", "--pretrain-steps", "1", "--steps", "2", "--batch-size", "2", "--train-examples", "8",
-             "--test-examples", "6", "--methods", "lora-fira", "lora", "--seeds", "0", "1", "--lr-grid",
+    flags = ["--preset", "micro", "--pretrain-steps", "1", "--steps", "2", "--batch-size", "8",
+             "--train-examples", "16", "--test-examples", "6", "--methods", "lora-fira", "lora", "--seeds", "0", "1",
+             "--lr-grid",
              "--cache", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]  # fmt: skip
     tasks = finetune_demo.main(flags)
     assert list(tasks) == ["called", "operator"]

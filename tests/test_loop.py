@@ -89,7 +89,20 @@ def test_how_often_the_host_looks_changes_no_result(tmp_path):
     import host_overhead
 
     saved = host_overhead.main(
-        ["--preset", "micro", "--steps", "100", "--pairs", "1", "--json", str(tmp_path / "h.json")]
+        [
+            "--preset",
+            "micro",
+            "--steps",
+            "100",
+            "--pairs",
+            "1",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--json",
+            str(tmp_path / "h.json"),
+        ]
     )
     (one,), (fifty,) = saved["runs"]["1"], saved["runs"]["50"]
     assert one["final_val_loss"] == fifty["final_val_loss"] and np.isfinite(one["final_val_loss"])
