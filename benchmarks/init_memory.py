@@ -76,12 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     def make() -> model_lib.LLaMA:
         return model_lib.LLaMA(cfg, rngs=nnx.Rngs(0))
 
-    _, state = nnx.split(nnx.eval_shape(make))
     t0 = time.perf_counter()
-    program = jax.jit(lambda: nnx.split(make())[1], out_shardings=sharding.param_shardings(state, mesh))
+    _, program = sharding.init_program(make, mesh)
     memory = program.lower().compile().memory_analysis()
     seconds = time.perf_counter() - t0
-    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(program)))
     saved = {"preset": args.preset, "layers": cfg.layers, "devices": len(devices), "mesh": sizes,
              "platform": args.platform, "device_kind": devices[0].device_kind, "model_bytes": total,
              "output_bytes": memory.output_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,

@@ -96,13 +96,18 @@ def batch_sharding(mesh: jax.sharding.Mesh, leading: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * leading), BATCH))
 
 
-def init_sharded(make: Callable[[], Any], mesh: jax.sharding.Mesh) -> Any:
-    """The module ``make()`` builds, initialized under ``jax.jit`` straight into its parameters'
-    shardings (:func:`param_shardings`), so that no device ever holds more than its shards and the
-    random numbers of the shards it makes (the compiler partitions the random number generator,
-    ``jax_threefry_partitionable``). ``make`` is traced abstractly first for the shardings; it must
-    make only ``nnx.Param`` s.
-    """
+def init_program(make: Callable[[], Any], mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, Any]:
+    """The graph of the module ``make()`` builds, and the ``jax.jit`` program that makes its state
+    straight into its parameters' shardings (:func:`param_shardings`); ``make`` is traced
+    abstractly for the shardings, and must make only ``nnx.Param`` s. ``benchmarks/init_memory.py``
+    compiles the program without running it."""
     graphdef, state = nnx.split(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=param_shardings(state, mesh))()
-    return nnx.merge(graphdef, state)
+    return graphdef, jax.jit(lambda: nnx.split(make())[1], out_shardings=param_shardings(state, mesh))
+
+
+def init_sharded(make: Callable[[], Any], mesh: jax.sharding.Mesh) -> Any:
+    """The module ``make()`` builds, initialized by :func:`init_program`, so that no device ever
+    holds more than its shards and the random numbers of the shards it makes (the compiler
+    partitions the random number generator, ``jax_threefry_partitionable``)."""
+    graphdef, program = init_program(make, mesh)
+    return nnx.merge(graphdef, program())
