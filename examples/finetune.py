@@ -39,6 +39,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import checkpoints, files, hf, instruct, loop, lora, optim, runlog
+from lm import sharding as sharding_lib
 from lm import config as config_lib
 from lm import data as data_lib
 from lm import step as step_lib
@@ -70,7 +71,7 @@ def make_optimizer(method: str, model: nnx.Module, schedule: optax.Schedule, arg
 
 # Settings a resumed run may change: where it writes, what it evaluates, how often it reports.
 RESUMABLE_CHANGES = ("out", "export", "eval", "eval_mode", "eval_every", "log_every", "checkpoint_every", "resume",
-                     "progress", "checkpoint", "tokenizer", "data", "remat")  # fmt: skip
+                     "progress", "checkpoint", "tokenizer", "data", "remat", "mesh")  # fmt: skip
 
 
 def resume_record(args: config_lib.FinetuneConfig, n_records: int, vocabulary: int) -> dict:
@@ -105,7 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
         if args.export:
             files.check_folder(args.export, "--export", create=False)
         tok = tokenizer_lib.load(args.tokenizer)
-        model = hf.load(args.checkpoint, remat=args.remat)
+        mesh = sharding_lib.make_mesh(sharding_lib.parse_mesh(args.mesh, jax.device_count()), jax.devices())
+        rows = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch's rows are split over both
+        if args.batch_size % rows:
+            raise sharding_lib.MeshError(f"--batch-size {args.batch_size} must be divisible by the mesh's data x fsdp "
+                                         f"= {rows} devices")  # fmt: skip
+        model = hf.load(args.checkpoint, mesh=mesh, remat=args.remat)  # shard by shard, into the mesh
         if tok.vocab_size > model.cfg.vocab_size:
             raise data_lib.DataError(
                 f"--tokenizer has {tok.vocab_size} tokens; the checkpoint only {model.cfg.vocab_size}"
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         records = instruct.load_records(args.data) if args.data else []
         tasks = {pathlib.Path(f).stem: instruct.load_task(f) for f in args.eval}
     except (data_lib.DataError, tokenizer_lib.TokenizerError, hf.CheckpointError, files.OutputError,
-            checkpoints.CheckpointError) as e:  # fmt: skip
+            checkpoints.CheckpointError, sharding_lib.MeshError) as e:  # fmt: skip
         p.error(str(e))
     encoded = [instruct.encode(r, tok, args.cutoff, args.train_on_inputs, args.template) for r in records]
     n_val = args.val_size if isinstance(args.val_size, int) else max(1, round(args.val_size * len(records)))
@@ -131,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
          optax.linear_schedule(args.lr, 0.0, max(steps - warmup, 1))], [max(warmup, 1)],
     )  # fmt: skip
     wrt, tx = make_optimizer(args.method, model, schedule, args)
+    params = nnx.state(model, nnx.Param)  # LoRA's adapters (LoRAParams) too, made on one device: to the mesh
+    nnx.update(model, jax.device_put(params, sharding_lib.param_shardings(params, mesh)))
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
     opt_mib = state_mib(optimizer.opt_state)
@@ -157,19 +165,22 @@ def main(argv: list[str] | None = None) -> dict:
     def eval_loss(model: nnx.Module, ids: jax.Array, weights: jax.Array) -> jax.Array:
         return instruct.masked_loss(model, ids, weights)
 
+    rows_sharding = sharding_lib.batch_sharding(mesh)
+
     def padded(chunk: list) -> tuple[jax.Array, jax.Array]:
+        """A batch on the mesh; a short one (the validation's last) gets rows of weight 0 up to a
+        multiple of the mesh's rows (the masked loss is the same)."""
         chunk = [(np.pad(i, (0, args.cutoff - len(i)), constant_values=pad), np.pad(m, (0, args.cutoff - len(m))))
                  for i, m in chunk]  # fmt: skip
-        ids, weights = instruct.batch(chunk, pad)
-        return jnp.asarray(ids), jnp.asarray(weights)
+        chunk += [(np.full(args.cutoff, pad), np.zeros(args.cutoff))] * (-len(chunk) % rows)
+        return jax.device_put(instruct.batch(chunk, pad), rows_sharding)
 
     def validate() -> float:
-        """Validation loss, in evaluation mode (no dropout); the caller returns to training mode."""
+        """Validation loss, in evaluation mode (no dropout); the caller returns to training mode.
+        Every batch is dispatched before the host waits."""
         model.eval()
-        losses = [
-            float(eval_loss(model, *padded(val[i : i + args.batch_size]))) for i in range(0, len(val), args.batch_size)
-        ]
-        return float(np.mean(losses)) if losses else float("nan")
+        losses = [eval_loss(model, *padded(val[i : i + args.batch_size])) for i in range(0, len(val), args.batch_size)]
+        return float(np.mean([float(x) for x in jax.device_get(losses)])) if losses else float("nan")
 
     # The data order: the seed's permutations of the training examples, one after another, cut
     # into batches (a resumed run replays it to its checkpoint's step).

@@ -218,6 +218,76 @@ def test_lora_fira_projects_every_stacked_factor():
     assert len(bases) == 10 and all(b.shape[0] == layers and 16 in b.shape[1:] for b in bases)  # 5 targets x A, B
 
 
+# On 8 simulated devices: the checkpoint loaded into the (2,2,2) mesh, spying on what is read, then
+# fine-tuned there (and a batch that does not divide over the mesh's rows refused).
+_MESH_FINETUNE = """
+import json, sys
+sys.path.insert(0, {examples!r})
+import jax, numpy as np
+from flax import nnx
+import finetune
+from lm import hf, sharding
+ckpt, flags = sys.argv[1], {flags!r}
+reads = {{}}
+read_slice = hf.read_slice
+def spy(handle, file, name, index):
+    value = read_slice(handle, file, name, index)
+    size = int(np.prod(handle.get_slice(name).get_shape()))
+    reads[name] = max(reads.get(name, 0), value.size / size)
+    return value
+hf.read_slice = spy
+mesh = sharding.make_mesh(sharding.parse_mesh("data=2,fsdp=2,tensor=2", 8), jax.devices())
+params = nnx.state(hf.load(ckpt, mesh=mesh), nnx.Param)
+hf.read_slice = read_slice
+whole = nnx.state(hf.load(ckpt), nnx.Param)
+print("EQUAL", all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(whole), strict=True)))
+expected = jax.tree.leaves(sharding.param_shardings(params, mesh))
+print("PLACED", all(x.sharding == s for x, s in zip(jax.tree.leaves(params), expected, strict=True)))
+print("READS", json.dumps(reads))
+try:
+    finetune.main([*flags, "--batch-size", "2"])
+except SystemExit as e:
+    print("REFUSED", e.code)
+finetune.main(flags)
+"""
+
+
+def test_fine_tuning_on_8_simulated_devices(tmp_path, checkpoint):
+    """The checkpoint loads into a (data, fsdp, tensor) = (2,2,2) mesh shard by shard (each matrix's
+    shard read alone: a quarter of it; the norms, replicated, whole), equal to the one-device load
+    and in the parameters' shardings; LoRA + Fira fine-tuned there gives one device's losses.
+    (A subprocess: the device count is set at start.)"""
+    import os
+    import subprocess
+
+    (tmp_path / "train.json").write_text(json.dumps(RECORDS))
+    flags = ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "train.json"), "--method", "lora-fira",
+             "--max-steps", "3", "--batch-size", "4", "--cutoff", "96", "--val-size", "2", "--rank", "2",
+             "--lora-rank", "4", "--lr", "1e-2", "--warmup", "1", "--update-proj-gap", "2", "--eval-every", "3",
+             "--log-every", "1", "--no-progress"]  # fmt: skip
+    mesh_flags = [*flags, "--mesh", "data=2,fsdp=2,tensor=2", "--out", str(tmp_path / "mesh")]
+    code = _MESH_FINETUNE.format(examples=str(pathlib.Path(finetune.__file__).parent), flags=mesh_flags)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code, str(checkpoint)], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EQUAL True" in proc.stdout and "PLACED True" in proc.stdout
+    assert "REFUSED 2" in proc.stdout
+    assert "--batch-size 2 must be divisible by the mesh's data x fsdp = 4" in proc.stderr
+    reads = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("READS"))[6:])
+    norms = {name for name in reads if "norm" in name}
+    assert {reads[name] for name in norms} == {1.0} and len(norms) == 2 * model_lib.PRESETS["micro"].layers + 1
+    assert {reads[name] for name in set(reads) - norms} == {0.25}  # every matrix: (fsdp=2) x (tensor=2)
+    finetune.main([*flags, "--out", str(tmp_path / "one")])
+
+    def losses(run):
+        records = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["train_loss"] for r in records] + [records[-1]["val_loss"]]
+
+    assert len(losses("one")) == 4
+    np.testing.assert_allclose(losses("mesh"), losses("one"), rtol=1e-5)
+
+
 def test_a_non_finite_loss_stops_fine_tuning(tmp_path, checkpoint, capsys):
     (tmp_path / "train.json").write_text(json.dumps(RECORDS))
     flags = ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "train.json"), "--method", "full-adamw",

@@ -21,6 +21,10 @@ def _field(default: Any, help: str, **flag: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **flag})
 
 
+MESH_HELP = ("the device mesh: fsdp (every device shards batch and parameters), data (parameters replicated), or "
+             "sizes such as data=2,fsdp=2,tensor=2 (lm/sharding.py)")  # fmt: skip
+
+
 @dataclasses.dataclass
 class TrainConfig:
     # optimizer
@@ -79,8 +83,7 @@ class TrainConfig:
     log_every: int = _field(10, "log the running training loss every this many steps")
     checkpoint_every: int = _field(0, "save an orbax checkpoint every this many steps; 0: never")
     resume: bool = _field(False, "continue from the latest checkpoint in --out")
-    mesh: str = _field("fsdp", "the device mesh: fsdp (every device shards batch and parameters), data (parameters "
-                       "replicated), or sizes such as data=2,fsdp=2,tensor=2 (lm/sharding.py)")  # fmt: skip
+    mesh: str = _field("fsdp", MESH_HELP)
     progress: bool = _field(True, "show a progress bar")
     # several processes (multi-host); auto-detected under SLURM / Open MPI
     coordinator_address: str | None = _field(None, "HOST:PORT of process 0, for jax.distributed.initialize")
@@ -160,6 +163,7 @@ class FinetuneConfig:
     seed: int = _field(0, "seed of the data order and of LoRA's initialization")
     out: str = _field("runs/finetune", "output folder (metrics.jsonl, loss.png, summary.json)")
     export: str | None = _field(None, "save the fine-tuned model here (Hugging Face format; LoRA merged)")
+    mesh: str = _field("fsdp", MESH_HELP)
     progress: bool = _field(True, "show a progress bar")
 
 

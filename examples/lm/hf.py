@@ -3,8 +3,8 @@
 ``load(path)`` reads a local folder with ``config.json`` and ``model.safetensors`` (or a sharded
 ``model.safetensors.index.json``): the same math as ``transformers``' ``LlamaForCausalLM``
 (rotate-half rotary embeddings with ``rope_theta``, ``rms_norm_eps``, grouped-query attention via
-``num_key_value_heads``, tied or untied embeddings). Tensors are read one at a time and put
-straight into their target sharding, so no second full host copy is made. ``save(model, path)``
+``num_key_value_heads``, tied or untied embeddings), each parameter read shard by shard into its sharding on a
+mesh (``load(path, mesh=mesh)``). ``save(model, path)``
 writes a folder ``transformers`` loads (with the bos / eos token ids the model knows, in
 ``config.json`` and ``generation_config.json``). Nothing is downloaded.
 
@@ -19,13 +19,15 @@ blocks are stacked, so layer ``i`` of Hugging Face is row ``[i]`` of our leaf):
   model.norm.weight                           norm.weight
   lm_head.weight                              lm_head.kernel (transposed; absent when tied)
 
-A stacked leaf is assembled on the host from its layers' tensors, then placed: the host holds
-one leaf at a time.
+Each device's shard of a leaf is read alone (``safetensors``' ``get_slice``; a stacked leaf's
+shard from each of its layers' tensors) and placed with ``jax.make_array_from_callback``: the host
+holds one leaf's shards at a time, and a process reads only its own devices' shards.
 """
 
+import contextlib
 import json
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -67,17 +69,6 @@ def _open(file: pathlib.Path) -> Any:
         return safe_open(str(file), framework="flax")
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-
-
-def _tensor(file: pathlib.Path, name: str) -> Any:
-    """One tensor of a safetensors file (read alone), or a CheckpointError naming the file."""
-    from safetensors import SafetensorError
-
-    with _open(file) as f:
-        try:
-            return f.get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> model_lib.ModelConfig:
@@ -178,13 +169,22 @@ def _weight_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 def load(
-    path: str | pathlib.Path, dtype: Any = jnp.float32, shardings: Any = None, remat: str = "none"
+    path: str | pathlib.Path, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None, remat: str = "none"
 ) -> model_lib.LLaMA:
     """The example's NNX LLaMA with the checkpoint's weights (stored as ``dtype``; ``remat`` as the model's).
 
-    ``shardings``, if given, is a callable from a parameter path (a tuple) and shape to a
-    ``jax.sharding.Sharding``: each tensor goes straight there.
+    Each parameter is made with ``jax.make_array_from_callback`` in its sharding on ``mesh``
+    (:func:`lm.sharding.param_shardings`; without a mesh, whole on the first device): each device's
+    shard is read from the safetensors file alone, layer by layer (a stacked leaf's shard is its
+    layers' slices), so the host holds one leaf's shards at a time, and a process only the shards
+    of its own devices. The shapes are checked before anything is read.
+
+    Raises:
+      CheckpointError: a missing or damaged file, a missing tensor, or a tensor of the wrong shape (named).
+      lm.sharding.MeshError: a parameter that does not divide over ``mesh`` (named).
     """
+    from lm import sharding as sharding_lib
+
     path = pathlib.Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (a Hugging Face checkpoint folder is expected)")
@@ -192,33 +192,93 @@ def load(
     model = nnx.eval_shape(lambda: model_lib.LLaMA(cfg, rngs=nnx.Rngs(0), remat=remat))
     params = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(params)
+    if mesh is not None:
+        targets = nnx.to_pure_dict(sharding_lib.param_shardings(params, mesh))
+    else:
+        targets = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), pure)
     weight_files = _weight_files(path)
-    stack = None  # the stacked leaf being assembled on the host
-    for hf_name, ours, layer, transpose in name_map(cfg):
-        if hf_name not in weight_files:
-            raise CheckpointError(f"{path}: tensor {hf_name} is missing")
-        tensor = _tensor(weight_files[hf_name], hf_name)  # one tensor at a time
-        tensor = tensor.T if transpose else tensor
-        target = _get(pure, ours[:-1])[ours[-1]]
-        expected = tuple(target.shape if layer is None else target.shape[1:])
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(
-                f"{path}: tensor {hf_name} has shape {tuple(tensor.shape)}"
-                f"{' (transposed)' if transpose else ''}, the model expects {expected}"
-            )
-        if layer is None:
-            tensor = tensor.astype(dtype)
-        else:
-            if layer == 0:
-                stack = np.empty(target.shape, jnp.dtype(dtype))
-            stack[layer] = np.asarray(tensor.astype(dtype))
-            if layer + 1 < cfg.layers:
-                continue
-            tensor, stack = stack, None
-        _get(pure, ours[:-1])[ours[-1]] = jax.device_put(tensor, shardings(ours, tensor.shape)) if shardings else tensor
+    leaves: dict[tuple[str, ...], list[str]] = {}  # our leaf -> its tensors (a stacked leaf's, layer by layer)
+    transposed = {}
+    for hf_name, ours, _, transpose in name_map(cfg):
+        leaves.setdefault(ours, []).append(hf_name)
+        transposed[ours] = transpose
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(_open(file)) for file in sorted(set(weight_files.values()))}
+        tensors = {}  # name -> (file, handle): every tensor present and of its shape before any is read
+        for ours, names in leaves.items():
+            target = _get(pure, ours[:-1])[ours[-1]]
+            expected = tuple(target.shape[1:] if ours[0] == "layers" else target.shape)
+            for hf_name in names:
+                if hf_name not in weight_files:
+                    raise CheckpointError(f"{path}: tensor {hf_name} is missing")
+                file = weight_files[hf_name]
+                shape = _shape(handles[file], file, hf_name)
+                shape = shape[::-1] if transposed[ours] else shape
+                if shape != expected:
+                    raise CheckpointError(
+                        f"{path}: tensor {hf_name} has shape {shape}{' (transposed)' if transposed[ours] else ''}, "
+                        f"the model expects {expected}"
+                    )
+                tensors[hf_name] = file, handles[file]
+        for ours, names in leaves.items():
+            target = _get(pure, ours[:-1])[ours[-1]]
+            read = _leaf_reader([tensors[n] + (n,) for n in names], ours[0] == "layers", transposed[ours], dtype)
+            placed = jax.make_array_from_callback(target.shape, _get(targets, ours[:-1])[ours[-1]], read)
+            _get(pure, ours[:-1])[ours[-1]] = placed
     nnx.replace_by_pure_dict(params, pure)
     nnx.update(model, params)
     return model
+
+
+def _shape(handle: Any, file: pathlib.Path, name: str) -> tuple[int, ...]:
+    """A tensor's shape from the file's header (nothing read)."""
+    from safetensors import SafetensorError
+
+    try:
+        return tuple(handle.get_slice(name).get_shape())
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
+
+
+def read_slice(handle: Any, file: pathlib.Path, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """``index`` of one tensor of a safetensors file, and nothing more, on the host."""
+    from safetensors import SafetensorError
+
+    try:
+        with jax.default_device(_host()):  # the flax framework returns jax arrays: keep them off the accelerators
+            return np.asarray(handle.get_slice(name)[index])
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
+
+
+def _host() -> jax.Device | None:
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu: the default device, for a slice's moment
+        return None
+
+
+def _leaf_reader(tensors: list[tuple[pathlib.Path, Any, str]], stacked: bool, transpose: bool,
+                 dtype: Any) -> Callable[[tuple[slice, ...]], np.ndarray]:  # fmt: skip
+    """The ``make_array_from_callback`` callback of one leaf: its shard at an index, from its tensors
+    (a stacked leaf's layer ``i`` is ``tensors[i]``); a shard that several devices hold is read once."""
+    done: dict[tuple, np.ndarray] = {}
+
+    def one(file: pathlib.Path, handle: Any, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        value = read_slice(handle, file, name, index[::-1] if transpose else index)
+        return (value.T if transpose else value).astype(dtype)
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in done:
+            if stacked:
+                layers = range(*index[0].indices(len(tensors)))
+                done[key] = np.stack([one(*tensors[i], tuple(index[1:])) for i in layers])
+            else:
+                done[key] = one(*tensors[0], tuple(index))
+        return done[key]
+
+    return read
 
 
 def _get(state: Any, path: tuple) -> Any:
