@@ -31,7 +31,6 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -39,9 +38,9 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from lm import checkpoints, files, hf, instruct, loop, lora, optim, runlog
-from lm import sharding as sharding_lib
 from lm import config as config_lib
 from lm import data as data_lib
+from lm import sharding as sharding_lib
 from lm import step as step_lib
 from lm import tokenizer as tokenizer_lib
 from lm.train import plot, state_mib
