@@ -161,6 +161,13 @@ def test_finetune_warmup_longer_than_the_run(tmp_path, checkpoint, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_finetune_mesh_that_does_not_fit_the_devices(tmp_path, checkpoint, capsys):
+    argv = ["--checkpoint", str(checkpoint), "--mesh", "data=2,tensor=2", "--out", str(tmp_path / "out")]
+    message = usage_error(finetune.main, argv, capsys)
+    assert message == "--mesh 'data=2,tensor=2': the axes' sizes multiply to 4, not to the 1 devices", message
+    assert not (tmp_path / "out").exists()
+
+
 def test_finetune_val_size_as_a_fraction(tmp_path, checkpoint, capsys):
     (tmp_path / "good.json").write_text(json.dumps(RECORDS))
     argv = ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "good.json"), "--val-size", "0.25",
