@@ -168,6 +168,7 @@ import jax
 from flax import nnx
 import train_lm
 from lm import sharding, train
+jax.config.update("jax_log_compiles", True)  # each run's step must compile once (counted from stderr)
 flags = {flags!r}
 for spec in sys.argv[2:]:
     mesh_spec, per_layer = spec.split("+")[0], spec.endswith("+per-layer")
@@ -189,8 +190,9 @@ for spec in sys.argv[2:]:
 def test_meshes_train_alike_on_8_simulated_devices(tmp_path):
     """The example on meshes (data, fsdp, tensor) = (8,1,1), (2,4,1) and (2,2,2) (with per-layer
     updates: the ordinary step's sharding is the same) gives the losses of one device, step by step
-    (sharding reorders reductions only), and the optimizer's state follows the parameters: on
-    (2,2,2) one device holds at most half of it. (A subprocess: the device count is set at start.)"""
+    (sharding reorders reductions only), each run compiles its step once, and the optimizer's
+    state follows the parameters: on (2,2,2) one device holds at most half of it. (A subprocess:
+    the device count is set at start.)"""
     import os
     import subprocess
 
@@ -204,6 +206,8 @@ def test_meshes_train_alike_on_8_simulated_devices(tmp_path):
                           env=env, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 cpu device(s)" in proc.stdout
+    # The state comes back in its own shardings, so the second step does not compile again.
+    assert proc.stderr.count("Compiling jit(step) ") == len(meshes)
     assert jax.device_count() == 1  # the reference: this process, one device
     train_lm.main([*flags, "--out", str(tmp_path / "one")])
 

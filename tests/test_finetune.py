@@ -248,6 +248,7 @@ try:
     finetune.main([*flags, "--batch-size", "2"])
 except SystemExit as e:
     print("REFUSED", e.code)
+jax.config.update("jax_log_compiles", True)  # the step must compile once (counted from stderr)
 finetune.main(flags)
 """
 
@@ -255,7 +256,8 @@ finetune.main(flags)
 def test_fine_tuning_on_8_simulated_devices(tmp_path, checkpoint):
     """The checkpoint loads into a (data, fsdp, tensor) = (2,2,2) mesh shard by shard (each matrix's
     shard read alone: a quarter of it; the norms, replicated, whole), equal to the one-device load
-    and in the parameters' shardings; LoRA + Fira fine-tuned there gives one device's losses.
+    and in the parameters' shardings; LoRA + Fira fine-tuned there gives one device's losses, and
+    its step compiles once (the dropout keys and step counts are placed on the mesh first).
     (A subprocess: the device count is set at start.)"""
     import os
     import subprocess
@@ -272,7 +274,7 @@ def test_fine_tuning_on_8_simulated_devices(tmp_path, checkpoint):
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "EQUAL True" in proc.stdout and "PLACED True" in proc.stdout
-    assert "REFUSED 2" in proc.stdout
+    assert "REFUSED 2" in proc.stdout and proc.stderr.count("Compiling jit(step) ") == 1
     assert "--batch-size 2 must be divisible by the mesh's data x fsdp = 4" in proc.stderr
     reads = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("READS"))[6:])
     norms = {name for name in reads if "norm" in name}

@@ -111,3 +111,20 @@ def init_sharded(make: Callable[[], Any], mesh: jax.sharding.Mesh) -> Any:
     partitions the random number generator, ``jax_threefry_partitionable``)."""
     graphdef, program = init_program(make, mesh)
     return nnx.merge(graphdef, program())
+
+
+def replicate_rest(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``tree`` with every array not yet on ``mesh`` (an optimizer's step counts, the dropout's RNG
+    keys: made uncommitted, on one device) replicated on it.
+
+    The train step returns them replicated on the mesh; handed in as they were made, the first
+    step would be traced and compiled for them and the second compiled again for the mesh's (at
+    7B, minutes twice). The parameters, already in their shardings, are left as they are.
+    """
+    replicated = NamedSharding(mesh, P())
+
+    def place(x: Any) -> Any:
+        on_mesh = isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        return x if on_mesh or not isinstance(x, jax.Array) else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)

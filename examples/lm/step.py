@@ -50,7 +50,8 @@ def make_train_step(loss_fn: Any, wrt: Any = nnx.Param, grad_accum: int = 1) -> 
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
 
-    def step(graphdef: nnx.GraphDef, state: nnx.State, *batch: jax.Array) -> tuple[nnx.State, jax.Array]:
+    def step(graphdef: nnx.GraphDef, state: nnx.State, *batch: jax.Array,
+             layout: Layout | None = None) -> tuple[nnx.State, jax.Array]:  # fmt: skip
         model, optimizer = nnx.merge(graphdef, state)
         if grad_accum == 1:
             loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model, *batch)
@@ -69,15 +70,59 @@ def make_train_step(loss_fn: Any, wrt: Any = nnx.Param, grad_accum: int = 1) -> 
             loss = loss_sum / grad_accum
             grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
         optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
+        return keep_layout(nnx.state((model, optimizer)), layout), loss
 
-    return jax.jit(step, static_argnums=0, donate_argnums=1)
+    return _jit(step)
+
+
+class Layout(NamedTuple):
+    """Where each leaf of a state lives (static: hashable), for a step to return it there."""
+
+    treedef: Any
+    shardings: tuple[jax.sharding.NamedSharding, ...]
+
+
+def layout_of(state: Any) -> Layout | None:
+    """The :class:`Layout` of a state whose every leaf is an array with a ``NamedSharding``, else None.
+
+    Each spec is written without its trailing Nones (``P(None, None)`` and ``P()`` place an array
+    alike, and the step returns the latter): equal layouts, one compilation.
+    """
+    leaves, treedef = jax.tree.flatten(state)
+    shardings = tuple(getattr(x, "sharding", None) for x in leaves)
+    if not leaves or not all(isinstance(s, jax.sharding.NamedSharding) for s in shardings):
+        return None
+    return Layout(treedef, tuple(_canonical(s) for s in shardings))
+
+
+def _canonical(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+    spec = list(sharding.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    spec = jax.sharding.PartitionSpec(*spec)
+    return jax.sharding.NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
+
+
+def keep_layout(state: Any, layout: Layout | None) -> Any:
+    """``state`` (inside the step) constrained to ``layout``: the step's output state is sharded as
+    its input was. Else the compiler chooses the output's shardings (on a mesh with automatic
+    axes it may shard a norm's scale that the rules replicate), the donated buffers cannot be
+    reused, and the next step, handed the new shardings, compiles again."""
+    if layout is None:
+        return state
+    return jax.lax.with_sharding_constraint(state, jax.tree.unflatten(layout.treedef, layout.shardings))
+
+
+def _jit(step: Callable) -> Any:
+    return jax.jit(step, static_argnums=0, static_argnames="layout", donate_argnums=1)
 
 
 def run_step(step: Any, model: nnx.Module, optimizer: nnx.Optimizer, *batch: jax.Array) -> jax.Array:
-    """Runs ``step`` (from :func:`make_train_step`) on ``model`` and ``optimizer`` in place; returns the loss."""
+    """Runs ``step`` (from :func:`make_train_step`) on ``model`` and ``optimizer`` in place; returns the
+    loss. A state on a mesh comes back in its own shardings (:func:`keep_layout`), so the step
+    compiles once."""
     graphdef, state = nnx.split((model, optimizer))
-    state, loss = step(graphdef, state, *batch)
+    state, loss = step(graphdef, state, *batch, layout=layout_of(state))
     nnx.update((model, optimizer), state)
     return loss
 
@@ -166,7 +211,8 @@ def make_layerwise_train_step(stages: Callable[[Any], list[Stage]], wrt: Any = n
       A ``jax.jit`` function (``graphdef`` static, ``state`` donated), like :func:`make_train_step`'s.
     """
 
-    def step(graphdef: nnx.GraphDef, state: nnx.State, *batch: jax.Array) -> tuple[nnx.State, jax.Array]:
+    def step(graphdef: nnx.GraphDef, state: nnx.State, *batch: jax.Array,
+             layout: Layout | None = None) -> tuple[nnx.State, jax.Array]:  # fmt: skip
         model, optimizer = nnx.merge(graphdef, state)
         parts = stages(model)
         if len(parts) != len(optimizer.parts):
@@ -209,9 +255,9 @@ def make_layerwise_train_step(stages: Callable[[Any], list[Stage]], wrt: Any = n
             # postpone the updates, keeping every stage's gradients alive after all.
             done = (nnx.state(part.modules, wrt), nnx.state(opt))
             cotangent, _ = jax.lax.optimization_barrier((rest_ct[0] if rest_ct else None, done))
-        return nnx.state((model, optimizer)), loss
+        return keep_layout(nnx.state((model, optimizer)), layout), loss
 
-    return jax.jit(step, static_argnums=0, donate_argnums=1)
+    return _jit(step)
 
 
 def layer_axes(tx: optax.GradientTransformation, params: Any, opt_state: Any, layers: int) -> list[bool]:
