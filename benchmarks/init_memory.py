@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> dict:
             os.environ.setdefault(key, val)
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
     import jax
-    import numpy as np
     from flax import nnx
     from lm import model as model_lib
     from lm import provenance, sharding
@@ -70,8 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = sharding.parse_mesh(args.mesh, len(devices))
     except sharding.MeshError as e:
         p.error(str(e))
-    mesh = jax.sharding.Mesh(np.array(devices).reshape([sizes[a] for a in sharding.AXES]), sharding.AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * 3)  # fmt: skip
+    mesh = sharding.make_mesh(sizes, devices)  # the example's own mesh (TPU: the topology's device order)
 
     def make() -> model_lib.LLaMA:
         return model_lib.LLaMA(cfg, rngs=nnx.Rngs(0))
