@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = nnx.state(model, nnx.Param)  # LoRA's adapters (LoRAParams) too, made on one device: to the mesh
     nnx.update(model, jax.device_put(params, sharding_lib.param_shardings(params, mesh)))
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
-    for module in (model, optimizer):  # dropout keys and step counts on the mesh too: the step compiles once
-        nnx.update(module, sharding_lib.replicate_rest(nnx.state(module), mesh))
+    sharding_lib.replicate_rest(mesh, model, optimizer)  # dropout keys and step counts: the step compiles once
     trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
     opt_mib = state_mib(optimizer.opt_state)
     print(f"{args.method}: {trainable:,} trainable parameters, optimizer state {opt_mib:.2f} MiB, "

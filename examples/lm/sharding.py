@@ -113,13 +113,13 @@ def init_sharded(make: Callable[[], Any], mesh: jax.sharding.Mesh) -> Any:
     return nnx.merge(graphdef, program())
 
 
-def replicate_rest(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """``tree`` with every array not yet on ``mesh`` (an optimizer's step counts, the dropout's RNG
-    keys: made uncommitted, on one device) replicated on it.
+def replicate_rest(mesh: jax.sharding.Mesh, *modules: nnx.Module) -> None:
+    """Replicates on ``mesh``, in place, every array of ``modules`` not yet on it (an optimizer's
+    step counts, the dropout's RNG keys: made uncommitted, on one device); the parameters, already
+    in their shardings, stay as they are.
 
-    The train step returns them replicated on the mesh; handed in as they were made, the first
-    step would be traced and compiled for them and the second compiled again for the mesh's (at
-    7B, minutes twice). The parameters, already in their shardings, are left as they are.
+    The train step returns those arrays on the mesh: handed in as they were made, the first step
+    would be compiled for them and the second compiled again.
     """
     replicated = NamedSharding(mesh, P())
 
@@ -127,4 +127,5 @@ def replicate_rest(tree: Any, mesh: jax.sharding.Mesh) -> Any:
         on_mesh = isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
         return x if on_mesh or not isinstance(x, jax.Array) else jax.device_put(x, replicated)
 
-    return jax.tree.map(place, tree)
+    for module in modules:
+        nnx.update(module, jax.tree.map(place, nnx.state(module)))
