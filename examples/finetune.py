@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             files.check_folder(args.export, "--export", create=False)
         tok = tokenizer_lib.load(args.tokenizer)
         mesh = sharding_lib.make_mesh(sharding_lib.parse_mesh(args.mesh, jax.device_count()), jax.devices())
-        rows = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch's rows are split over both
+        rows = sharding_lib.batch_rows(mesh.shape)
         if args.batch_size % rows:
             raise sharding_lib.MeshError(f"--batch-size {args.batch_size} must be divisible by the mesh's data x fsdp "
                                          f"= {rows} devices")  # fmt: skip

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = sharding_lib.parse_mesh(cfg.mesh, jax.device_count())
     except sharding_lib.MeshError as e:
         parser.error(str(e))
-    rows = sizes["data"] * sizes["fsdp"]
+    rows = sharding_lib.batch_rows(sizes)
     if cfg.batch_size // cfg.grad_accum % rows:
         parser.error(
             f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} must be divisible by the mesh's "

@@ -55,6 +55,12 @@ def parse_mesh(spec: str, devices: int) -> dict[str, int]:
     return sizes
 
 
+def batch_rows(sizes: Any) -> int:
+    """How many ways a batch's rows are split: the product of the :data:`BATCH` axes' sizes
+    (``sizes`` from :func:`parse_mesh`, or a mesh's ``shape``)."""
+    return math.prod(sizes[axis] for axis in BATCH)
+
+
 def make_mesh(sizes: dict[str, int], devices: list) -> jax.sharding.Mesh:
     """The mesh of ``devices`` with the axes ``sizes`` (automatic sharding propagation)."""
     return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,

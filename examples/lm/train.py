@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     devices = jax.devices()
     n = len(devices)
     mesh = sharding_lib.make_mesh(sharding_lib.parse_mesh(cfg.mesh, n), devices)
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = sharding_lib.batch_rows(mesh.shape)
     if micro % rows:
         raise sharding_lib.MeshError(f"--batch-size / --grad-accum = {micro} must be divisible by the mesh's data x "
                                      f"fsdp = {rows} devices")  # fmt: skip
