@@ -17,6 +17,22 @@ from fira_jax import masks
 from fira_jax._validation import check_float, is_traced
 
 
+def moment_dtype(param_dtype: Any, dtype: Any = None) -> jnp.dtype:
+    """A moment's dtype: ``dtype`` if given, else float32 for floats narrower than float32, else
+    ``param_dtype``."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype)
+    if jnp.issubdtype(param_dtype, jnp.floating) and param_dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return param_dtype
+
+
+def moment_zeros(p: Any, dtype: Any = None) -> jax.Array:
+    """Zeros shaped (and, under explicit sharding, placed) like ``p``, in :func:`moment_dtype`."""
+    return jnp.zeros_like(p, dtype=moment_dtype(jnp.result_type(p), dtype))
+
+
 class ScaleByAdamState(NamedTuple):
     """State of :func:`scale_by_adam`: step count and the two moments."""
 
@@ -73,6 +89,7 @@ def scale_by_adam(
     *,
     bias_correction: bool = False,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Adam with the reference implementations' epsilon convention.
 
@@ -97,7 +114,10 @@ def scale_by_adam(
       b2: decay of the second moment, in [0, 1).
       eps: added to ``sqrt(v)``, ≥ 0.
       bias_correction: multiply the output by ``c_t``.
-      mu_dtype: dtype of the first moment; default the gradient's.
+      mu_dtype: dtype of the first moment; default float32 for parameters narrower than float32
+        (bfloat16, float16), else the parameter's dtype.
+      nu_dtype: dtype of the second moment, with the same default. In bfloat16, ``b2 = 0.999``
+        rounds to 1: ``nu`` would never decay. Pass the parameter's dtype to opt out.
 
     Integer and boolean leaves are not trained: they keep no moments and get a
     zero update.
@@ -123,10 +143,8 @@ def scale_by_adam(
 
     def init_fn(params: Any) -> ScaleByAdamState:
         # Integer and boolean leaves are not trained: no moments, and a zero update.
-        mu = jax.tree.map(
-            lambda p: jnp.zeros_like(p, dtype=mu_dtype) if masks.is_float(p) else optax.MaskedNode(), params
-        )
-        nu = jax.tree.map(lambda p: jnp.zeros_like(p) if masks.is_float(p) else optax.MaskedNode(), params)
+        mu = jax.tree.map(lambda p: moment_zeros(p, mu_dtype) if masks.is_float(p) else optax.MaskedNode(), params)
+        nu = jax.tree.map(lambda p: moment_zeros(p, nu_dtype) if masks.is_float(p) else optax.MaskedNode(), params)
         return ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
     def update_fn(updates: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, ScaleByAdamState]:
@@ -141,8 +159,9 @@ def scale_by_adam(
                 new_mu.append(m)
                 new_nu.append(v)
                 continue
-            m = (b1 * m + (1 - b1) * g).astype(m.dtype)
-            v = (b2 * v + (1 - b2) * g * g).astype(v.dtype)
+            gm, gv = g.astype(jnp.promote_types(g.dtype, m.dtype)), g.astype(jnp.promote_types(g.dtype, v.dtype))
+            m = (b1 * m + (1 - b1) * gm).astype(m.dtype)
+            v = (b2 * v + (1 - b2) * gv * gv).astype(v.dtype)
             out.append((c * m / (jnp.sqrt(v) + eps)).astype(g.dtype))
             new_mu.append(m)
             new_nu.append(v)

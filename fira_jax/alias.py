@@ -12,6 +12,7 @@ from fira_jax.adam import adam_bias_correction, scale_by_adam
 from fira_jax.basis import SvdMethod
 from fira_jax.layout import ProjType
 from fira_jax.low_rank import Projection, ScaleType, scale_by_apollo, scale_by_fira, scale_by_galore
+from fira_jax.moments import MomentPolicy
 from fira_jax.options import Refresh, Residual
 from fira_jax.residual import Granularity
 from fira_jax.weight_decay import add_decayed_weights_after_step
@@ -48,26 +49,28 @@ def _check_common(b1: float, b2: float, eps: float, weight_decay: float) -> None
 def fira(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
-    update_proj_gap: int = 200,
+    update_proj_gap: int = Refresh.update_proj_gap,
     scale: float = 0.25,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    gamma: float = 1.01,
+    gamma: float = Residual.gamma,
     proj_type: ProjType = "std",
     mask: masks.Mask = None,
     base_optimizer: optax.GradientTransformation | None = None,
     *,
     axes: Any = None,
-    granularity: Granularity = "column",
-    residual_scale: float | None = None,
-    canonical_signs: bool = False,
+    granularity: Granularity = Residual.granularity,
+    residual_scale: float | None = Residual.residual_scale,
+    canonical_signs: bool = Refresh.canonical_signs,
+    moments: MomentPolicy = Refresh.moments,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
     basis_dtype: Any = None,
-    svd: SvdMethod = "exact",
-    stagger: bool = False,
-    refresh_by_shape: bool = False,
+    svd: SvdMethod = Refresh.svd,
+    stagger: bool = Refresh.stagger,
+    refresh_by_shape: bool = Refresh.by_shape,
     weight_decay_mask: masks.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Fira: full-rank training under a low-rank optimizer state.
@@ -123,9 +126,12 @@ def fira(
       residual_scale: the multiple of ``P P^T G`` removed from G in step 3;
         default ``scale`` as in the reference; 1.0 gives the paper's
         orthogonal residual.
-      canonical_signs: fix the singular vectors' signs (see
-        :func:`fira_jax.scale_by_fira`).
-      mu_dtype: dtype of Adam's first moment.
+      canonical_signs: fix the singular vectors' signs (on by default; ``False`` is the reference's
+        behaviour: :class:`fira_jax.Refresh`).
+      moments: what Adam's moments become at a refresh: ``"keep"`` (the reference's), ``"reset"``
+        or ``"reproject"`` (:class:`fira_jax.Refresh`).
+      mu_dtype: dtype of Adam's first moment; default float32 for bfloat16 / float16 parameters.
+      nu_dtype: dtype of Adam's second moment; default float32 for bfloat16 / float16 parameters.
       basis_dtype: dtype of the stored bases.
       svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.scale_by_fira`).
       stagger: spread the leaves' refreshes over the gap.
@@ -155,13 +161,16 @@ def fira(
       Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024.
     """
     _check_common(b1, b2, eps, weight_decay)
-    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    inner = (
+        scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype) if base_optimizer is None else base_optimizer
+    )
     refresh = Refresh(
         update_proj_gap=update_proj_gap,
         svd=svd,
         stagger=stagger,
         by_shape=refresh_by_shape,
         canonical_signs=canonical_signs,
+        moments=moments,
     )
     residual = Residual(granularity=granularity, residual_scale=residual_scale, gamma=gamma)
     low_rank = scale_by_fira(
@@ -181,7 +190,7 @@ def fira(
 def galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
-    update_proj_gap: int = 200,
+    update_proj_gap: int = Refresh.update_proj_gap,
     scale: float = 0.25,
     b1: float = 0.9,
     b2: float = 0.999,
@@ -192,12 +201,14 @@ def galore(
     base_optimizer: optax.GradientTransformation | None = None,
     *,
     axes: Any = None,
-    canonical_signs: bool = False,
+    canonical_signs: bool = Refresh.canonical_signs,
+    moments: MomentPolicy = Refresh.moments,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
     basis_dtype: Any = None,
-    svd: SvdMethod = "exact",
-    stagger: bool = False,
-    refresh_by_shape: bool = False,
+    svd: SvdMethod = Refresh.svd,
+    stagger: bool = Refresh.stagger,
+    refresh_by_shape: bool = Refresh.by_shape,
     weight_decay_mask: masks.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GaLore with AdamW, as the authors' ``GaLoreAdamW`` (``galore-torch`` 1.0).
@@ -224,8 +235,12 @@ def galore(
       axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`, a pytree of them,
         or :func:`fira_jax.axes_by_path`); a leaf with more than 2 axes is projected only where
         they are declared.
-      canonical_signs: fix the singular vectors' signs.
-      mu_dtype: dtype of Adam's first moment.
+      canonical_signs: fix the singular vectors' signs (on by default; ``False`` is the reference's
+        behaviour: :class:`fira_jax.Refresh`).
+      moments: what Adam's moments become at a refresh: ``"keep"`` (the reference's), ``"reset"``
+        or ``"reproject"`` (:class:`fira_jax.Refresh`).
+      mu_dtype: dtype of Adam's first moment; default float32 for bfloat16 / float16 parameters.
+      nu_dtype: dtype of Adam's second moment; default float32 for bfloat16 / float16 parameters.
       basis_dtype: dtype of the stored bases.
       svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.scale_by_fira`).
       stagger: spread the leaves' refreshes over the gap.
@@ -248,13 +263,16 @@ def galore(
       Projection <https://arxiv.org/abs/2403.03507>`_, 2024.
     """
     _check_common(b1, b2, eps, weight_decay)
-    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    inner = (
+        scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype) if base_optimizer is None else base_optimizer
+    )
     refresh = Refresh(
         update_proj_gap=update_proj_gap,
         svd=svd,
         stagger=stagger,
         by_shape=refresh_by_shape,
         canonical_signs=canonical_signs,
+        moments=moments,
     )
     low_rank = scale_by_galore(
         rank,
@@ -272,13 +290,13 @@ def galore(
 def apollo(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
-    update_proj_gap: int = 200,
+    update_proj_gap: int = Refresh.update_proj_gap,
     scale: float = 1.0,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    gamma: float = 1.01,
+    gamma: float = Residual.gamma,
     proj_type: ProjType = "std",
     mask: masks.Mask = None,
     base_optimizer: optax.GradientTransformation | None = None,
@@ -287,12 +305,14 @@ def apollo(
     proj: Projection = "random",
     axes: Any = None,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
     basis_dtype: Any = None,
-    svd: SvdMethod = "exact",
-    canonical_signs: bool = False,
-    stagger: bool = False,
-    refresh_by_shape: bool = False,
-    seed: int = 0,
+    svd: SvdMethod = Refresh.svd,
+    canonical_signs: bool = Refresh.canonical_signs,
+    moments: MomentPolicy = Refresh.moments,
+    stagger: bool = Refresh.stagger,
+    refresh_by_shape: bool = Refresh.by_shape,
+    seed: int = Refresh.seed,
     weight_decay_mask: masks.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""APOLLO: AdamW's per-channel scaling, measured in a random low-rank space, on the full gradient.
@@ -341,11 +361,14 @@ def apollo(
       axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`, a pytree of them,
         or :func:`fira_jax.axes_by_path`); a leaf with more than 2 axes is projected only where
         they are declared.
-      mu_dtype: dtype of Adam's first moment.
+      mu_dtype: dtype of Adam's first moment; default float32 for bfloat16 / float16 parameters.
+      nu_dtype: dtype of Adam's second moment; default float32 for bfloat16 / float16 parameters.
       basis_dtype: dtype of the stored projections.
       svd: the SVD method when ``proj="svd"`` (see :func:`fira_jax.scale_by_galore`).
-      canonical_signs: fix the singular vectors' signs when ``proj="svd"`` (see
-        :func:`fira_jax.scale_by_galore`).
+      canonical_signs: fix the singular vectors' signs (on by default; ``False`` is the reference's
+        behaviour: :class:`fira_jax.Refresh`).
+      moments: what Adam's moments become at a refresh: ``"keep"`` (the reference's), ``"reset"``
+        or ``"reproject"`` (:class:`fira_jax.Refresh`).
       stagger: spread the leaves' refreshes over the gap.
       refresh_by_shape: one compiled refresh per matrix shape.
       seed: seed of the random projections.
@@ -368,13 +391,16 @@ def apollo(
       <https://arxiv.org/abs/2412.05270>`_, MLSys 2025.
     """
     _check_common(b1, b2, eps, weight_decay)
-    inner = scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype) if base_optimizer is None else base_optimizer
+    inner = (
+        scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype) if base_optimizer is None else base_optimizer
+    )
     refresh = Refresh(
         update_proj_gap=update_proj_gap,
         svd=svd,
         stagger=stagger,
         by_shape=refresh_by_shape,
         canonical_signs=canonical_signs,
+        moments=moments,
         seed=seed,
     )
     low_rank = scale_by_apollo(
@@ -395,18 +421,19 @@ def apollo(
 
 def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,
-    update_proj_gap: int = 200,
+    update_proj_gap: int = Refresh.update_proj_gap,
     scale: float = 128.0,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    gamma: float = 1.01,
+    gamma: float = Residual.gamma,
     mask: masks.Mask = None,
     *,
     axes: Any = None,
     mu_dtype: Any = None,
-    seed: int = 0,
+    nu_dtype: Any = None,
+    seed: int = Refresh.seed,
     weight_decay_mask: masks.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""APOLLO-Mini: APOLLO at rank 1 with one scaling factor per matrix; SGD-level memory.
@@ -430,7 +457,8 @@ def apollo_mini(
       axes: which axes form each leaf's matrix (:class:`fira_jax.MatrixAxes`, a pytree of them,
         or :func:`fira_jax.axes_by_path`); a leaf with more than 2 axes is projected only where
         they are declared.
-      mu_dtype: dtype of Adam's first moment.
+      mu_dtype: dtype of Adam's first moment; default float32 for bfloat16 / float16 parameters.
+      nu_dtype: dtype of Adam's second moment; default float32 for bfloat16 / float16 parameters.
       seed: seed of the random projections.
       weight_decay_mask: which leaves are decayed.
 
@@ -451,5 +479,5 @@ def apollo_mini(
     return apollo(
         learning_rate, rank=1, update_proj_gap=update_proj_gap, scale=scale, b1=b1, b2=b2, eps=eps,
         weight_decay=weight_decay, gamma=gamma, mask=mask, scale_type="tensor", proj="random", axes=axes,
-        mu_dtype=mu_dtype, seed=seed, weight_decay_mask=weight_decay_mask,
+        mu_dtype=mu_dtype, nu_dtype=nu_dtype, seed=seed, weight_decay_mask=weight_decay_mask,
     )  # fmt: skip

@@ -77,6 +77,16 @@ def default_basis(layout: Layout, dtype: Any) -> Basis:
     return Basis(left, right, layout)
 
 
+def matrix_normal(key: jax.Array, batch: tuple[int, ...], tail: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Standard normal draws of shape ``batch + tail``: one ``tail``-shaped draw per matrix from its
+    own key where ``key`` has shape ``batch`` (so a matrix draws the same numbers alone or in its
+    stack), else one draw from the single ``key``."""
+    if key.ndim and tuple(key.shape) == tuple(batch):
+        draw = jax.vmap(lambda k: jax.random.normal(k, tail, dtype))(key.reshape(-1))
+        return draw.reshape(*batch, *tail)
+    return jax.random.normal(key, (*batch, *tail), dtype)
+
+
 def _signs(x: jax.Array, axis: int) -> jax.Array:
     """+1 or -1 per vector of ``x`` along ``axis``: the sign of its largest-magnitude entry."""
     idx = jnp.argmax(jnp.abs(x), axis=axis, keepdims=True)
@@ -114,7 +124,7 @@ def randomized_svd(
     Gaussian probes and ``power_iters`` QR-stabilized power iterations, then takes the SVD of
     the small ``Q^T A``. The side that forms the basis comes out orthonormal (a product of
     orthonormal factors). Returns ``(u, vh)`` shaped like ``svd(g)[0][..., :rank]`` and
-    ``svd(g)[2][..., :rank, :]``.
+    ``svd(g)[2][..., :rank, :]``. ``key``: one key, or one per matrix (shape ``g.shape[:-2]``).
 
     With ``start`` (the previous basis's vectors, ``p × rank`` with ``p`` their length), the
     iteration starts from that subspace plus ``oversample`` Gaussian probes instead of
@@ -125,10 +135,10 @@ def randomized_svd(
     p, q = a.shape[-2:]
     k = min(rank + oversample, p, q)
     if start is None:
-        omega = jax.random.normal(key, (*a.shape[:-2], q, k), a.dtype)
+        omega = matrix_normal(key, a.shape[:-2], (q, k), a.dtype)
         basis, _ = jnp.linalg.qr(a @ omega)
     else:
-        probes = jax.random.normal(key, (*a.shape[:-2], q, k - start.shape[-1]), a.dtype)
+        probes = matrix_normal(key, a.shape[:-2], (q, k - start.shape[-1]), a.dtype)
         basis, _ = jnp.linalg.qr(jnp.concatenate([start.astype(a.dtype), a @ probes], axis=-1))
     for _ in range(power_iters):
         z, _ = jnp.linalg.qr(jnp.swapaxes(a, -1, -2) @ basis)
@@ -193,7 +203,8 @@ def random_projection(key: jax.Array, layout: Layout, dtype: Any = jnp.float32) 
     gradient; APOLLO draws a new one from a fresh seed every ``update_proj_gap`` steps.
 
     Args:
-      key: the PRNG key of this leaf and refresh.
+      key: the PRNG key of this leaf and refresh, or one key per matrix (shape ``layout.batch``:
+        each matrix then draws what it would draw alone).
       layout: the leaf's :class:`fira_jax.Layout` (its ``batch``, matrix shape, rank and side;
         ``"full"`` is not supported).
       dtype: the stored projection's dtype (drawn in float32, then cast, as the reference).
@@ -217,7 +228,7 @@ def random_projection(key: jax.Array, layout: Layout, dtype: Any = jnp.float32) 
         shape = (*layout.batch, layout.m, r)
     else:
         raise ValueError(f"a random projection is one-sided; leaf '{layout.path}' has side {layout.side!r}")
-    p = (jax.random.normal(key, shape, jnp.float32) / math.sqrt(r)).astype(dtype)
+    p = (matrix_normal(key, layout.batch, shape[len(layout.batch) :], jnp.float32) / math.sqrt(r)).astype(dtype)
     return Basis(p if layout.side == "left" else None, p if layout.side == "right" else None, layout)
 
 
@@ -329,7 +340,8 @@ def top_singular_bases(
         (``Refresh(canonical_signs=True)``).
       svd: ``"exact"``, ``"randomized"``, ``"subspace"``, ``"gram"``, or ``"random"``
         (APOLLO's :func:`random_projection`).
-      keys: one PRNG key per gradient (for ``"randomized"``, ``"subspace"`` and ``"random"``).
+      keys: per gradient, one PRNG key per matrix (shape ``batch``; for ``"randomized"``,
+        ``"subspace"`` and ``"random"``).
       oversample: extra probes of the randomized SVD and the subspace iteration.
       power_iters: power iterations of the randomized SVD and the subspace iteration.
       first: whether no basis has been computed yet (a traced bool): the subspace iteration
@@ -352,8 +364,7 @@ def top_singular_bases(
     sizes = [f.shape[0] for f in flats]
     item_keys = None
     if keys is not None:
-        item_keys = jnp.concatenate([jax.random.split(k, n) if g.ndim > 2 else k[None]
-                                     for k, n, g in zip(keys, sizes, grads, strict=True)])  # fmt: skip
+        item_keys = jnp.concatenate([k.reshape(-1) for k in keys])
     takes = _indexers(flats)
     prevs = [_previous_columns(o) for o in olds] if warm else []
     prev_takes = _indexers([p.reshape(-1, *p.shape[-2:]) for p in prevs])

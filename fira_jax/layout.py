@@ -84,11 +84,29 @@ def side(proj_type: str, m: int, n: int) -> str:
     return proj_type
 
 
-def _normalize_axes(axes: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+def _normalize_axes(axes: int | tuple[int, ...], ndim: int, empty: bool = False) -> tuple[int, ...]:
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    if not axes or any(not isinstance(a, int) or not -ndim <= a < ndim for a in axes):
+    if (not axes and not empty) or any(not isinstance(a, int) or not -ndim <= a < ndim for a in axes):
         raise ValueError
     return tuple(a % ndim for a in axes)
+
+
+def matrix_axes(
+    path: str, shape: tuple[int, ...], axes: MatrixAxes, vectors: bool = False
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(batch axes, row axes, column axes)`` of a leaf of ``shape`` under ``axes``, each normalized
+    to non-negative axes; a ValueError or TypeError naming ``path`` if ``axes`` does not fit.
+    ``vectors``: ``cols`` may be empty (a stack of vectors, for :func:`fira_jax.clip_by_norm_growth`)."""
+    if not isinstance(axes, MatrixAxes):
+        raise TypeError(f"`axes` for leaf '{path}' must be a fira_jax.MatrixAxes or None, got {axes!r}.")
+    try:
+        rows = _normalize_axes(axes.rows, len(shape))
+        cols = _normalize_axes(axes.cols, len(shape), empty=vectors)
+    except ValueError:
+        raise ValueError(f"`axes` {axes} is not valid for leaf '{path}' with shape {shape}.") from None
+    if len(set(rows + cols)) != len(rows + cols):
+        raise ValueError(f"`axes` {axes} repeats an axis for leaf '{path}' with shape {shape}.")
+    return tuple(a for a in range(len(shape)) if a not in rows + cols), rows, cols
 
 
 def layout(path: str, leaf: Any, axes: MatrixAxes | None, rank: int, proj_type: str) -> Layout:
@@ -105,17 +123,7 @@ def layout(path: str, leaf: Any, axes: MatrixAxes | None, rank: int, proj_type: 
             f"Leaf '{path}' has dtype {leaf.dtype}; low-rank projection needs a "
             "floating-point leaf. Leave it out of `mask`."
         )
-    axes = MatrixAxes() if axes is None else axes
-    if not isinstance(axes, MatrixAxes):
-        raise TypeError(f"`axes` for leaf '{path}' must be a fira_jax.MatrixAxes or None, got {axes!r}.")
-    try:
-        rows = _normalize_axes(axes.rows, len(shape))
-        cols = _normalize_axes(axes.cols, len(shape))
-    except ValueError:
-        raise ValueError(f"`axes` {axes} is not valid for leaf '{path}' with shape {shape}.") from None
-    if len(set(rows + cols)) != len(rows + cols):
-        raise ValueError(f"`axes` {axes} repeats an axis for leaf '{path}' with shape {shape}.")
-    batch_axes = tuple(a for a in range(len(shape)) if a not in rows + cols)
+    batch_axes, rows, cols = matrix_axes(path, shape, MatrixAxes() if axes is None else axes)
     m = math.prod(shape[a] for a in rows)
     n = math.prod(shape[a] for a in cols)
     return Layout(

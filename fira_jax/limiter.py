@@ -9,7 +9,14 @@ residual's norm from one step to the next at a factor ``gamma``:
   S \leftarrow S / \ell, \qquad s \leftarrow \|S\| / \ell
 
 with ``s`` the limited norm of the previous step. Each matrix is limited by its own past: the
-limiter needs no global view of the gradients. :func:`limit_norm_growth` is the equation, used by
+limiter needs no global view of the gradients.
+
+The limiter re-arms: where the recorded norm is at most ``10^{-8}`` (a zero first gradient: a
+zero-initialised output projection, a frozen-then-unfrozen layer, a masked first batch), the step
+is not limited and its norm is recorded instead, as at the first step. The reference limits it
+against ``1.01 × 10^{-8}``, which freezes that matrix's update for good; this is a deliberate
+deviation (docs/semantics.md), and on every input where the recorded norm is above ``10^{-8}``
+the limiter is the reference's. :func:`limit_norm_growth` is the equation, used by
 :func:`fira_jax.scale_by_fira` (on the scaled residual) and :func:`fira_jax.scale_by_apollo` (on
 the scaled gradient); :func:`clip_by_norm_growth` is the same limiter as an optax transformation
 of whole updates, to put after any optimizer.
@@ -23,6 +30,7 @@ import optax
 
 from fira_jax import masks
 from fira_jax._validation import check_float
+from fira_jax.layout import MatrixAxes, matrix_axes
 from fira_jax.residual import NORM_EPS
 
 
@@ -33,7 +41,8 @@ def limit_norm_growth(norm: jax.Array, previous: jax.Array, gamma: Any, first: A
       norm: ``||S||`` of this step, per matrix (float32).
       previous: the limited norm of the previous step.
       gamma: the largest allowed growth factor per step, ≥ 1 (1.01 in Fira; ``inf`` disables it).
-      first: True at the first step, where ``ell = 1`` and the norm is only recorded.
+      first: True at the first step, where ``ell = 1`` and the norm is only recorded; so is it
+        wherever ``previous`` is at most ``1e-8`` (the limiter re-arms after a zero norm).
 
     Returns:
       ``(ell, norm / ell)``: divide S (its scaling factor) by ``ell``, and keep ``norm / ell``
@@ -46,7 +55,7 @@ def limit_norm_growth(norm: jax.Array, previous: jax.Array, gamma: Any, first: A
       (Array([2.], dtype=float32), Array([1.5], dtype=float32))
     """
     ell = jnp.maximum(norm / (previous + NORM_EPS) / gamma, 1.0)
-    ell = jnp.where(first, 1.0, ell)
+    ell = jnp.where(first | (previous <= NORM_EPS), 1.0, ell)
     return ell, norm / ell
 
 
@@ -55,34 +64,67 @@ class ClipByNormGrowthState(NamedTuple):
 
     Attributes:
       count: number of updates so far (int32); the first update passes unchanged.
-      norms: per floating-point leaf, the limited norm of the previous update (a float32
-        scalar); ``optax.MaskedNode()`` for integer and boolean leaves.
+      norms: per floating-point leaf, the limited norm of the previous update, one float32 per
+        matrix: a scalar for a leaf without declared ``axes``, shape ``batch`` (the leaf's
+        stacking axes) for a declared stack; ``optax.MaskedNode()`` for integer and boolean
+        leaves.
     """
 
     count: jax.Array
     norms: Any
 
 
-def clip_by_norm_growth(gamma: float = 1.01) -> optax.GradientTransformation:
-    r"""Fira's norm-growth limiter as an optax transformation: no leaf's update norm grows by more
+def _norm_axes(tree: Any, axes: Any) -> list[tuple[int, ...] | None]:
+    """Per leaf of ``tree``: the axes one norm is taken over (a declared matrix's rows and columns),
+    or None for the whole leaf (no declaration, or a leaf with fewer than 2 axes under a
+    :class:`fira_jax.MatrixAxes` given for every leaf)."""
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+    if axes is None:
+        return [None] * len(with_path)
+    if isinstance(axes, MatrixAxes):
+        declared: list[Any] = [axes if getattr(leaf, "ndim", 0) >= 2 else None for _, leaf in with_path]
+    else:
+        declared = masks.resolve_per_leaf(tree, axes, lambda x: None, "axes")
+    out = []
+    for (path, leaf), ax in zip(with_path, declared, strict=True):
+        if ax is None or not masks.is_float(leaf):
+            out.append(None)
+            continue
+        _, rows, cols = matrix_axes(masks.path_str(path), tuple(leaf.shape), ax, vectors=True)
+        out.append(rows + cols)
+    return out
+
+
+def clip_by_norm_growth(gamma: float = 1.01, *, axes: Any = None) -> optax.GradientTransformation:
+    r"""Fira's norm-growth limiter as an optax transformation: no matrix's update norm grows by more
     than ``gamma`` per step.
 
-    For each leaf, with :math:`u_t` its incoming update and :math:`s_{t-1}` the limited norm kept
-    from the previous step (:func:`limit_norm_growth`):
+    For each matrix, with :math:`u_t` its incoming update and :math:`s_{t-1}` the limited norm
+    kept from the previous step (:func:`limit_norm_growth`):
 
     .. math::
       \ell_t = \frac{\max(\|u_t\| / (s_{t-1} + 10^{-8}), \gamma)}{\gamma}, \qquad
       u_t \leftarrow u_t / \ell_t, \qquad s_t = \|u_t\| / \ell_t
 
-    The first update passes unchanged and its norm is recorded. Unlike
-    :func:`optax.clip_by_global_norm`, the bound is relative to each leaf's own past, so it needs
-    no threshold and no global view of the gradients (it also works leaf by leaf, as with
-    per-layer updates). The paper's ablation (Chen et al., 2024, Table 5, LLaMA 60M) finds it
-    better than gradient clipping inside Fira (31.06 vs 31.22 perplexity).
+    The first update passes unchanged and its norm is recorded (and so does any update after a
+    recorded norm of at most ``1e-8``: the limiter re-arms). A matrix is a whole leaf, or, where
+    ``axes`` declares a stack (a scanned model's ``(layers, m, n)`` kernels), each matrix of the
+    stack: one exploding layer does not clip the others, and the per-layer step, which updates
+    one layer's slice at a time, keeps each layer's own norm, exactly as the fused limiter of
+    :func:`fira_jax.scale_by_fira` and :func:`fira_jax.scale_by_apollo` does. Unlike
+    :func:`optax.clip_by_global_norm`, the bound is relative to each matrix's own past, so it
+    needs no threshold and no global view of the gradients. The paper's ablation (Chen et al.,
+    2024, Table 5, LLaMA 60M) finds it better than gradient clipping inside Fira (31.06 vs 31.22
+    perplexity).
 
     Args:
       gamma: the largest growth factor per step, ≥ 1 (1.01 in Fira and APOLLO; ``inf``
         passes everything).
+      axes: which axes form each leaf's matrices, as in :func:`fira_jax.scale_by_fira`: a
+        :class:`fira_jax.MatrixAxes` (for every leaf with at least 2 axes), a pytree of them
+        (None: the whole leaf), a callable from the params to one, or
+        :func:`fira_jax.axes_by_path`. ``MatrixAxes(rows=-1, cols=())`` declares a stack of
+        vectors (a scanned model's ``(layers, d)`` norm scales). Default: one norm per leaf.
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`ClipByNormGrowthState`. Integer and
@@ -96,6 +138,9 @@ def clip_by_norm_growth(gamma: float = 1.01) -> optax.GradientTransformation:
       >>> u, state = tx.update({"w": jnp.array([30.0, 40.0])}, state)  # norm 50: limited to 7.5
       >>> u["w"]
       Array([-4.5, -6. ], dtype=float32)
+      >>> stacked = fira_jax.clip_by_norm_growth(1.5, axes=fira_jax.MatrixAxes())  # (layers, m, n)
+      >>> stacked.init({"w": jnp.zeros((4, 3, 3))}).norms["w"].shape  # one norm per layer
+      (4,)
 
     References:
       Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?
@@ -104,20 +149,34 @@ def clip_by_norm_growth(gamma: float = 1.01) -> optax.GradientTransformation:
     check_float("gamma", gamma, low=1.0, high=float("inf"), high_open=False)
 
     def init_fn(params: Any) -> ClipByNormGrowthState:
-        norms = jax.tree.map(lambda p: jnp.zeros([], jnp.float32) if masks.is_float(p) else optax.MaskedNode(), params)
-        return ClipByNormGrowthState(count=jnp.zeros([], jnp.int32), norms=norms)
+        leaves, treedef = jax.tree.flatten(params)
+        norms = []
+        for p, red in zip(leaves, _norm_axes(params, axes), strict=True):
+            if not masks.is_float(p):
+                norms.append(optax.MaskedNode())
+                continue
+            shape = () if red is None else tuple(d for a, d in enumerate(p.shape) if a not in red)
+            norms.append(jnp.zeros(shape, jnp.float32))
+        return ClipByNormGrowthState(count=jnp.zeros([], jnp.int32), norms=treedef.unflatten(norms))
 
     def update_fn(updates: Any, state: ClipByNormGrowthState, params: Any = None) -> tuple[Any, ClipByNormGrowthState]:
         del params
         leaves, treedef = jax.tree.flatten(updates)
         prevs = treedef.flatten_up_to(state.norms)
         out, kept = [], []
-        for u, prev in zip(leaves, prevs, strict=True):
+        for u, prev, red in zip(leaves, prevs, _norm_axes(updates, axes), strict=True):
             if not masks.is_float(u) or not hasattr(prev, "dtype"):
                 out.append(u)
                 kept.append(prev)
                 continue
-            ell, norm = limit_norm_growth(jnp.linalg.norm(u.astype(jnp.float32)), prev, gamma, state.count == 0)
+            if tuple(prev.shape) != (() if red is None else tuple(d for a, d in enumerate(u.shape) if a not in red)):
+                raise ValueError(
+                    f"clip_by_norm_growth: an update of shape {tuple(u.shape)} meets a recorded norm of shape "
+                    f"{tuple(prev.shape)}: the state was built for other shapes or other `axes`."
+                )
+            norm = jnp.sqrt(jnp.sum(jnp.square(u.astype(jnp.float32)), axis=red))
+            ell, norm = limit_norm_growth(norm, prev, gamma, state.count == 0)
+            ell = ell if red is None else jnp.expand_dims(ell, red)
             out.append((u / ell.astype(u.dtype)).astype(u.dtype))
             kept.append(norm)
         new_state = ClipByNormGrowthState(count=optax.safe_int32_increment(state.count), norms=treedef.unflatten(kept))

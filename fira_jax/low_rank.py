@@ -22,6 +22,8 @@ carried beside the arrays, and the state is a :class:`LowRankState` of arrays.
 """
 
 import logging
+import math
+import zlib
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fira_jax import masks, sharding
+from fira_jax import masks, moments, sharding
 from fira_jax._validation import check_choice, check_float, check_int
 from fira_jax.adam import scale_by_adam
 from fira_jax.basis import RANDOM_METHODS, Basis, default_basis
@@ -59,6 +61,11 @@ class LowRankState(NamedTuple):
       norms: the norm-growth limiter (Fira, APOLLO): per selected leaf, the limited norm of the
         previous step's scaled residual (Fira) or scaled gradient (APOLLO), one float32 per
         matrix (shape ``batch``); ``optax.MaskedNode()`` elsewhere. None for GaLore.
+      index: for the refresh methods that draw random numbers (APOLLO's projection, the
+        randomized SVD, the subspace iteration), per selected leaf each matrix's index in its
+        stack (int32, shape ``batch``; :func:`matrix_keys`), ``optax.MaskedNode()`` elsewhere;
+        None for the other methods. It travels with the matrix: the per-layer step, which
+        updates one layer's slice of the state, draws what the whole-model step draws.
 
     Only arrays sit at the parameters' leaf positions, so the state survives containers that
     wrap leaves (``nnx.Optimizer`` stores it in Variables); the static layouts are recomputed
@@ -70,6 +77,28 @@ class LowRankState(NamedTuple):
     right: Any
     inner: Any
     norms: Any
+    index: Any = None
+
+
+def matrix_keys(seed: int, path: str, index: jax.Array, count: jax.Array) -> jax.Array:
+    """The PRNG key of each matrix of a leaf at a refresh: a function of the ``seed``, the leaf's
+    ``path``, the matrix's ``index`` in its stack and the refresh's step ``count``, nothing else.
+
+    Returns:
+      A key array shaped like ``index``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fira_jax.low_rank import matrix_keys
+      >>> stack = matrix_keys(0, "layers/mlp/kernel", jnp.arange(3), jnp.int32(200))
+      >>> alone = matrix_keys(0, "layers/mlp/kernel", jnp.int32(1), jnp.int32(200))  # layer 1's slice
+      >>> bool((jax.random.key_data(stack[1]) == jax.random.key_data(alone)).all())
+      True
+    """
+    leaf = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    flat = jnp.reshape(index, -1)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(leaf, i), count))(flat)
+    return keys.reshape(jnp.shape(index))
 
 
 # One selected leaf's update from its canonical G, R, N and basis, the limiter's previous norm and
@@ -135,6 +164,12 @@ def _scale_by_low_rank(
     update_proj_gap, stagger, refresh_by_shape = refresh.update_proj_gap, refresh.stagger, refresh.by_shape
     canonical_signs, oversample, seed = refresh.canonical_signs, refresh.oversample, refresh.seed
     power_iters, svd = refresh.iterations, refresh.svd if method is None else method
+    drawn = svd in RANDOM_METHODS  # the refresh draws random numbers: each matrix keeps its index
+    if refresh.moments == "reproject" and svd == "random":
+        raise ValueError(
+            "Refresh(moments='reproject') needs orthonormal bases; APOLLO's random projection is not one. "
+            "Use moments='keep' (the reference's) or 'reset', or proj='svd'."
+        )
     inner = optax.with_extra_args_support(scale_by_adam() if base_optimizer is None else base_optimizer)
 
     def tree_layouts(tree: Any) -> list[Layout | None]:
@@ -142,7 +177,7 @@ def _scale_by_low_rank(
 
     def init_fn(params: Any) -> LowRankState:
         slots, treedef = sharding.flatten(params)
-        left, right, proxies, norms = [], [], [], []
+        left, right, proxies, norms, index = [], [], [], [], []
         lays, skipped = selection(sharding.pure(params), rank, proj_type, mask, axes)
         if skipped:
             _log.warning(
@@ -162,6 +197,7 @@ def _scale_by_low_rank(
                 right.append(optax.MaskedNode())
                 proxies.append(slot)
                 norms.append(optax.MaskedNode())
+                index.append(optax.MaskedNode())
                 continue
             dtype = sharding.value(slot).dtype
             b = default_basis(lay, basis_dtype or dtype)
@@ -169,12 +205,18 @@ def _scale_by_low_rank(
             right.append(optax.MaskedNode() if b.right is None else sharding.place(b.right, slot, lay, "right"))
             proxies.append(sharding.place(jnp.zeros(lay.low_shape, dtype), slot, lay, "moments"))
             norms.append(sharding.place(jnp.zeros(lay.batch, jnp.float32), slot, lay, "norms"))
+            ids = jnp.arange(math.prod(lay.batch), dtype=jnp.int32).reshape(lay.batch)
+            index.append(sharding.place(ids, slot, lay, "norms"))
+        inner_state = inner.init(treedef.unflatten(proxies))
+        low_shapes = {i: lay.low_shape for i, lay in enumerate(lays) if lay is not None}
+        moments.check(inner_state, treedef, low_shapes, refresh.moments)
         return LowRankState(
             count=jnp.zeros([], jnp.int32),
             left=treedef.unflatten(left),
             right=treedef.unflatten(right),
-            inner=inner.init(treedef.unflatten(proxies)),
+            inner=inner_state,
             norms=treedef.unflatten(norms) if limited else None,
+            index=treedef.unflatten(index) if drawn else None,
         )
 
     def update_fn(updates: Any, state: LowRankState, params: Any = None, **extra_args: Any) -> tuple[Any, LowRankState]:
@@ -195,18 +237,28 @@ def _scale_by_low_rank(
             )
             for i in picked
         ]
-        key = jax.random.fold_in(jax.random.key(seed), state.count) if svd in RANDOM_METHODS else None
-        new = refresh_bases(
+        keys = None
+        if drawn:
+            if state.index is None:
+                raise ValueError(
+                    "this state has no matrix indices (`index`): it was not made by this transformation's init"
+                )
+            index = treedef.flatten_up_to(state.index)
+            keys = [matrix_keys(seed, lays[i].path, index[i], state.count) for i in picked]
+        new, dues = refresh_bases(
             [grads[i] for i in picked], old, state.count, update_proj_gap=update_proj_gap, stagger=stagger,
-            refresh_by_shape=refresh_by_shape, key=key, signs=canonical_signs, svd=svd, oversample=oversample,
+            refresh_by_shape=refresh_by_shape, keys=keys, signs=canonical_signs, svd=svd, oversample=oversample,
             power_iters=power_iters,
         )  # fmt: skip
         bases = dict(zip(picked, new, strict=True))
         lows = {i: bases[i].project(grads[i]) for i in picked}
 
-        # 2. N: the inner optimizer on the low-rank gradients (and on the other leaves as they are).
+        # 2. N: the inner optimizer on the low-rank gradients (and on the other leaves as they are),
+        # its moments first carried to the refreshed bases as `refresh.moments` says.
+        changes = {i: (o, n, d) for i, o, n, d in zip(picked, old, new, dues, strict=True)}
+        inner_state = moments.carry(state.inner, treedef, changes, refresh.moments)
         inner_in = [lows.get(i, leaf) for i, leaf in enumerate(leaves)]
-        coeffs, inner_state = inner.update(treedef.unflatten(inner_in), state.inner, None, **extra_args)
+        coeffs, inner_state = inner.update(treedef.unflatten(inner_in), inner_state, None, **extra_args)
         out = treedef.flatten_up_to(coeffs)  # the other leaves' updates, as the inner optimizer gives them
 
         # 3-5. Each selected leaf's update (GaLore, Fira or APOLLO), and the limiter's norm to keep.
@@ -225,6 +277,7 @@ def _scale_by_low_rank(
             right=side("right"),
             inner=inner_state,
             norms=treedef.unflatten(norms) if limited else None,
+            index=state.index,
         )
         return treedef.unflatten(out), new_state
 

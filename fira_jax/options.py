@@ -11,6 +11,7 @@ import dataclasses
 
 from fira_jax._validation import check_choice, check_float, check_int
 from fira_jax.basis import SVD_METHODS, SvdMethod
+from fira_jax.moments import MOMENT_POLICIES, MomentPolicy
 from fira_jax.residual import GRANULARITIES, Granularity
 
 
@@ -41,10 +42,19 @@ class Refresh:
         leaf has its own refresh, which waits only for that leaf's gradient.
       canonical_signs: fix each singular vector's sign so that its largest entry is positive.
         SVD signs are implementation-defined (LAPACK, cuSOLVER and TPU differ), and because the
-        moments carry over across refreshes the signs shape the trajectory; this makes runs agree
-        across backends. Off by default to follow the reference implementation.
-      seed: seed of the random probes and of APOLLO's projections (folded with the step and the
-        leaf).
+        moments are kept across refreshes the signs shape the trajectory: with the reference's
+        own signs, the same seed trains differently on each backend. On by default (a deviation
+        from the reference, which uses whatever its SVD returns: docs/semantics.md); ``False``
+        is the reference's behaviour.
+      moments: what the inner optimizer's moments become at a refresh
+        (:mod:`fira_jax.moments`): ``"keep"`` (the reference's: the numbers stay, read in the new
+        coordinates), ``"reset"`` (zeros for the refreshed matrices) or ``"reproject"`` (carried
+        into the new basis: ``mu C``, ``nu (C ⊙ C)``; independent of the SVD's signs). Which to
+        pick, with the losses each gives: :doc:`family`.
+      seed: seed of the random probes and of APOLLO's projections: each matrix's draws are a
+        function of the seed, the refresh's step, the leaf's path and the matrix's index in its
+        stack (:func:`fira_jax.low_rank.matrix_keys`), so a layer draws the same numbers in the
+        whole-model step and in the per-layer step.
 
     Example:
       >>> import fira_jax
@@ -58,7 +68,8 @@ class Refresh:
     power_iters: int | None = None
     stagger: bool = False
     by_shape: bool = False
-    canonical_signs: bool = False
+    canonical_signs: bool = True
+    moments: MomentPolicy = "keep"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +79,7 @@ class Refresh:
         if self.power_iters is not None:
             check_int("power_iters", self.power_iters, 0)
         check_int("seed", self.seed, 0)
+        check_choice("moments", self.moments, MOMENT_POLICIES)
 
     @property
     def iterations(self) -> int:

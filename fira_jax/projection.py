@@ -13,6 +13,7 @@ and the step holds one matrix's SVD workspace at a time.
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from fira_jax import sharding
 from fira_jax.basis import Basis, top_singular_bases
@@ -66,9 +67,9 @@ def refresh_bases(
     update_proj_gap: Any,
     stagger: bool = False,
     refresh_by_shape: bool = False,
-    key: jax.Array | None = None,
+    keys: list[jax.Array] | None = None,
     **svd_options: Any,
-) -> list[Basis]:
+) -> tuple[list[Basis], list[jax.Array]]:
     """The bases for this step: ``old``, or the gradients' top singular vectors where due.
 
     One ``lax.cond`` per leaf: it waits only for that leaf's gradient and decomposes its
@@ -85,27 +86,31 @@ def refresh_bases(
       update_proj_gap: ``T``.
       stagger: spread the leaves over the gap (:func:`fira_jax.projection.refresh_groups`).
       refresh_by_shape: one cond per matrix shape instead of per leaf.
-      key: this step's key for the methods that draw random numbers (the randomized SVD, the
-        subspace iteration's probes, APOLLO's projection); leaf ``j`` uses ``fold_in(key, j)``.
+      keys: for the methods that draw random numbers (the randomized SVD, the subspace
+        iteration's probes, APOLLO's projection), per gradient one key per matrix (shape
+        ``batch``: :func:`fira_jax.low_rank.matrix_keys`).
       **svd_options: ``signs``, ``svd``, ``oversample``, ``power_iters`` of
         :func:`fira_jax.basis.top_singular_bases`.
 
     Returns:
-      One :class:`fira_jax.Basis` per gradient.
+      One :class:`fira_jax.Basis` per gradient, and per gradient whether its refresh was due at
+      this step (a traced bool).
     """
 
     def decompose(members: list[int]) -> list[Basis]:
-        keys = None if key is None else [jax.random.fold_in(key, j) for j in members]
+        picked = None if keys is None else [keys[j] for j in members]
         return top_singular_bases(
-            [grads[j] for j in members], [old[j] for j in members], keys=keys, first=count == 0, **svd_options
+            [grads[j] for j in members], [old[j] for j in members], keys=picked, first=count == 0, **svd_options
         )
 
-    new = list(old)
+    new, dues = list(old), [jnp.zeros((), bool)] * len(old)
     for offset, members in refresh_groups(len(grads), update_proj_gap, stagger):
         due = refresh_due(count, offset, update_proj_gap)
+        for j in members:
+            dues[j] = due
         groups = shape_groups(members, grads, old) if refresh_by_shape else [[j] for j in members]
         for group in groups:
             bases = jax.lax.cond(due, lambda g=group: decompose(g), lambda g=group: [old[j] for j in g])
             for j, b in zip(group, bases, strict=True):
                 new[j] = b
-    return new
+    return new, dues

@@ -150,8 +150,14 @@ def test_bf16_gradient_svd_in_float32():
     tx = fira_jax.scale_by_galore(2, refresh=fira_jax.Refresh(update_proj_gap=5))
     dense, state = tx.update({"w": g}, tx.init({"w": jnp.zeros((6, 4), jnp.bfloat16)}))
     assert state.right["w"].dtype == jnp.bfloat16
-    assert state.inner.mu["w"].dtype == jnp.bfloat16  # Adam's moments take R's dtype
+    # Adam's moments are float32 for bf16 parameters (b2 = 0.999 is 1 in bf16), unless asked otherwise.
+    assert state.inner.mu["w"].dtype == state.inner.nu["w"].dtype == jnp.float32
     assert dense["w"].dtype == jnp.bfloat16
+    low = fira_jax.scale_by_galore(
+        2, base_optimizer=fira_jax.scale_by_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+    )
+    kept = low.init({"w": jnp.zeros((6, 4), jnp.bfloat16)})
+    assert kept.inner.mu["w"].dtype == kept.inner.nu["w"].dtype == jnp.bfloat16
     tx32 = project(2, update_proj_gap=5, basis_dtype=jnp.float32)
     _, state32 = tx32.update({"w": g}, tx32.init({"w": jnp.zeros((6, 4), jnp.bfloat16)}))
     assert state32.right["w"].dtype == jnp.float32
