@@ -70,3 +70,19 @@ def test_adam_bias_correction_schedule():
 def test_scale_by_adam_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fira_jax.scale_by_adam(**kwargs)
+
+
+def test_bf16_parameters_get_float32_moments_that_decay(variant):
+    """In bf16, b2 = 0.999 rounds to 1 and nu never decays; the default float32 moments decay as Adam's."""
+    tx = fira_jax.scale_by_adam()
+    params = {"w": jnp.zeros(4, jnp.bfloat16)}
+    state = tx.init(params)
+    assert state.mu["w"].dtype == state.nu["w"].dtype == jnp.float32
+    step = variant(tx.update)
+    out, state = step({"w": jnp.ones(4, jnp.bfloat16)}, state)
+    assert out["w"].dtype == jnp.bfloat16  # the update keeps the gradient's dtype
+    for _ in range(100):
+        _, state = step({"w": jnp.zeros(4, jnp.bfloat16)}, state)
+    np.testing.assert_allclose(np.asarray(state.nu["w"]), 1e-3 * 0.999**100, rtol=1e-4)
+    low = fira_jax.scale_by_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)  # the opt-out
+    assert low.init(params).nu["w"].dtype == jnp.bfloat16

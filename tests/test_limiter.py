@@ -14,7 +14,7 @@ def np_limiter(residuals, gamma):
     out = []
     for r in residuals:
         norm = np.linalg.norm(r)
-        if s is None:
+        if s is None or s <= 1e-8:  # the first step, or after a zero norm: record (the limiter re-arms)
             s = norm
         else:
             ell = max(norm / (s + 1e-8), gamma) / gamma if np.isfinite(gamma) else 1.0
@@ -156,3 +156,64 @@ def test_clip_by_norm_growth_inside_multisteps_and_apply_if_finite():
 def test_clip_by_norm_growth_bad_gamma():
     with pytest.raises(ValueError, match="gamma"):
         fira_jax.clip_by_norm_growth(0.9)
+
+
+def test_limiter_rearms_after_a_zero_norm(variant):
+    """A recorded norm of 0 (a zero first gradient) does not limit the next step: it records instead."""
+    ell, kept = variant(fira_jax.limit_norm_growth)(jnp.asarray([5.0, 5.0]), jnp.asarray([0.0, 1.0]), 1.01, False)
+    np.testing.assert_allclose(np.asarray(ell), [1.0, 5.0 / 1.01], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(kept), [5.0, 1.01], rtol=1e-6)
+
+
+def test_clip_by_norm_growth_after_a_zero_first_update(variant):
+    tx = fira_jax.clip_by_norm_growth(1.01)
+    state = tx.init({"w": jnp.zeros(3)})
+    step = variant(tx.update)
+    _, state = step({"w": jnp.zeros(3)}, state)  # a zero first update: recorded norm 0
+    u, state = step({"w": jnp.asarray([3.0, 4.0, 0.0])}, state)
+    np.testing.assert_allclose(np.asarray(u["w"]), [3.0, 4.0, 0.0])  # passes: the limiter re-arms
+    u, _ = step({"w": jnp.asarray([30.0, 40.0, 0.0])}, state)
+    np.testing.assert_allclose(float(jnp.linalg.norm(u["w"])), 5.0 * 1.01, rtol=1e-6)  # and limits again
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fira_jax.scale_by_fira(2, refresh=fira_jax.Refresh(update_proj_gap=50)),
+    lambda: fira_jax.scale_by_apollo(2, refresh=fira_jax.Refresh(update_proj_gap=50)),
+])  # fmt: skip
+def test_zero_first_gradient_does_not_freeze_the_update(make):
+    """After a zero first gradient and 20 ordinary steps, the update is the size it is without the
+    zero step (within 2x: the moments differ by one step), not ~1e-8 of it (the reference's freeze)."""
+    rng = np.random.default_rng(0)
+    grads = [{"w": jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)} for _ in range(20)]
+    tx = make()
+    params = {"w": jnp.zeros((12, 8))}
+    step = jax.jit(tx.update)
+
+    def last_norm(seq):
+        state = tx.init(params)
+        for g in seq:
+            u, state = step(g, state)
+        return float(jnp.linalg.norm(u["w"]))
+
+    normal, after_zero = last_norm(grads), last_norm([{"w": jnp.zeros((12, 8))}, *grads])
+    assert 0.5 < after_zero / normal < 2.0, (after_zero, normal)
+
+
+def test_clip_by_norm_growth_one_norm_per_matrix_of_a_stack(variant):
+    """With axes declared, each matrix of a stack is limited by its own past: one exploding layer
+    does not clip the others (NumPy transcription per layer)."""
+    rng = np.random.default_rng(1)
+    seq = [rng.standard_normal((3, 4, 5)).astype(np.float32) for _ in range(4)]
+    seq[2][1] *= 100.0  # layer 1 explodes at step 2
+    tx = fira_jax.clip_by_norm_growth(1.5, axes=fira_jax.MatrixAxes())
+    state = tx.init({"w": jnp.zeros((3, 4, 5))})
+    step = variant(tx.update)
+    got = []
+    for g in seq:
+        u, state = step({"w": jnp.asarray(g)}, state)
+        got.append(np.asarray(u["w"]))
+    for layer in range(3):
+        want = np_limiter([g[layer] for g in seq], 1.5)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a[layer], b, rtol=1e-5)
+    assert state.norms["w"].shape == (3,)

@@ -429,3 +429,22 @@ def test_integer_leaves_are_left_out_by_the_default_mask():
     tx = fira_jax.fira(1e-2, rank=2)
     updates, _ = tx.update(params, tx.init(params), params)
     assert not jnp.any(updates["ids"])  # not trained: a zero update (docs/reliability.md)
+
+
+def test_subspace_first_refresh_starts_from_its_gaussian_probes():
+    """svd="subspace" has no previous basis at its first refresh: it runs the randomized range finder
+    from rank + oversample Gaussian probes (drawn with the matrix's key), not an iteration from the
+    default basis (the first r coordinate vectors)."""
+    from fira_jax.basis import randomized_svd, subspace_iteration
+    from fira_jax.low_rank import matrix_keys
+
+    g = jnp.asarray(np.random.default_rng(7).standard_normal((40, 30)), jnp.float32)  # 11 probes of 30 columns
+    refresh = fira_jax.Refresh(update_proj_gap=5, svd="subspace", canonical_signs=False, power_iters=0, seed=4)
+    tx = fira_jax.scale_by_galore(3, refresh=refresh)
+    _, state = tx.update({"w": g}, tx.init({"w": jnp.zeros((40, 30))}))
+    key = matrix_keys(4, "w", jnp.int32(0), jnp.int32(0))
+    _, cold = randomized_svd(g, 3, "right", key, 8, 0)
+    np.testing.assert_allclose(np.asarray(state.right["w"]), np.asarray(cold), atol=1e-5)
+    _, warm = subspace_iteration(g, jnp.eye(30, 3), 3, "right", key, 8, 0)  # from the default basis
+    overlap = np.abs(np.asarray(state.right["w"]) @ np.asarray(warm).T).max(axis=1)
+    assert overlap.min() < 0.9, overlap  # another subspace, not the same one up to signs

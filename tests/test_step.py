@@ -36,12 +36,26 @@ def _optimizer(name: str) -> optax.GradientTransformation:
     machine). Canonical signs keep both steps' refreshes alike, so their parameters can be compared."""
     if name == "adamw":
         return optim.make_optimizer(name, 1e-2, rank=4, update_proj_gap=2, weight_decay=0.1)
+    if name in ("apollo", "apollo-mini"):  # random projections: each layer draws its own, in both steps
+        return optim.make_optimizer(name, 1e-2, rank=4, update_proj_gap=2, weight_decay=0.1)
+    if name == "adamw+limiter":  # one norm per layer's matrix (or vector) of the stack, in both steps
+        return optax.chain(
+            optim.make_optimizer("adamw", 1e-2, rank=4), fira_jax.clip_by_norm_growth(1.01, axes=_STACKED)
+        )
     build = {"fira": fira_jax.fira, "galore": fira_jax.galore}[name]
     return build(1e-2, rank=4, update_proj_gap=2, weight_decay=0.1, axes=optim.TARGET_AXES, canonical_signs=True,
                  weight_decay_mask=fira_jax.mask_by_path(*optim.DECAY_MODULES))  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["adamw", "galore", "fira"])
+# The scanned blocks' kernels are stacks of matrices, their norm scales stacks of vectors (a layer's
+# slice: one matrix, one vector), for a limiter with one norm per layer's matrix or vector.
+_STACKED = fira_jax.axes_by_path(
+    {"layers/attn/": fira_jax.MatrixAxes(), "layers/mlp/": fira_jax.MatrixAxes(),
+     "layers/": fira_jax.MatrixAxes(rows=-1, cols=())}
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore", "fira", "apollo", "apollo-mini", "adamw+limiter"])
 def test_per_layer_updates_train_as_the_whole_model_step(name):
     """Five steps, refreshes at 0, 2 and 4: the same losses and parameters as one nnx.Optimizer."""
     batches = jax.random.randint(jax.random.key(1), (5, 2, 17), 0, CFG.vocab_size)
