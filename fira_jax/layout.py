@@ -148,6 +148,81 @@ def layouts(tree: Any, rank: int, proj_type: str, mask: masks.Mask = None, axes:
     return selection(tree, rank, proj_type, mask, axes)[0]
 
 
+BIAS_NAMES = ("bias",)  # Flax's name of a layer's bias
+
+
+def as_matrix_axes(axes: Any) -> Any:
+    """``axes`` as a :class:`MatrixAxes`: optax.contrib's ``MuonDimensionNumbers`` and
+    ``GaLoreDimensionNumbers`` (``reduction_axis`` -> rows, ``output_axis`` -> cols, the other axes
+    stacked) are what optax's own Muon and GaLore users write; anything else is returned as is."""
+    if isinstance(axes, MatrixAxes) or axes is None:
+        return axes
+    if type(axes).__name__ in ("MuonDimensionNumbers", "GaLoreDimensionNumbers"):
+
+        def norm(a: Any) -> int | tuple[int, ...]:
+            return a if isinstance(a, int) else tuple(a)
+
+        return MatrixAxes(rows=norm(axes.reduction_axis), cols=norm(axes.output_axis))
+    return axes
+
+
+def _is_global(axes: Any) -> bool:
+    """Whether ``axes`` is one declaration for every leaf (rather than a tree or a callable)."""
+    return isinstance(as_matrix_axes(axes), MatrixAxes)
+
+
+def not_matrices(tree: Any) -> dict[int, str]:
+    """See :func:`structure`: its first half."""
+    return structure(tree)[0]
+
+
+def structure(tree: Any) -> tuple[dict[int, str], dict[int, int]]:
+    """The 2-D leaves of ``tree`` that are not matrices by their place in the tree, with why (by
+    leaf index in flattening order):
+
+    * a stack of vectors: under a module in which every leaf has at least 2 axes and the same
+      first axis ``L``, and some leaf more than 2 (a scanned or vmapped stack of layers: its
+      ``(L, d)`` norm scales and biases beside its ``(L, m, n)`` kernels);
+    * the bias of a ``DenseGeneral`` (``MultiHeadAttention``'s ``(heads, head_dim)``): a leaf
+      named ``bias`` whose shape is the trailing axes of a sibling with more axes.
+
+    And, second, the leaves with more than 2 axes in such a stack of layers, with its ``L``.
+    """
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+    names = [tuple(masks.path_str(path).split("/")) for path, _ in with_path]
+    shapes = [tuple(getattr(leaf, "shape", ())) for _, leaf in with_path]
+    under: dict[tuple[str, ...], list[int]] = {}
+    for i, name in enumerate(names):
+        for k in range(len(name)):
+            under.setdefault(name[:k], []).append(i)
+    stacks: dict[tuple[str, ...], int] = {}  # module -> L, for the modules that are stacks of layers
+    for module, members in under.items():
+        leading = {shapes[i][0] if len(shapes[i]) >= 2 else None for i in members}
+        if len(leading) == 1 and None not in leading and any(len(shapes[i]) > 2 for i in members):
+            stacks[module] = leading.pop()
+    out, kernels = {}, {}
+    for i, name in enumerate(names):
+        stacked = [m for m in stacks if name[: len(m)] == m]
+        if len(shapes[i]) > 2 and stacked:
+            kernels[i] = stacks[min(stacked, key=len)]
+        if len(shapes[i]) != 2:
+            continue
+        if stacked:
+            module = min(stacked, key=len)
+            where = "/".join(module) + "/" if module else "the tree"
+            out[i] = (f"shape {shapes[i]}: a stack of {stacks[module]} vectors, not a matrix (every leaf under "
+                      f"{where} stacks {stacks[module]} layers on its first axis)")  # fmt: skip
+            continue
+        if name[-1] not in BIAS_NAMES:
+            continue
+        for j in under.get(name[:-1], []):
+            if len(shapes[j]) > 2 and shapes[j][-2:] == shapes[i]:
+                out[i] = (f"shape {shapes[i]}: the bias of '{'/'.join(names[j])}' {shapes[j]} (its trailing axes), "
+                          "not a matrix")  # fmt: skip
+                break
+    return out, kernels
+
+
 def selection(
     tree: Any, rank: int, proj_type: str, mask: masks.Mask = None, axes: Any = None
 ) -> tuple[list[Layout | None], list[tuple[str, str]]]:
@@ -161,39 +236,53 @@ def selection(
       floating-point leaves with exactly two axes are, and those with more only where a
       :class:`MatrixAxes` for every leaf declares them: an undeclared leaf with more axes (a
       ``DenseGeneral`` or ``MultiHeadAttention`` kernel, a stack of layers) is left full-rank.
+    * A 2-D leaf whose place in the tree says it is not a matrix (:func:`not_matrices`: a
+      scanned model's ``(layers, d)`` norm scales and biases, a ``DenseGeneral``'s
+      ``(heads, head_dim)`` bias) is left full-rank unless its axes are declared leaf by leaf.
     * With an explicit ``mask``, a selected leaf with fewer than two axes or not floating is an
       error; one with more axes and no declared ``axes`` is left full-rank.
     * Either way, a matrix whose smaller side is at most ``rank`` is left full-rank: projecting
       it would keep at least Adam's state and add a decomposition every refresh.
 
-    Leaves left full-rank get the subspace optimizer on their whole gradient (as unselected leaves
-    do); the transformations' ``init`` logs them once (logger ``"fira_jax"``, a warning).
+    Declarations may also be optax.contrib's ``MuonDimensionNumbers`` or
+    ``GaLoreDimensionNumbers`` (:func:`as_matrix_axes`). Leaves left full-rank get the subspace
+    optimizer on their whole gradient (as unselected leaves do); the transformations' ``init``
+    logs, once, every projected leaf and every leaf left full-rank with the reason
+    (:func:`describe`).
     """
     with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
-    if isinstance(axes, MatrixAxes):
-        leaf_axes: list[Any] = [axes] * len(with_path)
+    per_leaf = axes is not None and not _is_global(axes)
+    if not per_leaf:
+        leaf_axes: list[Any] = [as_matrix_axes(axes)] * len(with_path)
     else:
-        leaf_axes = masks.resolve_per_leaf(tree, axes, lambda x: None, "axes")
+        leaf_axes = [as_matrix_axes(a) for a in masks.resolve_per_leaf(tree, axes, lambda x: None, "axes")]
 
     if mask is None:
-        per_leaf = axes is not None and not isinstance(axes, MatrixAxes)
         selected = [
             getattr(leaf, "ndim", 0) >= 2 and masks.is_float(leaf) and (ax is not None or not per_leaf)
             for (_, leaf), ax in zip(with_path, leaf_axes, strict=True)
         ]
     else:
         selected = masks.resolve_per_leaf(tree, mask, lambda x: None, "mask")
+    vectors, kernels = ({}, {}) if per_leaf else structure(tree)
     out: list[Layout | None] = []
     skipped: list[tuple[str, str]] = []
-    for (path, leaf), sel, ax in zip(with_path, selected, leaf_axes, strict=True):
+    for i, ((path, leaf), sel, ax) in enumerate(zip(with_path, selected, leaf_axes, strict=True)):
         name = masks.path_str(path)
         if not isinstance(sel, bool | np.bool_):
             raise TypeError(f"`mask` must hold bools; got {sel!r} for leaf '{name}'.")
         if not sel:
             out.append(None)
             continue
+        if i in vectors:
+            skipped.append((name, vectors[i]))
+            out.append(None)
+            continue
         if getattr(leaf, "ndim", 0) > 2 and ax is None:
-            skipped.append((name, f"shape {tuple(leaf.shape)}: more than 2 axes and no `axes` declared for it"))
+            why = f"shape {tuple(leaf.shape)}: more than 2 axes and no `axes` declared for it"
+            if i in kernels:
+                why += f"; it stacks {kernels[i]} layers' matrices"
+            skipped.append((name, why))
             out.append(None)
             continue
         lay = layout(name, leaf, ax, rank, proj_type)
@@ -203,6 +292,30 @@ def selection(
             continue
         out.append(lay)
     return out, skipped
+
+
+def describe(lays: list[Layout | None], skipped: list[tuple[str, str]]) -> str:
+    """What a selection does, in one message: every projected leaf with its matrix shape and rank,
+    every selected leaf left full-rank with the reason, and, for undeclared stacks of layers, the
+    declaration that would project them."""
+    projected = [
+        f"{lay.path} ({lay.m} x {lay.n}{f' x{math.prod(lay.batch)} stacked' if lay.batch else ''}, rank {lay.rank})"
+        for lay in lays
+        if lay is not None
+    ]
+    parts = [f"fira_jax: {len(projected)} leaves projected: " + ("; ".join(projected) or "none")]
+    if skipped:
+        parts.append(
+            f"{len(skipped)} selected leaves left full-rank (the subspace optimizer on their whole gradient): "
+            + "; ".join(f"{path} ({why})" for path, why in skipped)
+        )
+        stacked = sorted({path for path, why in skipped if "layers' matrices" in why})
+        if stacked:
+            rules = ", ".join(f'"{path}": fira_jax.MatrixAxes()' for path in stacked)
+            parts.append(
+                f"to project the stacked layers' matrices, declare them: axes=fira_jax.axes_by_path({{{rules}}})"
+            )
+    return ". ".join(parts)
 
 
 def axes_by_path(rules: dict[str, MatrixAxes]) -> Callable[[Any], Any]:

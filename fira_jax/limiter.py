@@ -30,7 +30,7 @@ import optax
 
 from fira_jax import masks
 from fira_jax._validation import check_float
-from fira_jax.layout import MatrixAxes, matrix_axes
+from fira_jax.layout import MatrixAxes, as_matrix_axes, matrix_axes
 from fira_jax.residual import NORM_EPS
 
 
@@ -81,10 +81,10 @@ def _norm_axes(tree: Any, axes: Any) -> list[tuple[int, ...] | None]:
     with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
     if axes is None:
         return [None] * len(with_path)
-    if isinstance(axes, MatrixAxes):
-        declared: list[Any] = [axes if getattr(leaf, "ndim", 0) >= 2 else None for _, leaf in with_path]
+    if isinstance(as_matrix_axes(axes), MatrixAxes):
+        declared: list[Any] = [as_matrix_axes(axes) if getattr(leaf, "ndim", 0) >= 2 else None for _, leaf in with_path]
     else:
-        declared = masks.resolve_per_leaf(tree, axes, lambda x: None, "axes")
+        declared = [as_matrix_axes(a) for a in masks.resolve_per_leaf(tree, axes, lambda x: None, "axes")]
     out = []
     for (path, leaf), ax in zip(with_path, declared, strict=True):
         if ax is None or not masks.is_float(leaf):

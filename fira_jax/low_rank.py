@@ -35,7 +35,7 @@ from fira_jax import masks, moments, sharding
 from fira_jax._validation import check_choice, check_float, check_int
 from fira_jax.adam import scale_by_adam
 from fira_jax.basis import RANDOM_METHODS, Basis, default_basis
-from fira_jax.layout import PROJ_TYPES, Layout, ProjType, layouts, selection
+from fira_jax.layout import PROJ_TYPES, Layout, ProjType, describe, layouts, selection
 from fira_jax.limiter import limit_norm_growth
 from fira_jax.options import Refresh, Residual
 from fira_jax.projection import refresh_bases
@@ -180,10 +180,9 @@ def _scale_by_low_rank(
         left, right, proxies, norms, index = [], [], [], [], []
         lays, skipped = selection(sharding.pure(params), rank, proj_type, mask, axes)
         if skipped:
-            _log.warning(
-                "fira_jax: %d selected leaves left full-rank (the subspace optimizer on their whole gradient): %s",
-                len(skipped), "; ".join(f"{path} ({why})" for path, why in skipped),
-            )  # fmt: skip
+            _log.warning("%s", describe(lays, skipped))
+        elif any(lay is not None for lay in lays):
+            _log.info("%s", describe(lays, skipped))
         elif slots and all(lay is None for lay in lays):  # a mask matching nothing (a typo) saves nothing
             paths = [masks.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(sharding.pure(params))[0]]
             _log.warning(

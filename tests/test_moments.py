@@ -60,8 +60,8 @@ def test_moments_at_a_refresh_match_numpy(policy, proj_type):
         np.testing.assert_allclose(np.asarray(after.inner.mu["w"]), B1 * mu + (1 - B1) * low, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(after.inner.nu["w"]), B2 * nu + (1 - B2) * low**2, rtol=1e-5, atol=1e-7)
     if policy != "keep":  # the policy did something: the bases changed at the refreshes
-        assert not np.allclose(np.asarray(states[GAP].right["w"] if side == "right" else states[GAP].left["w"]),
-                               np.asarray(states[GAP + 1].right["w"] if side == "right" else states[GAP + 1].left["w"]))  # fmt: skip
+        before, after = getattr(states[GAP], side)["w"], getattr(states[GAP + 1], side)["w"]
+        assert not np.allclose(np.asarray(before), np.asarray(after))
 
 
 def test_reprojection_is_blind_to_the_svd_signs():

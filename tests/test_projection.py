@@ -375,7 +375,9 @@ def test_leaves_with_more_axes_are_not_guessed(caplog):
     message = record.getMessage()
     for name in ("query", "key", "value", "out"):
         assert f"{name}/kernel (shape" in message and "no `axes` declared" in message
-    assert "query/bias (4 x 16 matrix: rank 8 is not below its smaller side)" in message
+    # MultiHeadAttention's (heads, head_dim) biases are not matrices, whatever the rank.
+    assert "query/bias (shape (4, 16): the bias of 'query/kernel' (64, 4, 16)" in message
+    assert "to project the stacked" not in message  # no stack of layers here: nothing to suggest
 
 
 @pytest.mark.parametrize("variant_name", ["galore", "fira", "apollo"])
@@ -448,3 +450,66 @@ def test_subspace_first_refresh_starts_from_its_gaussian_probes():
     _, warm = subspace_iteration(g, jnp.eye(30, 3), 3, "right", key, 8, 0)  # from the default basis
     overlap = np.abs(np.asarray(state.right["w"]) @ np.asarray(warm).T).max(axis=1)
     assert overlap.min() < 0.9, overlap  # another subspace, not the same one up to signs
+
+
+def test_default_selection_reads_a_scanned_model(caplog):
+    """No declaration: a (16, 64) norm stack beside (16, 64, 64) kernels in a scanned module is a
+    stack of vectors, not a matrix; the stacked kernels stay full-rank and the log says, once,
+    what is projected, what is not and why, and the one line that would project the kernels."""
+    params = {
+        "embed": jnp.zeros((100, 64)),  # an ordinary 2-D matrix: projected
+        "layers": {"attn": {"kernel": jnp.zeros((16, 64, 64))}, "norm": {"scale": jnp.zeros((16, 64))}},
+        "final_norm": {"scale": jnp.zeros(64)},
+    }
+    tx = fira_jax.scale_by_fira(rank=4)
+    with caplog.at_level("INFO", logger="fira_jax"):
+        state = tx.init(params)
+    assert state.right["embed"].shape == (4, 64)
+    assert isinstance(state.right["layers"]["norm"]["scale"], optax.MaskedNode)
+    assert isinstance(state.left["layers"]["norm"]["scale"], optax.MaskedNode)
+    assert isinstance(state.right["layers"]["attn"]["kernel"], optax.MaskedNode)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "1 leaves projected: embed (100 x 64, rank 4)" in message
+    assert "layers/norm/scale (shape (16, 64): a stack of 16 vectors" in message
+    assert "layers/attn/kernel (shape (16, 64, 64): more than 2 axes" in message
+    rule = 'axes=fira_jax.axes_by_path({"layers/attn/kernel": fira_jax.MatrixAxes()})'
+    assert rule in message
+    declared = fira_jax.scale_by_fira(rank=4, axes=fira_jax.axes_by_path({"layers/attn/kernel": fira_jax.MatrixAxes()}))
+    assert declared.init(params).right["layers"]["attn"]["kernel"].shape == (16, 4, 64)  # the suggestion works
+
+
+def test_default_selection_of_flax_layers():
+    """MultiHeadAttention's (heads, head_dim) bias is not projected even where the rank is below its
+    sides; a Dense kernel is; DenseGeneral and convolution kernels stay full-rank (undeclared)."""
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+    model = nnx.Dict(
+        attn=nnx.MultiHeadAttention(num_heads=8, in_features=256, qkv_features=256, decode=False, rngs=rngs),
+        dense=nnx.Linear(256, 128, rngs=rngs),
+        general=nnx.LinearGeneral(256, (4, 32), rngs=rngs),
+        conv=nnx.Conv(8, 16, kernel_size=(3, 3), rngs=rngs),
+    )
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert params["attn"]["query"]["bias"].shape == (8, 32)
+    state = fira_jax.scale_by_galore(rank=4).init(params)
+    assert isinstance(state.right["attn"]["query"]["bias"], optax.MaskedNode)
+    assert isinstance(state.left["attn"]["query"]["bias"], optax.MaskedNode)
+    assert state.right["dense"]["kernel"].shape == (4, 128)
+    for name in ("general", "conv"):
+        assert isinstance(state.right[name]["kernel"], optax.MaskedNode)
+    assert isinstance(state.right["attn"]["query"]["kernel"], optax.MaskedNode)
+
+
+@pytest.mark.parametrize("numbers", ["MuonDimensionNumbers", "GaLoreDimensionNumbers"])
+def test_optax_dimension_numbers_declare_matrices(numbers):
+    """The trees optax's Muon and GaLore users write declare the matrices here too."""
+    dims = getattr(optax.contrib, numbers)
+    params = {"qkv": jnp.zeros((64, 4, 16)), "stack": jnp.zeros((3, 32, 48))}
+    axes = {"qkv": dims(reduction_axis=0, output_axis=(1, 2)), "stack": dims(reduction_axis=1, output_axis=2)}
+    state = fira_jax.scale_by_galore(rank=4, axes=axes).init(params)
+    assert state.right["qkv"].shape == (4, 64)  # one 64 x 64 matrix
+    assert state.left["stack"].shape == (3, 32, 4)  # three 32 x 48 matrices (std: the left side)
+    clip = fira_jax.clip_by_norm_growth(axes=axes).init(params)
+    assert clip.norms["qkv"].shape == () and clip.norms["stack"].shape == (3,)
