@@ -40,6 +40,12 @@ class TrainConfig:
     svd: str = _field("exact", "how Fira and GaLore refresh their bases (see fira_jax.scale_by_fira)",
                       choices=("exact", "randomized", "subspace", "gram"))  # fmt: skip
     update_proj_gap: int = _field(200, "steps between refreshes of the projection")
+    moments: str = _field(
+        "keep",
+        "what Adam's moments become at a refresh (fira_jax.Refresh): kept as the authors' "
+        "code, reset, or re-projected onto the new basis",
+        choices=("keep", "reset", "reproject"),
+    )
     gamma: float = _field(1.01, "Fira's norm-growth limit; inf disables it")
     weight_decay: float = _field(0.0, "decoupled weight decay, on the kernels only")
     ablation: str = _field("none", "Fira ablations (paper Table 5)", choices=optim.ABLATIONS)
@@ -255,6 +261,8 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"--data {cfg.data}: no such file or folder")
     if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"--grad-accum {cfg.grad_accum} must be >= 1 and divide --batch-size {cfg.batch_size}")
+    if cfg.moments == "reproject" and cfg.optimizer.startswith("apollo"):
+        raise ValueError("--moments reproject needs orthonormal bases: APOLLO's random projection is not one")
     if cfg.grad_clip is not None and not cfg.grad_clip >= 0:
         raise ValueError(f"--grad-clip must be > 0 (or 0: no clipping), got {cfg.grad_clip}")
     if cfg.per_layer_updates and (cfg.grad_accum > 1 or cfg.grad_clip or cfg.ablation == "grad-clip"):

@@ -40,11 +40,13 @@ def make_optimizer(
     svd: str = "exact",
     refresh_by_shape: bool = False,
     apollo_scale: float | None = None,
+    moments: str = "keep",
 ) -> optax.GradientTransformation:
     """Builds one of :data:`OPTIMIZERS`; ``ablation`` applies to Fira only, ``svd`` and
     ``refresh_by_shape`` to Fira and GaLore (and APOLLO's refresh, which draws a random projection
     instead of an SVD), ``apollo_scale`` to APOLLO (default :data:`APOLLO_SCALES`); ``scale`` is
-    Fira's and GaLore's.
+    Fira's and GaLore's; ``moments`` (what Adam's moments become at a refresh: ``fira_jax.Refresh``)
+    to all three.
 
     The projected leaves are declared by path (:data:`TARGET_AXES`): every kernel under "attn/" and
     "mlp/" is a stack of matrices over its last two axes, one per layer of the scanned model (or
@@ -55,7 +57,7 @@ def make_optimizer(
         return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=decay_mask)
     if name in APOLLO_SCALES:
         common = {"update_proj_gap": update_proj_gap, "weight_decay": weight_decay, "gamma": gamma,
-                  "weight_decay_mask": decay_mask, "axes": TARGET_AXES,
+                  "weight_decay_mask": decay_mask, "axes": TARGET_AXES, "moments": moments,
                   "scale": APOLLO_SCALES[name] if apollo_scale is None else apollo_scale}  # fmt: skip
         if name == "apollo-mini":
             return fira_jax.apollo_mini(learning_rate, **common)
@@ -64,6 +66,7 @@ def make_optimizer(
         return fira_jax.galore(
             learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
             weight_decay_mask=decay_mask, svd=svd, refresh_by_shape=refresh_by_shape, axes=TARGET_AXES,
+            moments=moments,
         )  # fmt: skip
     if name != "fira":
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
@@ -75,7 +78,7 @@ def make_optimizer(
     tx = fira_jax.fira(
         learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
         gamma=gamma, granularity=granularity, weight_decay_mask=decay_mask, svd=svd,
-        refresh_by_shape=refresh_by_shape, axes=TARGET_AXES,
+        refresh_by_shape=refresh_by_shape, axes=TARGET_AXES, moments=moments,
     )  # fmt: skip
     if ablation == "grad-clip":
         tx = optax.chain(optax.clip_by_global_norm(1.0), tx)

@@ -84,7 +84,7 @@ def build(cfg: TrainConfig, vocab_size: int = 256, eos_token_id: int | None = No
     tx = optim.make_optimizer(
         cfg.optimizer, sched, rank=cfg.resolved_rank(), scale=cfg.scale, update_proj_gap=cfg.update_proj_gap,
         gamma=cfg.gamma, weight_decay=cfg.weight_decay, ablation=cfg.ablation, svd=cfg.svd,
-        apollo_scale=cfg.apollo_scale,
+        apollo_scale=cfg.apollo_scale, moments=cfg.moments,
     )  # fmt: skip
     if cfg.grad_clip:  # None or 0: no clipping
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
