@@ -275,7 +275,7 @@ def part_update(smoke: bool, emit: Callable[[dict], None]) -> None:
         n_params = sum(x.size for x in params.values())
         jax_rows = {
             "fira_jax.fira": fira_jax.fira(lr, rank=rank, update_proj_gap=gap),
-            "fira_jax.fira subspace": fira_jax.fira(lr, rank=rank, update_proj_gap=gap, svd="subspace"),
+            "fira_jax.fira subspace": fira_jax.fira(lr, rank=rank, update_proj_gap=gap, refresh_method="subspace"),
             "fira_jax.galore": fira_jax.galore(lr, rank=rank, update_proj_gap=gap),
             "fira_jax.apollo": fira_jax.apollo(lr, rank=rank, update_proj_gap=gap),
             "fira_jax.apollo_mini": fira_jax.apollo_mini(lr, update_proj_gap=gap),

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     axes = optim.TARGET_AXES  # the attention and MLP kernels: each a stack of matrices, one per layer
     # Full-rank training: Adam (reference convention) with the papers' schedule.
     sched = optim.schedule(args.lr, args.steps, args.steps // 10)
-    full_adam = fira_jax.scale_by_adam()  # N = m / (sqrt(v) + eps), uncorrected: the factor's numerator
+    full_adam = fira_jax.scale_by_torch_adam()  # N = m / (sqrt(v) + eps), uncorrected: the factor's numerator
     trainer = optax.chain(optax.scale_by_schedule(fira_jax.adam_bias_correction(0.9, 0.999)),
                           optax.scale_by_learning_rate(sched))  # fmt: skip
     # The shadow: GaLore's projection of the same gradients (rank r, the same refreshes), without
@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     # other axis, and their Frobenius norms, are those of R and N.
     refresh = fira_jax.Refresh(update_proj_gap=args.update_proj_gap)
     shadow_r = fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=optax.identity(), axes=axes)
-    shadow_n = fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=fira_jax.scale_by_adam(), axes=axes)
+    shadow_n = fira_jax.scale_by_galore(
+        rank, 1.0, refresh=refresh, base_optimizer=fira_jax.scale_by_torch_adam(), axes=axes
+    )
 
     pure = nnx.to_pure_dict(params)
     graphdef, _ = nnx.split(model, nnx.Param)

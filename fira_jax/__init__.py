@@ -1,6 +1,6 @@
 """fira_jax: Fira, GaLore and APOLLO, memory-efficient LLM training, as Optax transforms."""
 
-from fira_jax.adam import ScaleByAdamState, adam_bias_correction, scale_by_adam
+from fira_jax.adam import ScaleByAdamState, adam_bias_correction, scale_by_adam, scale_by_torch_adam
 from fira_jax.alias import apollo, apollo_mini, fira, galore
 from fira_jax.basis import Basis
 from fira_jax.layout import Layout, MatrixAxes, axes_by_path
@@ -40,6 +40,7 @@ __all__ = [
     "scale_by_apollo",
     "scale_by_fira",
     "scale_by_galore",
+    "scale_by_torch_adam",
     "scaled_gradient",
     "scaling_factor",
 ]

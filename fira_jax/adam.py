@@ -1,12 +1,13 @@
 """Adam with the reference implementations' conventions: the optimizer in the subspace (step 2).
 
-:func:`scale_by_adam` is Adam as ``transformers.AdamW``, copied into ``fira`` and
+:func:`scale_by_torch_adam` is Adam as ``transformers.AdamW``, copied into ``fira`` and
 ``galore-torch``, computes it: ``eps`` is added to the uncorrected ``sqrt(v)``, and the bias
 correction (:func:`adam_bias_correction`) multiplies the whole step. :func:`fira_jax.fira` runs
 it on the low-rank gradients and applies the correction after the residual, as the reference does.
 """
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -82,7 +83,7 @@ def adam_bias_correction(b1: float, b2: float) -> optax.Schedule:
     return schedule
 
 
-def scale_by_adam(
+def scale_by_torch_adam(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
@@ -91,7 +92,10 @@ def scale_by_adam(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
-    r"""Adam with the reference implementations' epsilon convention.
+    r"""Adam as PyTorch's ``AdamW`` computes it: the reference implementations' epsilon convention.
+
+    (Formerly named ``scale_by_adam``, which shadowed :func:`optax.scale_by_adam`, whose ``eps``
+    sits elsewhere; that name is kept, deprecated, for one release.)
 
     .. math::
       m_t = b_1 m_{t-1} + (1 - b_1) g_t, \qquad
@@ -127,7 +131,7 @@ def scale_by_adam(
 
     Example:
       >>> import jax.numpy as jnp, fira_jax
-      >>> tx = fira_jax.scale_by_adam(eps=0.0)
+      >>> tx = fira_jax.scale_by_torch_adam(eps=0.0)
       >>> out, _ = tx.update({"w": jnp.array([2.0, -3.0])}, tx.init({"w": jnp.zeros(2)}))
       >>> out["w"]  # m / sqrt(v) = 0.1 g / sqrt(0.001 g^2)
       Array([ 3.16..., -3.16...], dtype=float32)
@@ -171,3 +175,15 @@ def scale_by_adam(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_adam(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
+    """Deprecated name of :func:`scale_by_torch_adam` (kept for one release): it shadowed
+    :func:`optax.scale_by_adam`, which places ``eps`` differently."""
+    warnings.warn(
+        "fira_jax.scale_by_adam is deprecated: use fira_jax.scale_by_torch_adam (PyTorch's eps placement), "
+        "or optax.scale_by_adam (optax's)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return scale_by_torch_adam(*args, **kwargs)

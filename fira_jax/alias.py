@@ -2,13 +2,14 @@
 
 from __future__ import annotations  # type hints stay names (optax.ScalarOrSchedule) on the API page
 
+import warnings
 from typing import Any
 
 import optax
 
 from fira_jax import masks
 from fira_jax._validation import check_float
-from fira_jax.adam import adam_bias_correction, scale_by_adam
+from fira_jax.adam import adam_bias_correction, scale_by_torch_adam
 from fira_jax.basis import SvdMethod
 from fira_jax.layout import ProjType
 from fira_jax.low_rank import Projection, ScaleType, scale_by_apollo, scale_by_fira, scale_by_galore
@@ -36,6 +37,16 @@ def _adamw_tail(
     if not (isinstance(weight_decay, int | float) and weight_decay == 0):
         tail.append(add_decayed_weights_after_step(weight_decay, learning_rate, mask=weight_decay_mask))
     return tail
+
+
+def _method(refresh_method: str, svd: str | None) -> str:
+    """``refresh_method``, or the deprecated ``svd`` keyword's value (with a DeprecationWarning)."""
+    if svd is None:
+        return refresh_method
+    warnings.warn("the `svd` keyword is deprecated: use `refresh_method`", DeprecationWarning, stacklevel=3)
+    if refresh_method not in (Refresh.method, svd):
+        raise ValueError(f"`svd` {svd!r} and `refresh_method` {refresh_method!r} disagree; pass `refresh_method` only.")
+    return svd
 
 
 def _check_common(b1: float, b2: float, eps: float, weight_decay: float) -> None:
@@ -68,10 +79,11 @@ def fira(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     basis_dtype: Any = None,
-    svd: SvdMethod = Refresh.svd,
+    refresh_method: SvdMethod = Refresh.method,
     stagger: bool = Refresh.stagger,
     refresh_by_shape: bool = Refresh.by_shape,
     weight_decay_mask: masks.Mask = None,
+    svd: SvdMethod | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Fira: full-rank training under a low-rank optimizer state.
 
@@ -81,7 +93,7 @@ def fira(
     1. every ``update_proj_gap`` steps, P ← top-``rank`` singular vectors of G;
        ``R = P^T G`` or ``G P^T`` (:func:`fira_jax.projection.refresh_bases`);
     2. ``N = m / (sqrt(v) + eps)`` with Adam's moments kept in the subspace and
-       never reset (:func:`fira_jax.scale_by_adam`);
+       never reset (:func:`fira_jax.scale_by_torch_adam`);
     3. ``S = phi * (G - scale * back(R))`` with ``phi = ||N|| / (||R|| + 1e-8)``
        per column (:func:`fira_jax.scaling_factor`, :func:`fira_jax.residual_norm`);
     4. ``||S||`` may grow at most by ``gamma`` per step
@@ -96,7 +108,7 @@ def fira(
 
     Unselected leaves get the same Adam (step 2 and 6) on their full gradient.
 
-    The refresh's keywords (``update_proj_gap``, ``svd``, ``stagger``, ``refresh_by_shape``,
+    The refresh's keywords (``update_proj_gap``, ``refresh_method``, ``stagger``, ``refresh_by_shape``,
     ``canonical_signs``) build a :class:`fira_jax.Refresh`, the residual's (``granularity``,
     ``residual_scale``, ``gamma``) a :class:`fira_jax.Residual`, which :func:`scale_by_fira` takes.
 
@@ -133,7 +145,8 @@ def fira(
       mu_dtype: dtype of Adam's first moment; default float32 for bfloat16 / float16 parameters.
       nu_dtype: dtype of Adam's second moment; default float32 for bfloat16 / float16 parameters.
       basis_dtype: dtype of the stored bases.
-      svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.scale_by_fira`).
+      refresh_method: how the bases are computed: ``"exact"``, ``"randomized"``, ``"subspace"`` or
+        ``"gram"`` (:class:`fira_jax.Refresh`'s ``method``).
       stagger: spread the leaves' refreshes over the gap.
       refresh_by_shape: one compiled SVD per matrix shape (for TPU; see
         :func:`fira_jax.scale_by_fira`).
@@ -142,6 +155,7 @@ def fira(
         one); default every floating-point leaf. Independent of ``mask``
         (which leaves are projected): LLM recipes decay the kernels only, e.g.
         ``fira_jax.mask_by_path("attn", "mlp", "lm_head")``.
+      svd: deprecated name of ``refresh_method`` (kept for one release).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``: the ``optax.chain`` of the
@@ -162,11 +176,13 @@ def fira(
     """
     _check_common(b1, b2, eps, weight_decay)
     inner = (
-        scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype) if base_optimizer is None else base_optimizer
+        scale_by_torch_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+        if base_optimizer is None
+        else base_optimizer
     )
     refresh = Refresh(
         update_proj_gap=update_proj_gap,
-        svd=svd,
+        method=_method(refresh_method, svd),
         stagger=stagger,
         by_shape=refresh_by_shape,
         canonical_signs=canonical_signs,
@@ -206,10 +222,11 @@ def galore(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     basis_dtype: Any = None,
-    svd: SvdMethod = Refresh.svd,
+    refresh_method: SvdMethod = Refresh.method,
     stagger: bool = Refresh.stagger,
     refresh_by_shape: bool = Refresh.by_shape,
     weight_decay_mask: masks.Mask = None,
+    svd: SvdMethod | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GaLore with AdamW, as the authors' ``GaLoreAdamW`` (``galore-torch`` 1.0).
 
@@ -217,7 +234,7 @@ def galore(
     ``W ← W - lr c_t U``, then ``W ← W - lr wd W``. ``proj_type="full"``
     projects on both sides.
 
-    The refresh's keywords (``update_proj_gap``, ``svd``, ``stagger``, ``refresh_by_shape``,
+    The refresh's keywords (``update_proj_gap``, ``refresh_method``, ``stagger``, ``refresh_by_shape``,
     ``canonical_signs``) build the :class:`fira_jax.Refresh` that :func:`scale_by_galore` takes.
 
     Args:
@@ -242,11 +259,13 @@ def galore(
       mu_dtype: dtype of Adam's first moment; default float32 for bfloat16 / float16 parameters.
       nu_dtype: dtype of Adam's second moment; default float32 for bfloat16 / float16 parameters.
       basis_dtype: dtype of the stored bases.
-      svd: ``"exact"``, ``"randomized"`` or ``"gram"`` (see :func:`fira_jax.scale_by_fira`).
+      refresh_method: how the bases are computed: ``"exact"``, ``"randomized"``, ``"subspace"`` or
+        ``"gram"`` (:class:`fira_jax.Refresh`'s ``method``).
       stagger: spread the leaves' refreshes over the gap.
       refresh_by_shape: one compiled SVD per matrix shape (for TPU; see
         :func:`fira_jax.scale_by_fira`).
       weight_decay_mask: which leaves are decayed (as in :func:`fira_jax.fira`).
+      svd: deprecated name of ``refresh_method`` (kept for one release).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -264,11 +283,13 @@ def galore(
     """
     _check_common(b1, b2, eps, weight_decay)
     inner = (
-        scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype) if base_optimizer is None else base_optimizer
+        scale_by_torch_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+        if base_optimizer is None
+        else base_optimizer
     )
     refresh = Refresh(
         update_proj_gap=update_proj_gap,
-        svd=svd,
+        method=_method(refresh_method, svd),
         stagger=stagger,
         by_shape=refresh_by_shape,
         canonical_signs=canonical_signs,
@@ -307,13 +328,14 @@ def apollo(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     basis_dtype: Any = None,
-    svd: SvdMethod = Refresh.svd,
+    refresh_method: SvdMethod = Refresh.method,
     canonical_signs: bool = Refresh.canonical_signs,
     moments: MomentPolicy = Refresh.moments,
     stagger: bool = Refresh.stagger,
     refresh_by_shape: bool = Refresh.by_shape,
     seed: int = Refresh.seed,
     weight_decay_mask: masks.Mask = None,
+    svd: SvdMethod | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""APOLLO: AdamW's per-channel scaling, measured in a random low-rank space, on the full gradient.
 
@@ -323,7 +345,7 @@ def apollo(
     1. every ``update_proj_gap`` steps, P ← a Gaussian random ``rank × n`` (or ``m × rank``)
        matrix of variance ``1 / rank``, from a fresh seed (:func:`fira_jax.basis.random_projection`);
        ``R = G P^T`` or ``P^T G``;
-    2. ``N = m / (sqrt(v) + eps)`` with Adam's moments of R (:func:`fira_jax.scale_by_adam`);
+    2. ``N = m / (sqrt(v) + eps)`` with Adam's moments of R (:func:`fira_jax.scale_by_torch_adam`);
     3. ``phi = ||N|| / (||R|| + 1e-8)`` per channel or per matrix (:func:`fira_jax.scaling_factor`);
     4. ``S = phi ⊙ G``, its norm growth limited to ``gamma`` per step
        (:func:`fira_jax.scaled_gradient`, :func:`fira_jax.limit_norm_growth`);
@@ -334,7 +356,7 @@ def apollo(
     Unselected leaves get Adam on their full gradient. The state per selected m × n matrix
     (right side) is ``2 m r + r n`` against AdamW's ``2 m n``.
 
-    The refresh's keywords (``update_proj_gap``, ``svd``, ``stagger``, ``refresh_by_shape``,
+    The refresh's keywords (``update_proj_gap``, ``refresh_method``, ``stagger``, ``refresh_by_shape``,
     ``canonical_signs``, ``seed``) build the :class:`fira_jax.Refresh` that :func:`scale_by_apollo`
     takes.
 
@@ -364,7 +386,7 @@ def apollo(
       mu_dtype: dtype of Adam's first moment; default float32 for bfloat16 / float16 parameters.
       nu_dtype: dtype of Adam's second moment; default float32 for bfloat16 / float16 parameters.
       basis_dtype: dtype of the stored projections.
-      svd: the SVD method when ``proj="svd"`` (see :func:`fira_jax.scale_by_galore`).
+      refresh_method: how the bases are computed when ``proj="svd"`` (:class:`fira_jax.Refresh`).
       canonical_signs: fix the singular vectors' signs (on by default; ``False`` is the reference's
         behaviour: :class:`fira_jax.Refresh`).
       moments: what Adam's moments become at a refresh: ``"keep"`` (the reference's), ``"reset"``
@@ -373,6 +395,7 @@ def apollo(
       refresh_by_shape: one compiled refresh per matrix shape.
       seed: seed of the random projections.
       weight_decay_mask: which leaves are decayed (as in :func:`fira_jax.fira`).
+      svd: deprecated name of ``refresh_method`` (kept for one release).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``: the ``optax.chain`` of the pieces above.
@@ -392,11 +415,13 @@ def apollo(
     """
     _check_common(b1, b2, eps, weight_decay)
     inner = (
-        scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype) if base_optimizer is None else base_optimizer
+        scale_by_torch_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+        if base_optimizer is None
+        else base_optimizer
     )
     refresh = Refresh(
         update_proj_gap=update_proj_gap,
-        svd=svd,
+        method=_method(refresh_method, svd),
         stagger=stagger,
         by_shape=refresh_by_shape,
         canonical_signs=canonical_signs,

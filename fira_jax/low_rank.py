@@ -5,7 +5,7 @@ For each selected leaf, with G its gradient as a stack of ``batch + (m, n)`` mat
 
 1. P: the bases, refreshed every ``update_proj_gap`` steps (:func:`fira_jax.projection.refresh_bases`);
    ``R = P^T G`` or ``G P^T`` (:meth:`fira_jax.Basis.project`);
-2. ``N = inner(R)``: the optimizer in the subspace (Adam by default, :func:`fira_jax.scale_by_adam`),
+2. ``N = inner(R)``: the optimizer in the subspace (Adam by default, :func:`fira_jax.scale_by_torch_adam`),
    one call over the whole tree: the low-rank gradients of the selected leaves and the other leaves
    as they are, so its state is low-rank;
 3. ``phi = ||N|| / ||R||`` per column (:func:`fira_jax.scaling_factor`), and ``||S||`` of the
@@ -33,7 +33,7 @@ import optax
 
 from fira_jax import masks, moments, sharding
 from fira_jax._validation import check_choice, check_float, check_int
-from fira_jax.adam import scale_by_adam
+from fira_jax.adam import scale_by_torch_adam
 from fira_jax.basis import RANDOM_METHODS, Basis, default_basis
 from fira_jax.layout import PROJ_TYPES, Layout, ProjType, describe, layouts, selection
 from fira_jax.limiter import limit_norm_growth
@@ -156,21 +156,21 @@ def _scale_by_low_rank(
 ) -> optax.GradientTransformationExtraArgs:
     """The machinery GaLore, Fira and APOLLO share: bases, the inner optimizer, and each selected
     leaf's ``leaf_update``; ``limited`` keeps the limiter's norms in the state; ``method`` is the
-    refresh's (None: ``refresh.svd``; APOLLO's ``"random"``)."""
+    refresh's (None: ``refresh.method``; APOLLO's ``"random"``)."""
     check_int("rank", rank, 1, static=True)
     check_choice("proj_type", proj_type, PROJ_TYPES)
     if not isinstance(refresh, Refresh):
         raise TypeError(f"`refresh` must be a fira_jax.Refresh, got {refresh!r}.")
     update_proj_gap, stagger, refresh_by_shape = refresh.update_proj_gap, refresh.stagger, refresh.by_shape
     canonical_signs, oversample, seed = refresh.canonical_signs, refresh.oversample, refresh.seed
-    power_iters, svd = refresh.iterations, refresh.svd if method is None else method
+    power_iters, svd = refresh.iterations, refresh.method if method is None else method
     drawn = svd in RANDOM_METHODS  # the refresh draws random numbers: each matrix keeps its index
     if refresh.moments == "reproject" and svd == "random":
         raise ValueError(
             "Refresh(moments='reproject') needs orthonormal bases; APOLLO's random projection is not one. "
             "Use moments='keep' (the reference's) or 'reset', or proj='svd'."
         )
-    inner = optax.with_extra_args_support(scale_by_adam() if base_optimizer is None else base_optimizer)
+    inner = optax.with_extra_args_support(scale_by_torch_adam() if base_optimizer is None else base_optimizer)
 
     def tree_layouts(tree: Any) -> list[Layout | None]:
         return layouts(tree, rank, proj_type, mask, axes)
@@ -335,7 +335,7 @@ def scale_by_galore(
         ``rank`` is left full-rank.
       scale: the low-rank update's scale (``alpha``; 0.25 in the papers' pre-training runs).
       base_optimizer: the optimizer in the subspace, any optax transformation that does not need
-        the parameters' values (it receives ``params=None``): default :func:`fira_jax.scale_by_adam`
+        the parameters' values (it receives ``params=None``): default :func:`fira_jax.scale_by_torch_adam`
         (no bias correction); :func:`optax.scale_by_lion`, :func:`optax.scale_by_factored_rms`,
         a chain with a stateless transformation such as ``optax.clip_by_global_norm`` (which then
         sees the low-rank update only), and so on. Its state is low-rank.
@@ -514,7 +514,7 @@ def scale_by_apollo(
       scale_type: ``"channel"`` (APOLLO: one factor per row of G on the right side, per
         column on the left) or ``"tensor"`` (APOLLO-Mini: one factor per matrix).
       proj: ``"random"`` (APOLLO's Gaussian projection, no SVD) or ``"svd"`` (the top singular
-        vectors, computed by ``refresh.svd``).
+        vectors, computed by ``refresh.method``).
       gamma: the limiter's largest growth factor of ``||phi ⊙ G||`` per step, ≥ 1 (1.01 in the
         reference, which hard-codes it; ``inf`` is its ``disable_nl``).
       refresh: when the projections are redrawn (``update_proj_gap``) and their ``seed``

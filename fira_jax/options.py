@@ -8,6 +8,9 @@ Both are validated when made, hashable and immutable (``dataclasses.replace`` ma
 """
 
 import dataclasses
+import functools
+import warnings
+from typing import Any
 
 from fira_jax._validation import check_choice, check_float, check_int
 from fira_jax.basis import SVD_METHODS, SvdMethod
@@ -21,7 +24,8 @@ class Refresh:
 
     Attributes:
       update_proj_gap: ``T``, steps between refreshes (≥ 1); 200 in the papers' pre-training.
-      svd: ``"exact"`` (a full SVD, as the reference); ``"randomized"``: a range finder with
+      method: how the top singular vectors are computed (formerly ``svd``, deprecated: not every
+        method is an SVD): ``"exact"`` (a full SVD, as the reference); ``"randomized"``: a range finder with
         ``rank + oversample`` Gaussian probes, ``power_iters`` power iterations and QR
         re-orthonormalization, then the SVD of a small matrix, much cheaper for large matrices;
         ``"subspace"``: the same iteration warm-started from the previous basis (plus
@@ -58,12 +62,12 @@ class Refresh:
 
     Example:
       >>> import fira_jax
-      >>> fira_jax.Refresh(update_proj_gap=500, svd="subspace").iterations
+      >>> fira_jax.Refresh(update_proj_gap=500, method="subspace").iterations
       1
     """
 
     update_proj_gap: int = 200
-    svd: SvdMethod = "exact"
+    method: SvdMethod = "exact"
     oversample: int = 8
     power_iters: int | None = None
     stagger: bool = False
@@ -74,7 +78,7 @@ class Refresh:
 
     def __post_init__(self) -> None:
         check_int("update_proj_gap", self.update_proj_gap, 1)
-        check_choice("svd", self.svd, SVD_METHODS)
+        check_choice("method", self.method, SVD_METHODS)
         check_int("oversample", self.oversample, 0)
         if self.power_iters is not None:
             check_int("power_iters", self.power_iters, 0)
@@ -86,7 +90,31 @@ class Refresh:
         """``power_iters``, or its default: one iteration from a warm start, two from Gaussian probes."""
         if self.power_iters is not None:
             return self.power_iters
-        return 1 if self.svd == "subspace" else 2
+        return 1 if self.method == "subspace" else 2
+
+
+def _deprecated_svd(self: Refresh) -> str:
+    """Deprecated: ``method``."""
+    warnings.warn("Refresh.svd is deprecated: use Refresh.method", DeprecationWarning, stacklevel=2)
+    return self.method
+
+
+_dataclass_init = Refresh.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self: Refresh, *, svd: SvdMethod | None = None, **kwargs: Any) -> None:
+    """The dataclass's ``__init__``, and ``svd=``: the deprecated name of ``method``, for one release."""
+    if svd is not None:
+        warnings.warn("Refresh(svd=...) is deprecated: use Refresh(method=...)", DeprecationWarning, stacklevel=2)
+        if kwargs.get("method", svd) != svd:
+            raise ValueError(f"Refresh: `svd` {svd!r} and `method` {kwargs['method']!r} disagree; pass `method` only.")
+        kwargs["method"] = svd
+    _dataclass_init(self, **kwargs)
+
+
+Refresh.__init__ = _init  # type: ignore[method-assign]
+Refresh.svd = property(_deprecated_svd)  # type: ignore[attr-defined]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

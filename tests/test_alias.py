@@ -182,7 +182,10 @@ def test_hand_built_chain_equals_fira():
     lr, b1, b2, eps, wd, scale = 1e-2, 0.9, 0.999, 1e-6, 0.1, 0.25
     by_hand = optax.chain(
         fira_jax.scale_by_fira(
-            3, scale, refresh=fira_jax.Refresh(update_proj_gap=4), base_optimizer=fira_jax.scale_by_adam(b1, b2, eps)
+            3,
+            scale,
+            refresh=fira_jax.Refresh(update_proj_gap=4),
+            base_optimizer=fira_jax.scale_by_torch_adam(b1, b2, eps),
         ),
         optax.scale_by_schedule(fira_jax.adam_bias_correction(b1, b2)),
         optax.scale_by_learning_rate(lr),

@@ -167,7 +167,7 @@ def test_no_back_projection_in_the_plain_step():
 
     plain = fira_jax.scale_by_apollo(rank=2, refresh=fira_jax.Refresh(update_proj_gap=1000))
     assert dots(plain) < dots(
-        fira_jax.scale_by_fira(rank=2, refresh=fira_jax.Refresh(update_proj_gap=1000, svd="gram"))
+        fira_jax.scale_by_fira(rank=2, refresh=fira_jax.Refresh(update_proj_gap=1000, method="gram"))
     )
 
 
@@ -180,12 +180,12 @@ def test_no_back_projection_in_the_plain_step():
         ({"scale": -1.0}, ValueError, "scale"),
         ({"gamma": 0.5}, ValueError, "gamma"),
         ({"rank": 0}, ValueError, "rank"),
-        ({"proj": "svd", "svd": "random"}, ValueError, "svd"),
+        ({"proj": "svd", "svd": "random"}, ValueError, "method"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         kwargs = dict(kwargs)
         if "svd" in kwargs:
-            kwargs["refresh"] = fira_jax.Refresh(svd=kwargs.pop("svd"))
+            kwargs["refresh"] = fira_jax.Refresh(method=kwargs.pop("svd"))
         fira_jax.scale_by_apollo(**kwargs)

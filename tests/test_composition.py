@@ -44,9 +44,9 @@ def run(tx, params, grads, update=None):
 @pytest.mark.parametrize("fira", [True, False])
 def test_stateless_transform_inside_acts_on_the_low_rank_update(variant, fira):
     params, grads = problem()
-    plain = run(low_rank(fira_jax.scale_by_adam(), fira), params, grads)
+    plain = run(low_rank(fira_jax.scale_by_torch_adam(), fira), params, grads)
     # Halving N halves phi too, hence S and the whole update.
-    tx = low_rank(optax.chain(fira_jax.scale_by_adam(), optax.scale(0.5)), fira)
+    tx = low_rank(optax.chain(fira_jax.scale_by_torch_adam(), optax.scale(0.5)), fira)
     halved = run(tx, params, grads, variant(tx.update))
     for a, b in zip(halved, plain, strict=True):
         chex.assert_trees_all_close(a, jax.tree.map(lambda x: 0.5 * x, b), rtol=1e-5, atol=1e-7)
@@ -54,8 +54,8 @@ def test_stateless_transform_inside_acts_on_the_low_rank_update(variant, fira):
 
 def test_scale_by_schedule_inside_scales_each_step():
     params, grads = problem()
-    plain = run(low_rank(fira_jax.scale_by_adam(), fira=False), params, grads)
-    inner = optax.chain(fira_jax.scale_by_adam(), optax.scale_by_schedule(lambda c: 0.5**c))
+    plain = run(low_rank(fira_jax.scale_by_torch_adam(), fira=False), params, grads)
+    inner = optax.chain(fira_jax.scale_by_torch_adam(), optax.scale_by_schedule(lambda c: 0.5**c))
     scheduled = run(low_rank(inner, fira=False), params, grads)
     for t, (a, b) in enumerate(zip(scheduled, plain, strict=True)):
         chex.assert_trees_all_close(a, jax.tree.map(lambda x, t=t: 0.5**t * x, b), rtol=1e-5, atol=1e-7)
@@ -83,8 +83,8 @@ def test_clip_by_global_norm_inside_clips_the_low_rank_update(variant):
             norms.append(np.sqrt(sum(np.sum(n * n) for n in n_all)))
         return norms
 
-    plain = run(low_rank(fira_jax.scale_by_adam(), fira=False), params, grads)
-    tx = low_rank(optax.chain(fira_jax.scale_by_adam(), optax.clip_by_global_norm(max_norm)), fira=False)
+    plain = run(low_rank(fira_jax.scale_by_torch_adam(), fira=False), params, grads)
+    tx = low_rank(optax.chain(fira_jax.scale_by_torch_adam(), optax.clip_by_global_norm(max_norm)), fira=False)
     clipped = run(tx, params, grads, variant(tx.update))
     for a, b, norm in zip(clipped, plain, np_adam_norms(), strict=True):
         factor = min(1.0, max_norm / norm)

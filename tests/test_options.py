@@ -16,7 +16,7 @@ import fira_jax
     [
         (lambda: fira_jax.Refresh(update_proj_gap=0), ValueError, "update_proj_gap"),
         (lambda: fira_jax.Refresh(update_proj_gap=2.5), TypeError, "update_proj_gap"),
-        (lambda: fira_jax.Refresh(svd="qr"), ValueError, "svd"),
+        (lambda: fira_jax.Refresh(method="qr"), ValueError, "method"),
         (lambda: fira_jax.Refresh(oversample=-1), ValueError, "oversample"),
         (lambda: fira_jax.Refresh(power_iters=-1), ValueError, "power_iters"),
         (lambda: fira_jax.Residual(granularity="row"), ValueError, "granularity"),
@@ -33,28 +33,30 @@ def test_bad_options_raise_when_made(make, exc, match):
 
 
 def test_options_are_frozen_hashable_and_replaceable():
-    refresh = fira_jax.Refresh(update_proj_gap=50, svd="subspace")
+    refresh = fira_jax.Refresh(update_proj_gap=50, method="subspace")
     with pytest.raises(dataclasses.FrozenInstanceError):
         refresh.svd = "exact"  # type: ignore[misc]
-    assert hash(refresh) == hash(fira_jax.Refresh(update_proj_gap=50, svd="subspace"))
-    assert dataclasses.replace(refresh, svd="gram").svd == "gram" and refresh.iterations == 1
-    assert fira_jax.Refresh(svd="randomized").iterations == 2
-    assert fira_jax.Refresh(svd="randomized", power_iters=0).iterations == 0
+    assert hash(refresh) == hash(fira_jax.Refresh(update_proj_gap=50, method="subspace"))
+    assert dataclasses.replace(refresh, method="gram").method == "gram" and refresh.iterations == 1
+    assert fira_jax.Refresh(method="randomized").iterations == 2
+    assert fira_jax.Refresh(method="randomized", power_iters=0).iterations == 0
 
 
 def test_flat_keywords_build_the_same_objects():
-    """fira(..., update_proj_gap=, svd=, gamma=, ...) equals the chain with scale_by_fira given the
+    """fira(..., update_proj_gap=, refresh_method=, gamma=, ...) equals the chain with scale_by_fira given the
     objects: the flat keywords generate nothing of their own."""
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)}
     grads = [{"w": jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)} for _ in range(4)]
-    flat = fira_jax.fira(1e-2, rank=2, update_proj_gap=2, svd="subspace", gamma=1.5, granularity="matrix")
-    refresh = fira_jax.Refresh(update_proj_gap=2, svd="subspace")
+    flat = fira_jax.fira(1e-2, rank=2, update_proj_gap=2, refresh_method="subspace", gamma=1.5, granularity="matrix")
+    refresh = fira_jax.Refresh(update_proj_gap=2, method="subspace")
     residual = fira_jax.Residual(gamma=1.5, granularity="matrix")
     import optax
 
     objects = optax.chain(
-        fira_jax.scale_by_fira(2, 0.25, refresh=refresh, residual=residual, base_optimizer=fira_jax.scale_by_adam()),
+        fira_jax.scale_by_fira(
+            2, 0.25, refresh=refresh, residual=residual, base_optimizer=fira_jax.scale_by_torch_adam()
+        ),
         optax.scale_by_schedule(fira_jax.adam_bias_correction(0.9, 0.999)),
         optax.scale_by_learning_rate(1e-2),
     )
@@ -75,3 +77,25 @@ def test_one_refresh_serves_the_family():
     for make in (fira_jax.scale_by_galore, fira_jax.scale_by_fira, fira_jax.scale_by_apollo):
         state = make(2, refresh=refresh).init(params)
         assert state.right["w"].shape == (2, 8)
+
+
+def test_deprecated_names_still_work_and_warn():
+    """One meaning per name: the old names (kept for one release) warn and build the same objects."""
+    with pytest.warns(DeprecationWarning, match="method"):
+        old = fira_jax.Refresh(svd="gram")
+    assert old == fira_jax.Refresh(method="gram")
+    with pytest.warns(DeprecationWarning, match="method"):
+        assert old.svd == "gram"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="disagree"):
+        fira_jax.Refresh(svd="gram", method="subspace")
+    with pytest.warns(DeprecationWarning, match="refresh_method"):
+        flat = fira_jax.fira(1e-2, rank=2, svd="gram")
+    params = {"w": jnp.ones((6, 4))}
+    new = fira_jax.fira(1e-2, rank=2, refresh_method="gram")
+    jax.tree.map(np.testing.assert_array_equal, flat.init(params), new.init(params))
+    with pytest.warns(DeprecationWarning, match="scale_by_torch_adam"):
+        adam = fira_jax.scale_by_adam(eps=0.0)
+    g = {"w": jnp.array([2.0, -3.0])}
+    out, _ = adam.update(g, adam.init(g))
+    want, _ = fira_jax.scale_by_torch_adam(eps=0.0).update(g, adam.init(g))
+    np.testing.assert_array_equal(out["w"], want["w"])

@@ -14,7 +14,7 @@ from numpy_side import np_side
 
 import fira_jax
 
-REFRESH_OPTIONS = ("svd", "stagger", "canonical_signs", "oversample", "power_iters", "seed")
+REFRESH_OPTIONS = ("method", "stagger", "canonical_signs", "oversample", "power_iters", "seed")
 
 
 def project(rank, update_proj_gap, scale=1.0, refresh_by_shape=False, **kwargs):
@@ -154,7 +154,7 @@ def test_bf16_gradient_svd_in_float32():
     assert state.inner.mu["w"].dtype == state.inner.nu["w"].dtype == jnp.float32
     assert dense["w"].dtype == jnp.bfloat16
     low = fira_jax.scale_by_galore(
-        2, base_optimizer=fira_jax.scale_by_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+        2, base_optimizer=fira_jax.scale_by_torch_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
     )
     kept = low.init({"w": jnp.zeros((6, 4), jnp.bfloat16)})
     assert kept.inner.mu["w"].dtype == kept.inner.nu["w"].dtype == jnp.bfloat16
@@ -230,7 +230,7 @@ def test_randomized_svd_is_orthonormal_and_captures_energy(proj_type, shape):
     g = np.stack([decaying(shape[-2:], i) for i in range(shape[0])]) if len(shape) == 3 else decaying(shape, 0)
     energies = {}
     for svd in ("exact", "randomized"):
-        tx = project(6, 5, proj_type=proj_type, svd=svd)
+        tx = project(6, 5, proj_type=proj_type, method=svd)
         back, state = jax.jit(tx.update)({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros(shape)}))
         for p in (state.left["w"], state.right["w"]):
             if isinstance(p, jax.Array):
@@ -295,7 +295,7 @@ def test_gram_basis_is_the_exact_subspace(variant, proj_type, shape, signs):
     g = np.stack([decaying(shape[-2:], i) for i in range(shape[0])]) if len(shape) == 3 else decaying(shape, 0)
     states = {}
     for svd in ("exact", "gram"):
-        tx = project(6, 5, proj_type=proj_type, svd=svd, canonical_signs=signs)
+        tx = project(6, 5, proj_type=proj_type, method=svd, canonical_signs=signs)
         _, states[svd] = variant(tx.update)({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros(shape)}))
     for side, attr in (("left", "left"), ("right", "right")):
         want, got = getattr(states["exact"], attr)["w"], getattr(states["gram"], attr)["w"]
@@ -319,7 +319,7 @@ def test_subspace_iteration_tracks_a_moving_gradient(variant, proj_type, shape):
     grads = [g0 + t * drift for t in range(4)]  # refreshed at every step (gap 1)
     energies = {"exact": [], "subspace": []}
     for svd in energies:
-        tx = project(6, 1, proj_type=proj_type, svd=svd)
+        tx = project(6, 1, proj_type=proj_type, method=svd)
         state = tx.init({"w": jnp.zeros(shape)})
         update = variant(tx.update)
         for g in grads:
@@ -340,7 +340,7 @@ def test_subspace_iteration_keeps_an_exact_start_and_compiles_once():
     vh = np.linalg.svd(np.asarray(g), full_matrices=False)[2][:5]
     _, got = fira_jax.basis.subspace_iteration(g, jnp.asarray(vh.T), 5, "right", jax.random.key(0), 4, 1)
     assert_same_subspace(np.asarray(got), vh, "right")
-    tx = fira_jax.fira(1e-2, rank=5, update_proj_gap=2, svd="subspace")
+    tx = fira_jax.fira(1e-2, rank=5, update_proj_gap=2, refresh_method="subspace")
     params = {"w": jnp.zeros((40, 24))}
     state = tx.init(params)
 
@@ -441,7 +441,7 @@ def test_subspace_first_refresh_starts_from_its_gaussian_probes():
     from fira_jax.low_rank import matrix_keys
 
     g = jnp.asarray(np.random.default_rng(7).standard_normal((40, 30)), jnp.float32)  # 11 probes of 30 columns
-    refresh = fira_jax.Refresh(update_proj_gap=5, svd="subspace", canonical_signs=False, power_iters=0, seed=4)
+    refresh = fira_jax.Refresh(update_proj_gap=5, method="subspace", canonical_signs=False, power_iters=0, seed=4)
     tx = fira_jax.scale_by_galore(3, refresh=refresh)
     _, state = tx.update({"w": g}, tx.init({"w": jnp.zeros((40, 30))}))
     key = matrix_keys(4, "w", jnp.int32(0), jnp.int32(0))

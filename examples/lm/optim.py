@@ -65,7 +65,7 @@ def make_optimizer(
     if name == "galore":
         return fira_jax.galore(
             learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
-            weight_decay_mask=decay_mask, svd=svd, refresh_by_shape=refresh_by_shape, axes=TARGET_AXES,
+            weight_decay_mask=decay_mask, refresh_method=svd, refresh_by_shape=refresh_by_shape, axes=TARGET_AXES,
             moments=moments,
         )  # fmt: skip
     if name != "fira":
@@ -77,7 +77,7 @@ def make_optimizer(
         gamma = float("inf")
     tx = fira_jax.fira(
         learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, weight_decay=weight_decay,
-        gamma=gamma, granularity=granularity, weight_decay_mask=decay_mask, svd=svd,
+        gamma=gamma, granularity=granularity, weight_decay_mask=decay_mask, refresh_method=svd,
         refresh_by_shape=refresh_by_shape, axes=TARGET_AXES, moments=moments,
     )  # fmt: skip
     if ablation == "grad-clip":

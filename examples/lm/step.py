@@ -151,7 +151,8 @@ class LayerwiseOptimizer(nnx.Pytree):
 
     Every stage's optimizer takes one step per train step, so an optimizer whose update is per
     leaf (AdamW, GaLore, Fira) gives the same parameters as one ``nnx.Optimizer`` for the whole
-    model, except where it numbers the leaves (``svd="randomized"``'s probes, ``stagger``).
+    model, except where it numbers the leaves (``stagger``); random draws are keyed by each matrix's
+    path and index in its stack, so APOLLO and the randomized refreshes match too.
     """
 
     def __init__(
