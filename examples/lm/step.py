@@ -9,7 +9,8 @@ compiled step updates it in place. :func:`run_step` is the eager-side glue: spli
 With ``grad_accum == 1`` the step is a plain ``value_and_grad`` and update: no accumulator, so no
 full-size gradient has to outlive its use, and XLA may apply each leaf's update as soon as its
 gradient exists. With ``grad_accum > 1`` each batch array carries a leading axis of micro-batches;
-a ``lax.scan`` sums their gradients into one accumulator (one more gradient-sized buffer).
+a ``lax.scan`` sums their gradients into one accumulator (one more gradient-sized buffer, in float32
+for bf16 parameters).
 
 :func:`make_layerwise_train_step` is the same step with per-layer updates (GaLore's §5.5): the
 model runs as a chain of :class:`Stage` s (embedding, the scanned blocks, head and loss), the
@@ -63,16 +64,24 @@ def make_train_step(loss_fn: Any, wrt: Any = nnx.Param, grad_accum: int = 1) -> 
             def micro_step(carry: tuple, micro: tuple) -> tuple[tuple, None]:
                 loss_sum, grad_sum = carry
                 loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(model_def, p, rest), *micro))(params)
-                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+                return (loss_sum + loss, jax.tree.map(lambda a, g: a + g.astype(a.dtype), grad_sum, grads)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
+            # The sum is kept in float32 whatever the parameters' dtype: bf16 would round each micro-batch's
+            # gradient into a growing sum (2^-8 relative spacing); the mean is cast back for the optimizer.
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, accumulation_dtype(p.dtype)), params)
             (loss_sum, grad_sum), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), batch)
             loss = loss_sum / grad_accum
-            grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
+            grads = jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), grad_sum, params)
         optimizer.update(model, grads)
         return keep_layout(nnx.state((model, optimizer)), layout), loss
 
     return _jit(step)
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype gradients are summed in over micro-batches: float32 for narrower floats, else ``dtype``."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4 else dtype
 
 
 class Layout(NamedTuple):
