@@ -1,12 +1,12 @@
 """What Adam's moments should become at a refresh: keep (the authors' code), reset, or re-project.
 
-Trains the example LM (``examples/train_lm.py``'s defaults: the tiny preset on the built-in corpus,
-1,000 steps of 16 x 128 bytes, refreshes every 200 steps) with Fira and GaLore under each
+Trains the example LM (``examples/train_lm.py``'s tiny preset on the built-in corpus, steps of
+16 x 128 bytes; by default 1,000 steps with a refresh every 200) with Fira and GaLore under each
 ``fira_jax.Refresh(moments=...)`` policy, over seeds (same seed: same initialization and data
 order, so differences are paired), and writes ``results/moment_policy.json`` and ``.md`` with the
 command, the commit and the machine. Finished runs are reused (examples/lm/runs.py).
 
-    python benchmarks/moment_policy.py --rank 4 --lr 0.03 --seeds 0 1 2
+    python benchmarks/moment_policy.py --optimizers fira --rank 4 --lr 0.03 --steps 500 --update-proj-gap 100
 """
 
 import argparse
@@ -34,14 +34,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.03, help="every run's peak learning rate")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--update-proj-gap", type=int, default=200)
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--runs", default="runs/moment_policy", help="where the runs' folders go")
     args = parser.parse_args(argv)
-    if args.rank < 1 or args.steps < 1 or not args.lr > 0:
-        parser.error("--rank and --steps must be >= 1 and --lr > 0")
-    base = TrainConfig(rank=args.rank, lr=args.lr, steps=args.steps, progress=False)
+    if args.rank < 1 or args.steps < 1 or args.update_proj_gap < 1 or not args.lr > 0:
+        parser.error("--rank, --steps and --update-proj-gap must be >= 1 and --lr > 0")
+    base = TrainConfig(rank=args.rank, lr=args.lr, steps=args.steps, update_proj_gap=args.update_proj_gap,
+                       progress=False)  # fmt: skip
     cfgs = {}
-    for name in OPTIMIZERS:
+    for name in args.optimizers:
         for policy in POLICIES:
             for seed in args.seeds:
                 out = f"{args.runs}/{name}-{policy}-r{args.rank}-lr{args.lr:g}-s{seed}"
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     results = dict(zip(cfgs, run_all(list(cfgs.values())), strict=True))
     losses = {f"{n}/{p}": {str(s): results[(n, p, s)]["final_val_loss"] for s in args.seeds}
-              for n in OPTIMIZERS for p in POLICIES}  # fmt: skip
+              for n in args.optimizers for p in POLICIES}  # fmt: skip
     saved = {
         "setup": {"preset": base.preset, "steps": args.steps, "batch_size": base.batch_size, "seq_len": base.seq_len,
                   "rank": args.rank, "lr": args.lr, "update_proj_gap": base.update_proj_gap, "seeds": args.seeds},
