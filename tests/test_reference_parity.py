@@ -16,7 +16,9 @@ disagree on some singular vectors, and since the moments carry over across
 refreshes the sign shapes the trajectory after the second refresh. So the
 reference runs with ``torch.linalg.svd`` wrapped to return the same canonical
 signs (largest entry of each basis vector positive) that ``fira_jax`` gives
-with ``canonical_signs=True``. Nothing else of the reference is touched.
+with ``canonical_signs=True`` (its default). Nothing else of the reference is
+touched. Our side names the reference's behaviour where our defaults could
+differ from it: ``moments="keep"`` (the moments stay across a refresh).
 
 The test skips (loudly) only when torch is absent; CI installs torch and sets FIRA_JAX_REQUIRE_PARITY=1,
 so there a missing torch fails the run.
@@ -182,7 +184,14 @@ def _trajectory(tx, magnitude: float, steps: int) -> tuple[list[dict], list]:
 def _run_ours(kind: str, proj_type: str, scale: float, wd: float, magnitude: float) -> list[dict]:
     factory = fira_jax.fira if kind == "fira" else fira_jax.galore
     tx = factory(
-        LR, rank=RANK, update_proj_gap=GAP, scale=scale, weight_decay=wd, proj_type=proj_type, canonical_signs=True
+        LR,
+        rank=RANK,
+        update_proj_gap=GAP,
+        scale=scale,
+        weight_decay=wd,
+        proj_type=proj_type,
+        canonical_signs=True,
+        moments="keep",  # the reference's: the moments stay as they are across a refresh
     )
     return _trajectory(tx, magnitude, STEPS)[0]
 
@@ -218,7 +227,7 @@ def _run_apollo_ours(scale_type: str, proj: str, scale: float, wd: float, magnit
     """Our trajectory, and the projection each leaf used at each step."""
     tx = fira_jax.apollo(
         LR, rank=RANK, update_proj_gap=APOLLO_GAP, scale=scale, weight_decay=wd, scale_type=scale_type, proj=proj,
-        canonical_signs=proj == "svd", mask=lambda p: {k: k in SHAPES for k in p}, seed=3,
+        canonical_signs=proj == "svd", moments="keep", mask=lambda p: {k: k in SHAPES for k in p}, seed=3,
     )  # fmt: skip
     traj, states = _trajectory(tx, magnitude, APOLLO_STEPS)
     projections = [{k: np.asarray(s[0].right[k] if np_side("std", *SHAPES[k]) == "right" else s[0].left[k])

@@ -19,13 +19,15 @@ import compare  # noqa: E402
 import finetune_demo  # noqa: E402
 import host_overhead  # noqa: E402
 import memory_report  # noqa: E402
+import moment_policy  # noqa: E402
 import similarity  # noqa: E402
 from lm import sweep  # noqa: E402
 
 RENDER = {"compare.json": compare.render, "rank_sweep.json": sweep.render, "similarity.json": similarity.render,
           "finetune.json": finetune_demo.render, "family_sweep.json": sweep.render_family,
           "refresh_7b.json": bench_refresh.render, "accelerator.json": accelerator.render,
-          "accelerator_update.json": accelerator.render, "host_overhead.json": host_overhead.render}  # fmt: skip
+          "accelerator_update.json": accelerator.render, "host_overhead.json": host_overhead.render,
+          "moment_policy.json": moment_policy.render}  # fmt: skip
 MARKER = re.compile(r"<!-- table from (results/[\w/.-]+\.md) -->")
 
 
