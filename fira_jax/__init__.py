@@ -3,7 +3,7 @@
 from fira_jax.adam import ScaleByAdamState, adam_bias_correction, scale_by_adam, scale_by_torch_adam
 from fira_jax.alias import apollo, apollo_mini, fira, galore
 from fira_jax.basis import Basis
-from fira_jax.layout import Layout, MatrixAxes, axes_by_path
+from fira_jax.layout import Layout, MatrixAxes, axes_by_path, axes_from_logical
 from fira_jax.limiter import ClipByNormGrowthState, clip_by_norm_growth, limit_norm_growth
 from fira_jax.low_rank import LowRankState, scale_by_apollo, scale_by_fira, scale_by_galore
 from fira_jax.masks import mask_by_path
@@ -28,6 +28,7 @@ __all__ = [
     "apollo",
     "apollo_mini",
     "axes_by_path",
+    "axes_from_logical",
     "clip_by_norm_growth",
     "fira",
     "fira_update",

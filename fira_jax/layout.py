@@ -366,3 +366,44 @@ def axes_by_path(rules: dict[str, MatrixAxes]) -> Callable[[Any], Any]:
         return jax.tree_util.tree_map_with_path(declare, params)
 
     return axes_fn
+
+
+def axes_from_logical(names: Any, layer_axis: str = "layers") -> Any:
+    """Matrix declarations from logical axis names: the partitioning metadata a model carries.
+
+    Flax's ``nnx.with_partitioning`` (and MaxText's and levanter's logical axes) name each
+    parameter's axes, e.g. ``("layers", "embed", "mlp")`` for a scanned MLP kernel.
+    ``nnx.get_partition_spec(nnx.state(model, nnx.Param))`` gives those names as a tree of
+    ``PartitionSpec`` s. A leaf whose axes, leaving out ``layer_axis``, are exactly two is
+    declared a matrix (rows, cols), stacked over its ``layer_axis`` axes if it has any; any other
+    leaf (a norm scale, an attention kernel with three named axes) is left undeclared, and so,
+    with the default ``mask``, full-rank. Names cannot tell a ``(heads, head_dim)`` bias from a
+    matrix: leave such leaves out with ``mask``.
+
+    Args:
+      names: a pytree whose leaves are ``PartitionSpec`` s or tuples of axis names (str or None),
+        with the parameters' structure.
+      layer_axis: the name of the stacking axis.
+
+    Returns:
+      A pytree of :class:`MatrixAxes` or None, for ``axes=`` of the ``scale_by_*``
+      transformations, the optimizers and :func:`fira_jax.clip_by_norm_growth`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fira_jax
+      >>> from jax.sharding import PartitionSpec as P
+      >>> names = {"mlp": P("layers", "embed", "mlp"), "norm": P("layers", "embed"), "head": P("embed", "vocab")}
+      >>> fira_jax.axes_from_logical(names)
+      {'head': MatrixAxes(rows=0, cols=1), 'mlp': MatrixAxes(rows=1, cols=2), 'norm': None}
+    """
+
+    def is_names(x: Any) -> bool:
+        return isinstance(x, jax.sharding.PartitionSpec) or (
+            isinstance(x, tuple) and all(isinstance(n, str) or n is None for n in x)
+        )
+
+    def declare(x: Any) -> MatrixAxes | None:
+        axes = [a for a, n in enumerate(tuple(x)) if n != layer_axis]
+        return MatrixAxes(rows=axes[0], cols=axes[1]) if len(axes) == 2 else None
+
+    return jax.tree.map(declare, names, is_leaf=is_names)

@@ -513,3 +513,21 @@ def test_optax_dimension_numbers_declare_matrices(numbers):
     assert state.left["stack"].shape == (3, 32, 4)  # three 32 x 48 matrices (std: the left side)
     clip = fira_jax.clip_by_norm_growth(axes=axes).init(params)
     assert clip.norms["qkv"].shape == () and clip.norms["stack"].shape == (3,)
+
+
+def test_logical_axis_names_declare_the_stacked_matrices():
+    """Partitioning metadata (logical axis names, as PartitionSpecs or tuples) declares the stacked
+    kernels as stacks of matrices, plain 2-axis leaves as matrices, and leaves the norm stacks out."""
+    from jax.sharding import PartitionSpec as P
+
+    params = {"layers": {"mlp": jnp.zeros((3, 32, 48)), "norm": jnp.zeros((3, 32))}, "head": jnp.zeros((32, 40))}
+    names = {"layers": {"mlp": P("layers", "embed", "mlp"), "norm": ("layers", "embed")}, "head": P("embed", "vocab")}
+    axes = fira_jax.axes_from_logical(names)
+    assert axes["layers"]["norm"] is None and axes["head"] == fira_jax.MatrixAxes(rows=0, cols=1)
+    state = fira_jax.scale_by_galore(rank=4, axes=axes).init(params)
+    assert state.left["layers"]["mlp"].shape == (3, 32, 4)  # each layer's 32 x 48 matrix
+    assert state.left["head"].shape == (32, 4)
+    assert isinstance(state.right["layers"]["norm"], optax.MaskedNode)
+    assert isinstance(state.left["layers"]["norm"], optax.MaskedNode)
+    clip = fira_jax.clip_by_norm_growth(axes=fira_jax.axes_from_logical({"w": P("embed", "layers", "mlp")}))
+    assert clip.init({"w": jnp.zeros((4, 3, 5))}).norms["w"].shape == (3,)  # one norm per layer
