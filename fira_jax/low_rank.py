@@ -7,7 +7,8 @@ For each selected leaf, with G its gradient as a stack of ``batch + (m, n)`` mat
    ``R = P^T G`` or ``G P^T`` (:meth:`fira_jax.Basis.project`);
 2. ``N = inner(R)``: the optimizer in the subspace (Adam by default, :func:`fira_jax.scale_by_torch_adam`),
    one call over the whole tree: the low-rank gradients of the selected leaves and the other leaves
-   as they are, so its state is low-rank;
+   as they are, so its state is low-rank; at a refresh its moments are first kept, reset or carried
+   into the new basis (``Refresh(moments=...)``, ``fira_jax.moments``);
 3. ``phi = ||N|| / ||R||`` per column (:func:`fira_jax.scaling_factor`), and ``||S||`` of the
    residual ``S = phi ⊙ (G - s back(R))`` (:func:`fira_jax.residual_norm`);
 4. ``ell``: the limiter's bound on ``||S||``'s growth (:func:`fira_jax.limit_norm_growth`);
@@ -356,8 +357,8 @@ def scale_by_galore(
         leading axes, as ``nnx.scan`` makes them).
       basis_dtype: dtype of the stored bases; default the leaf's dtype, as in the reference
         (which casts the float32 SVD to the gradient's dtype).
-      refresh: when and how the bases are recomputed (:class:`fira_jax.Refresh`: the gap, the SVD
-        method, staggering, refreshing by shape, canonical signs).
+      refresh: when and how the bases are recomputed (:class:`fira_jax.Refresh`: the gap, the
+        method, staggering, refreshing by shape, canonical signs, what the moments become).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`; extra arguments
