@@ -6,7 +6,7 @@ Trains the example LM (``examples/train_lm.py``'s tiny preset on the built-in co
 order, so differences are paired), and writes ``results/moment_policy.json`` and ``.md`` with the
 command, the commit and the machine. Finished runs are reused (examples/lm/runs.py).
 
-    python benchmarks/moment_policy.py --rank 4 --lr 0.03 --steps 500 --update-proj-gap 100
+    python benchmarks/moment_policy.py --optimizers fira --rank 4 --lr 0.03 --steps 500 --update-proj-gap 100
 """
 
 import argparse
