@@ -459,6 +459,7 @@ def apollo_mini(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     seed: int = Refresh.seed,
+    moments: MomentPolicy = Refresh.moments,
     weight_decay_mask: masks.Mask = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""APOLLO-Mini: APOLLO at rank 1 with one scaling factor per matrix; SGD-level memory.
@@ -485,6 +486,8 @@ def apollo_mini(
       mu_dtype: dtype of Adam's first moment; default float32 for bfloat16 / float16 parameters.
       nu_dtype: dtype of Adam's second moment; default float32 for bfloat16 / float16 parameters.
       seed: seed of the random projections.
+      moments: what Adam's moments become at a refresh: ``"keep"`` (the reference's) or ``"reset"``
+        (:class:`fira_jax.Refresh`; ``"reproject"`` needs orthonormal bases).
       weight_decay_mask: which leaves are decayed.
 
     Returns:
@@ -504,5 +507,5 @@ def apollo_mini(
     return apollo(
         learning_rate, rank=1, update_proj_gap=update_proj_gap, scale=scale, b1=b1, b2=b2, eps=eps,
         weight_decay=weight_decay, gamma=gamma, mask=mask, scale_type="tensor", proj="random", axes=axes,
-        mu_dtype=mu_dtype, nu_dtype=nu_dtype, seed=seed, weight_decay_mask=weight_decay_mask,
+        mu_dtype=mu_dtype, nu_dtype=nu_dtype, seed=seed, moments=moments, weight_decay_mask=weight_decay_mask,
     )  # fmt: skip

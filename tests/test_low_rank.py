@@ -99,7 +99,7 @@ def test_updates_keep_each_leafs_layout_and_dtype():
         ({"granularity": "row"}, ValueError, "granularity"),
         ({"gamma": 0.9}, ValueError, "gamma"),
         ({"rank": 0}, ValueError, "rank"),
-        ({"svd": "qr"}, ValueError, "svd"),
+        ({"svd": "qr"}, ValueError, "method"),
         ({"scale": -0.25}, ValueError, "`scale`"),
         ({"residual_scale": -1.0}, ValueError, "residual_scale"),
     ],
