@@ -99,7 +99,7 @@ def test_updates_keep_each_leafs_layout_and_dtype():
         ({"granularity": "row"}, ValueError, "granularity"),
         ({"gamma": 0.9}, ValueError, "gamma"),
         ({"rank": 0}, ValueError, "rank"),
-        ({"svd": "qr"}, ValueError, "method"),
+        ({"method": "qr"}, ValueError, "method"),
         ({"scale": -0.25}, ValueError, "`scale`"),
         ({"residual_scale": -1.0}, ValueError, "residual_scale"),
     ],
@@ -108,7 +108,7 @@ def test_bad_arguments_raise_at_build(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         kwargs = {"rank": 2} | kwargs
         residual = {k: kwargs.pop(k) for k in ("granularity", "gamma", "residual_scale") if k in kwargs}
-        refresh = {k: kwargs.pop(k) for k in ("svd",) if k in kwargs}
+        refresh = {k: kwargs.pop(k) for k in ("method",) if k in kwargs}
         fira_jax.scale_by_fira(**kwargs, refresh=fira_jax.Refresh(**refresh), residual=fira_jax.Residual(**residual))
 
 
