@@ -454,7 +454,7 @@ def test_a_non_finite_loss_stops_pre_training(tmp_path, capsys):
 def test_bf16_training_reaches_the_float32_loss(tmp_path):
     """The tiny preset in bfloat16 (parameters, compute, float32 Adam moments by default, gradients
     summed in float32 over 2 micro-batches) ends within drift of the float32 run's validation loss."""
-    flags = ["--preset", "tiny", "--steps", "60", "--batch-size", "8", "--seq-len", "64", "--eval-every", "60",
+    flags = ["--preset", "tiny", "--steps", "40", "--batch-size", "8", "--seq-len", "32", "--eval-every", "40",
              "--eval-batches", "2", "--rank", "8", "--update-proj-gap", "20", "--no-progress"]  # fmt: skip
     f32 = train_lm.main([*flags, "--out", str(tmp_path / "f32")])
     bf16 = train_lm.main([*flags, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16", "--param-dtype", "bfloat16",
