@@ -35,7 +35,7 @@ def moment_zeros(p: Any, dtype: Any = None) -> jax.Array:
 
 
 class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: step count and the two moments."""
+    """State of :func:`scale_by_torch_adam`: step count and the two moments."""
 
     count: jax.Array
     mu: Any

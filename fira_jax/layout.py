@@ -171,11 +171,6 @@ def _is_global(axes: Any) -> bool:
     return isinstance(as_matrix_axes(axes), MatrixAxes)
 
 
-def not_matrices(tree: Any) -> dict[int, str]:
-    """See :func:`structure`: its first half."""
-    return structure(tree)[0]
-
-
 def structure(tree: Any) -> tuple[dict[int, str], dict[int, int]]:
     """The 2-D leaves of ``tree`` that are not matrices by their place in the tree, with why (by
     leaf index in flattening order):
@@ -236,7 +231,7 @@ def selection(
       floating-point leaves with exactly two axes are, and those with more only where a
       :class:`MatrixAxes` for every leaf declares them: an undeclared leaf with more axes (a
       ``DenseGeneral`` or ``MultiHeadAttention`` kernel, a stack of layers) is left full-rank.
-    * A 2-D leaf whose place in the tree says it is not a matrix (:func:`not_matrices`: a
+    * A 2-D leaf whose place in the tree says it is not a matrix (:func:`fira_jax.layout.structure`: a
       scanned model's ``(layers, d)`` norm scales and biases, a ``DenseGeneral``'s
       ``(heads, head_dim)`` bias) is left full-rank unless its axes are declared leaf by leaf.
     * With an explicit ``mask``, a selected leaf with fewer than two axes or not floating is an
@@ -248,7 +243,7 @@ def selection(
     ``GaLoreDimensionNumbers`` (:func:`as_matrix_axes`). Leaves left full-rank get the subspace
     optimizer on their whole gradient (as unselected leaves do); the transformations' ``init``
     logs, once, every projected leaf and every leaf left full-rank with the reason
-    (:func:`describe`).
+    (``fira_jax.layout.describe``).
     """
     with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
     per_leaf = axes is not None and not _is_global(axes)

@@ -64,7 +64,7 @@ class LowRankState(NamedTuple):
         matrix (shape ``batch``); ``optax.MaskedNode()`` elsewhere. None for GaLore.
       index: for the refresh methods that draw random numbers (APOLLO's projection, the
         randomized SVD, the subspace iteration), per selected leaf each matrix's index in its
-        stack (int32, shape ``batch``; :func:`matrix_keys`), ``optax.MaskedNode()`` elsewhere;
+        stack (int32, shape ``batch``; :func:`fira_jax.low_rank.matrix_keys`), ``optax.MaskedNode()`` elsewhere;
         None for the other methods. It travels with the matrix: the per-layer step, which
         updates one layer's slice of the state, draws what the whole-model step draws.
 
