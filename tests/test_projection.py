@@ -485,13 +485,13 @@ def test_default_selection_of_flax_layers():
     from flax import nnx
 
     rngs = nnx.Rngs(0)
-    model = nnx.Dict(
-        attn=nnx.MultiHeadAttention(num_heads=8, in_features=256, qkv_features=256, decode=False, rngs=rngs),
-        dense=nnx.Linear(256, 128, rngs=rngs),
-        general=nnx.LinearGeneral(256, (4, 32), rngs=rngs),
-        conv=nnx.Conv(8, 16, kernel_size=(3, 3), rngs=rngs),
-    )
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    layers = {
+        "attn": nnx.MultiHeadAttention(num_heads=8, in_features=256, qkv_features=256, decode=False, rngs=rngs),
+        "dense": nnx.Linear(256, 128, rngs=rngs),
+        "general": nnx.LinearGeneral(256, (4, 32), rngs=rngs),
+        "conv": nnx.Conv(8, 16, kernel_size=(3, 3), rngs=rngs),
+    }
+    params = {name: nnx.to_pure_dict(nnx.state(layer, nnx.Param)) for name, layer in layers.items()}
     assert params["attn"]["query"]["bias"].shape == (8, 32)
     state = fira_jax.scale_by_galore(rank=4).init(params)
     assert isinstance(state.right["attn"]["query"]["bias"], optax.MaskedNode)
@@ -505,6 +505,8 @@ def test_default_selection_of_flax_layers():
 @pytest.mark.parametrize("numbers", ["MuonDimensionNumbers", "GaLoreDimensionNumbers"])
 def test_optax_dimension_numbers_declare_matrices(numbers):
     """The trees optax's Muon and GaLore users write declare the matrices here too."""
+    if not hasattr(optax.contrib, numbers):  # optax.contrib's GaLore is newer than this project's optax floor
+        pytest.skip(f"optax {optax.__version__} has no optax.contrib.{numbers}")
     dims = getattr(optax.contrib, numbers)
     params = {"qkv": jnp.zeros((64, 4, 16)), "stack": jnp.zeros((3, 32, 48))}
     axes = {"qkv": dims(reduction_axis=0, output_axis=(1, 2)), "stack": dims(reduction_axis=1, output_axis=2)}
