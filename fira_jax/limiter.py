@@ -81,8 +81,9 @@ def _norm_axes(tree: Any, axes: Any) -> list[tuple[int, ...] | None]:
     with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
     if axes is None:
         return [None] * len(with_path)
-    if isinstance(as_matrix_axes(axes), MatrixAxes):
-        declared: list[Any] = [as_matrix_axes(axes) if getattr(leaf, "ndim", 0) >= 2 else None for _, leaf in with_path]
+    single = as_matrix_axes(axes)
+    if isinstance(single, MatrixAxes):
+        declared: list[Any] = [single if getattr(leaf, "ndim", 0) >= 2 else None for _, leaf in with_path]
     else:
         declared = [as_matrix_axes(a) for a in masks.resolve_per_leaf(tree, axes, lambda x: None, "axes")]
     out = []
@@ -93,6 +94,11 @@ def _norm_axes(tree: Any, axes: Any) -> list[tuple[int, ...] | None]:
         _, rows, cols = matrix_axes(masks.path_str(path), tuple(leaf.shape), ax, vectors=True)
         out.append(rows + cols)
     return out
+
+
+def _norm_shape(shape: tuple[int, ...], red: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The shape of a leaf's recorded norms: the axes not reduced over (``()`` for the whole leaf)."""
+    return () if red is None else tuple(d for a, d in enumerate(shape) if a not in red)
 
 
 def clip_by_norm_growth(gamma: float = 1.01, *, axes: Any = None) -> optax.GradientTransformation:
@@ -155,8 +161,7 @@ def clip_by_norm_growth(gamma: float = 1.01, *, axes: Any = None) -> optax.Gradi
             if not masks.is_float(p):
                 norms.append(optax.MaskedNode())
                 continue
-            shape = () if red is None else tuple(d for a, d in enumerate(p.shape) if a not in red)
-            norms.append(jnp.zeros(shape, jnp.float32))
+            norms.append(jnp.zeros(_norm_shape(p.shape, red), jnp.float32))
         return ClipByNormGrowthState(count=jnp.zeros([], jnp.int32), norms=treedef.unflatten(norms))
 
     def update_fn(updates: Any, state: ClipByNormGrowthState, params: Any = None) -> tuple[Any, ClipByNormGrowthState]:
@@ -169,7 +174,7 @@ def clip_by_norm_growth(gamma: float = 1.01, *, axes: Any = None) -> optax.Gradi
                 out.append(u)
                 kept.append(prev)
                 continue
-            if tuple(prev.shape) != (() if red is None else tuple(d for a, d in enumerate(u.shape) if a not in red)):
+            if tuple(prev.shape) != _norm_shape(u.shape, red):
                 raise ValueError(
                     f"clip_by_norm_growth: an update of shape {tuple(u.shape)} meets a recorded norm of shape "
                     f"{tuple(prev.shape)}: the state was built for other shapes or other `axes`."
