@@ -37,9 +37,9 @@ import numpy as np
 import optax
 
 import fira_jax
-from fira_jax.basis import gram_top_vectors as _gram_top_vectors
-from fira_jax.basis import randomized_svd as _randomized_svd
-from fira_jax.basis import subspace_iteration as _subspace_iteration
+from fira_jax.projections import gram_top_vectors as _gram_top_vectors
+from fira_jax.projections import randomized_svd as _randomized_svd
+from fira_jax.projections import subspace_iteration as _subspace_iteration
 
 SHAPES = {"512x1376": (512, 1376, 128), "2048x5461": (2048, 5461, 256), "4096x11008": (4096, 11008, 512)}
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     import memory_report
     from lm import model as model_lib
 
-    from fira_jax.basis import SVD_METHODS
+    from fira_jax.projections import SVD_METHODS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1b", choices=sorted(model_lib.PRESETS))

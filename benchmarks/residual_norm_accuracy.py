@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fira_jax
-from fira_jax.basis import Basis
+from fira_jax.projections import Basis
 
 M, N, R = 512, 256, 32
 

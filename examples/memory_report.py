@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fira_jax.basis import SVD_METHODS
+from fira_jax.projections import SVD_METHODS
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 

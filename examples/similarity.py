@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     pure = nnx.to_pure_dict(params)
     graphdef, _ = nnx.split(model, nnx.Param)
     states = (full_adam.init(pure), trainer.init(pure), shadow_r.init(pure), shadow_n.init(pure))
-    layouts = fira_jax.layout.layouts(pure, rank, "std", None, axes)
+    layouts = fira_jax.matrices.layouts(pure, rank, "std", None, axes)
     n_matrices = sum(math.prod(lay.batch) for lay in layouts if lay is not None)
 
     def loss_of(p: dict, batch: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import pytest
 from numpy_side import np_side
 
 import fira_jax
-from fira_jax.basis import random_projection
+from fira_jax.projections import random_projection
 
 
 def np_apollo(params, grads, projections, lr, scale, scale_type, b1=0.9, b2=0.999, eps=1e-6, wd=0.0, gamma=1.01):

@@ -103,11 +103,36 @@ def test_stateful_transform_inside_keeps_low_rank_state():
     chex.assert_trees_all_equal_shapes(u, params)
 
 
-def test_inner_that_needs_params_fails_clearly():
+@pytest.mark.parametrize("jit", [False, True])
+def test_inner_that_needs_params_gets_them_projected(jit):
+    """An inner optimizer that reads the parameters sees P^T W / W P^T (NumPy), the others' as they are."""
     params, grads = problem(steps=1)
-    tx = low_rank(optax.add_decayed_weights(0.1))
-    with pytest.raises(ValueError, match="params"):
-        tx.update(grads[0], tx.init(params), params)
+    tx = low_rank(optax.add_decayed_weights(0.1), fira=False)  # N = R + 0.1 (W P^T): GaLore, so U = 0.25 N P
+    update = jax.jit(tx.update) if jit else tx.update
+    out, state = update(grads[0], tx.init(params), params)
+    for name, w in params.items():
+        g, w = np.asarray(grads[0][name], np.float64), np.asarray(w, np.float64)
+        if np.ndim(w) < 2 or min(np.shape(w)) <= 2:  # full-rank: the inner optimizer alone
+            np.testing.assert_allclose(out[name], g + 0.1 * w, rtol=1e-5, atol=1e-6)
+            continue
+        if w.shape[0] >= w.shape[1]:  # right: P is r x n
+            p = np.asarray(state.right[name], np.float64)
+            expected = 0.25 * (g @ p.T + 0.1 * w @ p.T) @ p
+        else:
+            p = np.asarray(state.left[name], np.float64)
+            expected = 0.25 * p @ (p.T @ g + 0.1 * p.T @ w)
+        np.testing.assert_allclose(out[name], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_galore_over_adafactor_trains():
+    """GaLore with Adafactor's factored second moment inside (optax.scale_by_factored_rms needs params)."""
+    params, grads = problem(steps=3)
+    tx = low_rank(optax.scale_by_factored_rms(min_dim_size_to_factor=2), fira=False)
+    outs = run(tx, params, grads)
+    assert all(bool(jnp.isfinite(u).all()) for out in outs for u in jax.tree.leaves(out))
+    assert outs[-1]["w"].shape == params["w"].shape
+    state = tx.init(params)  # the factored statistics of w's 8 x 2 low-rank gradient, not of its 8 x 5
+    assert (state.inner.v_row["w"].shape, state.inner.v_col["w"].shape) == ((2,), (8,))
 
 
 # ---------------------------------------------------------------------------

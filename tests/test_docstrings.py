@@ -8,7 +8,14 @@ import pytest
 
 import fira_jax
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(fira_jax.__path__, "fira_jax."))
+from fira_jax import _src
+
+# The code under fira_jax._src, and the public modules (whose objects it defines).
+MODULES = sorted(m.name for m in pkgutil.iter_modules(_src.__path__, "fira_jax._src.")) + [
+    "fira_jax",
+    "fira_jax.matrices",
+    "fira_jax.projections",
+]
 
 
 def test_there_are_examples():

@@ -320,7 +320,7 @@ def test_weight_decay_goes_to_kernels_only():
     model = model_lib.LLaMA(model_lib.PRESETS["micro"], rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     mask = fira_jax.mask_by_path(*optim.DECAY_MODULES)(params)
-    flat = {fira_jax.masks.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    flat = {fira_jax.matrices.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert flat and all(v == ("kernel" in k) for k, v in flat.items()), flat
     assert not any(v for k, v in flat.items() if "embed" in k or "norm" in k)
 

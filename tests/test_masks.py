@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import fira_jax
-from fira_jax.masks import path_str
+from fira_jax.matrices import path_str
 
 
 def test_mask_by_path_on_dicts():

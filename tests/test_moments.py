@@ -7,8 +7,8 @@ import optax
 import pytest
 
 import fira_jax
-from fira_jax.basis import Basis
-from fira_jax.moments import carried
+from fira_jax.projections import Basis
+from fira_jax.projections import carried
 
 B1, B2 = 0.9, 0.999
 GAP = 3

@@ -338,7 +338,7 @@ def test_subspace_iteration_tracks_a_moving_gradient(variant, proj_type, shape):
 def test_subspace_iteration_keeps_an_exact_start_and_compiles_once():
     g = jnp.asarray(decaying((40, 24), 3))
     vh = np.linalg.svd(np.asarray(g), full_matrices=False)[2][:5]
-    _, got = fira_jax.basis.subspace_iteration(g, jnp.asarray(vh.T), 5, "right", jax.random.key(0), 4, 1)
+    _, got = fira_jax.projections.subspace_iteration(g, jnp.asarray(vh.T), 5, "right", jax.random.key(0), 4, 1)
     assert_same_subspace(np.asarray(got), vh, "right")
     tx = fira_jax.fira(1e-2, rank=5, update_proj_gap=2, refresh_method="subspace")
     params = {"w": jnp.zeros((40, 24))}
@@ -437,8 +437,8 @@ def test_subspace_first_refresh_starts_from_its_gaussian_probes():
     """svd="subspace" has no previous basis at its first refresh: it runs the randomized range finder
     from rank + oversample Gaussian probes (drawn with the matrix's key), not an iteration from the
     default basis (the first r coordinate vectors)."""
-    from fira_jax.basis import randomized_svd, subspace_iteration
-    from fira_jax.low_rank import matrix_keys
+    from fira_jax.projections import randomized_svd, subspace_iteration
+    from fira_jax.projections import matrix_keys
 
     g = jnp.asarray(np.random.default_rng(7).standard_normal((40, 30)), jnp.float32)  # 11 probes of 30 columns
     refresh = fira_jax.Refresh(update_proj_gap=5, method="subspace", canonical_signs=False, power_iters=0, seed=4)

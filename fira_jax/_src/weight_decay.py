@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fira_jax import masks
+from fira_jax._src import masks
 
 
 class AddDecayedWeightsAfterStepState(NamedTuple):

@@ -1,7 +1,7 @@
 """When the bases are refreshed (step 1 of GaLore and Fira).
 
 Every ``update_proj_gap`` steps the top-``rank`` singular vectors P of each selected gradient G
-are recomputed (:func:`fira_jax.basis.top_singular_bases`); in between the basis is kept. The
+are recomputed (:func:`fira_jax.projections.top_singular_bases`); in between the basis is kept. The
 low-rank gradient is then ``R = G P^T`` (right side) or ``P^T G`` (left side):
 :meth:`fira_jax.Basis.project`.
 
@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fira_jax import sharding
-from fira_jax.basis import Basis, top_singular_bases
+from fira_jax._src import sharding
+from fira_jax._src.basis import Basis, top_singular_bases
 
 
 def refresh_groups(n_leaves: int, update_proj_gap: Any, stagger: bool) -> list[tuple[Any, list[int]]]:
@@ -84,13 +84,13 @@ def refresh_bases(
       old: their current bases.
       count: the step count.
       update_proj_gap: ``T``.
-      stagger: spread the leaves over the gap (:func:`fira_jax.projection.refresh_groups`).
+      stagger: spread the leaves over the gap (:func:`fira_jax.projections.refresh_groups`).
       refresh_by_shape: one cond per matrix shape instead of per leaf.
       keys: for the methods that draw random numbers (the randomized SVD, the subspace
         iteration's probes, APOLLO's projection), per gradient one key per matrix (shape
-        ``batch``: :func:`fira_jax.low_rank.matrix_keys`).
+        ``batch``: :func:`fira_jax.projections.matrix_keys`).
       **svd_options: ``signs``, ``svd``, ``oversample``, ``power_iters`` of
-        :func:`fira_jax.basis.top_singular_bases`.
+        :func:`fira_jax.projections.top_singular_bases`.
 
     Returns:
       One :class:`fira_jax.Basis` per gradient, and per gradient whether its refresh was due at

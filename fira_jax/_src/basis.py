@@ -15,11 +15,13 @@ from typing import Any, Literal, get_args
 import jax
 import jax.numpy as jnp
 
-from fira_jax import sharding
-from fira_jax.layout import Layout
+from fira_jax._src import sharding
+from fira_jax._src.layout import Layout
 
 SvdMethod = Literal["exact", "randomized", "gram", "subspace"]  # how a refresh computes the top singular vectors
 SVD_METHODS: tuple[str, ...] = get_args(SvdMethod)
+Method = Literal["exact", "randomized", "gram", "subspace", "random"]  # a refresh's: an SVD method, or APOLLO's
+METHODS: tuple[str, ...] = get_args(Method)
 # Refresh methods that draw random numbers (they need a key per matrix); "random" is APOLLO's projection.
 RANDOM_METHODS = ("randomized", "subspace", "random")
 
@@ -181,7 +183,7 @@ def subspace_iteration(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from fira_jax.basis import subspace_iteration
+      >>> from fira_jax._src.basis import subspace_iteration
       >>> g = jax.random.normal(jax.random.key(0), (16, 8))
       >>> vh_exact = jnp.linalg.svd(g, full_matrices=False)[2][:2]
       >>> _, vh = subspace_iteration(g, vh_exact.T, 2, "right", jax.random.key(1), 2, 1)
@@ -215,7 +217,7 @@ def random_projection(key: jax.Array, layout: Layout, dtype: Any = jnp.float32) 
 
     Example:
       >>> import jax, fira_jax
-      >>> from fira_jax.basis import random_projection
+      >>> from fira_jax._src.basis import random_projection
       >>> lay = fira_jax.Layout("w", (512, 256), (0, 1), 1, (), 512, 256, 64, "right")
       >>> p = random_projection(jax.random.key(0), lay).right
       >>> p.shape, round(float(p.var() * 64), 1)  # variance 1 / rank

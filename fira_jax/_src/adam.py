@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fira_jax import masks
-from fira_jax._validation import check_float, is_traced
+from fira_jax._src import masks
+from fira_jax._src.validation import check_float, is_traced
 
 
 def moment_dtype(param_dtype: Any, dtype: Any = None) -> jnp.dtype:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fira_jax import masks
+from fira_jax._src import masks
 
 ProjType = Literal["std", "reverse_std", "right", "left", "full"]
 PROJ_TYPES: tuple[str, ...] = get_args(ProjType)
@@ -231,7 +231,7 @@ def selection(
       floating-point leaves with exactly two axes are, and those with more only where a
       :class:`MatrixAxes` for every leaf declares them: an undeclared leaf with more axes (a
       ``DenseGeneral`` or ``MultiHeadAttention`` kernel, a stack of layers) is left full-rank.
-    * A 2-D leaf whose place in the tree says it is not a matrix (:func:`fira_jax.layout.structure`: a
+    * A 2-D leaf whose place in the tree says it is not a matrix (:func:`fira_jax.matrices.structure`: a
       scanned model's ``(layers, d)`` norm scales and biases, a ``DenseGeneral``'s
       ``(heads, head_dim)`` bias) is left full-rank unless its axes are declared leaf by leaf.
     * With an explicit ``mask``, a selected leaf with fewer than two axes or not floating is an
@@ -243,7 +243,7 @@ def selection(
     ``GaLoreDimensionNumbers`` (:func:`as_matrix_axes`). Leaves left full-rank get the subspace
     optimizer on their whole gradient (as unselected leaves do); the transformations' ``init``
     logs, once, every projected leaf and every leaf left full-rank with the reason
-    (``fira_jax.layout.describe``).
+    (``fira_jax.matrices.describe``).
     """
     with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
     per_leaf = axes is not None and not _is_global(axes)

@@ -26,9 +26,9 @@ from typing import Any, Literal, get_args
 import jax
 import jax.numpy as jnp
 
-from fira_jax import sharding
-from fira_jax.basis import Basis
-from fira_jax.layout import Layout
+from fira_jax._src import sharding
+from fira_jax._src.basis import Basis
+from fira_jax._src.layout import Layout
 
 Granularity = Literal["column", "matrix", "none"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
@@ -157,7 +157,7 @@ def residual_norm(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array,
 
     Example:
       >>> import jax.numpy as jnp, fira_jax
-      >>> from fira_jax.basis import Basis
+      >>> from fira_jax._src.basis import Basis
       >>> lay = fira_jax.Layout("w", (1, 2), (0, 1), 1, (), 1, 2, 1, "right")
       >>> basis = Basis(None, jnp.array([[1.0, 0.0]]), lay)  # the subspace: G's first coordinate
       >>> g = jnp.array([[1.0, 1e-4]])  # almost inside it

@@ -33,7 +33,7 @@ from typing import Any, Literal, get_args
 import jax
 import jax.numpy as jnp
 
-from fira_jax.basis import Basis
+from fira_jax._src.basis import Basis
 
 MomentPolicy = Literal["keep", "reset", "reproject"]
 MOMENT_POLICIES: tuple[str, ...] = get_args(MomentPolicy)

@@ -7,16 +7,16 @@ from typing import Any
 
 import optax
 
-from fira_jax import masks
-from fira_jax._validation import check_float
-from fira_jax.adam import adam_bias_correction, scale_by_torch_adam
-from fira_jax.basis import SvdMethod
-from fira_jax.layout import ProjType
-from fira_jax.low_rank import Projection, ScaleType, scale_by_apollo, scale_by_fira, scale_by_galore
-from fira_jax.moments import MomentPolicy
-from fira_jax.options import Refresh, Residual
-from fira_jax.residual import Granularity
-from fira_jax.weight_decay import add_decayed_weights_after_step
+from fira_jax._src import masks
+from fira_jax._src.adam import adam_bias_correction, scale_by_torch_adam
+from fira_jax._src.basis import SvdMethod
+from fira_jax._src.family import Projection, ScaleType, scale_by_apollo, scale_by_fira, scale_by_galore
+from fira_jax._src.layout import ProjType
+from fira_jax._src.moments import MomentPolicy
+from fira_jax._src.options import Refresh, Residual
+from fira_jax._src.residual import Granularity
+from fira_jax._src.validation import check_float
+from fira_jax._src.weight_decay import add_decayed_weights_after_step
 
 
 def _adamw_tail(
@@ -91,7 +91,7 @@ def fira(
     Algorithm 1, as the authors' ``FiraAdamW`` implements it):
 
     1. every ``update_proj_gap`` steps, P ← top-``rank`` singular vectors of G;
-       ``R = P^T G`` or ``G P^T`` (:func:`fira_jax.projection.refresh_bases`);
+       ``R = P^T G`` or ``G P^T`` (:func:`fira_jax.projections.refresh_bases`);
     2. ``N = m / (sqrt(v) + eps)`` with Adam's moments kept in the subspace and
        never reset (:func:`fira_jax.scale_by_torch_adam`);
     3. ``S = phi * (G - scale * back(R))`` with ``phi = ||N|| / (||R|| + 1e-8)``
@@ -126,7 +126,7 @@ def fira(
         (``"full"`` is GaLore-only: the column scaling is undefined there).
       mask: which leaves get Fira (see :func:`fira_jax.mask_by_path`); default every
         floating-point leaf with exactly 2 dimensions, and those with more whose ``axes`` are
-        declared (:func:`fira_jax.layout.selection` says which leaves are left full-rank).
+        declared (:func:`fira_jax.matrices.selection` says which leaves are left full-rank).
       base_optimizer: run this optax transformation in the subspace instead of
         Adam (e.g. :func:`optax.scale_by_lion`). No Adam bias correction is
         then applied; ``b1``, ``b2`` and ``eps`` are unused.
@@ -343,7 +343,7 @@ def apollo(
     ``APOLLOAdamW``, ``apollo-torch`` 1.0.3):
 
     1. every ``update_proj_gap`` steps, P ← a Gaussian random ``rank × n`` (or ``m × rank``)
-       matrix of variance ``1 / rank``, from a fresh seed (:func:`fira_jax.basis.random_projection`);
+       matrix of variance ``1 / rank``, from a fresh seed (:func:`fira_jax.projections.random_projection`);
        ``R = G P^T`` or ``P^T G``;
     2. ``N = m / (sqrt(v) + eps)`` with Adam's moments of R (:func:`fira_jax.scale_by_torch_adam`);
     3. ``phi = ||N|| / (||R|| + 1e-8)`` per channel or per matrix (:func:`fira_jax.scaling_factor`);

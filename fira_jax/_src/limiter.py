@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fira_jax import masks
-from fira_jax._validation import check_float
-from fira_jax.layout import MatrixAxes, as_matrix_axes, matrix_axes
-from fira_jax.residual import NORM_EPS
+from fira_jax._src import masks
+from fira_jax._src.layout import MatrixAxes, as_matrix_axes, matrix_axes
+from fira_jax._src.residual import NORM_EPS
+from fira_jax._src.validation import check_float
 
 
 def limit_norm_growth(norm: jax.Array, previous: jax.Array, gamma: Any, first: Any) -> tuple[jax.Array, jax.Array]:

@@ -12,10 +12,10 @@ import functools
 import warnings
 from typing import Any
 
-from fira_jax._validation import check_choice, check_float, check_int
-from fira_jax.basis import SVD_METHODS, SvdMethod
-from fira_jax.moments import MOMENT_POLICIES, MomentPolicy
-from fira_jax.residual import GRANULARITIES, Granularity
+from fira_jax._src.basis import METHODS, Method, SvdMethod
+from fira_jax._src.moments import MOMENT_POLICIES, MomentPolicy
+from fira_jax._src.residual import GRANULARITIES, Granularity
+from fira_jax._src.validation import check_choice, check_float, check_int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,15 +30,16 @@ class Refresh:
         re-orthonormalization, then the SVD of a small matrix, much cheaper for large matrices;
         ``"subspace"``: the same iteration warm-started from the previous basis (plus
         ``oversample`` probes), ``O(m n r)`` per refresh
-        (:func:`fira_jax.basis.subspace_iteration`); ``"gram"``: the top eigenvectors of
+        (:func:`fira_jax.projections.subspace_iteration`); ``"gram"``: the top eigenvectors of
         ``G^T G`` (right) or ``G G^T`` (left), whose eigendecomposition compiles in seconds on
         TPU where the exact SVD takes minutes per matrix shape
-        (:func:`fira_jax.basis.gram_top_vectors`). Which to pick: :doc:`family`. (APOLLO's
-        random projection ignores it.)
+        (:func:`fira_jax.projections.gram_top_vectors`); ``"random"``: a Gaussian random projection
+        of variance ``1 / rank``, no SVD (APOLLO's: :func:`fira_jax.projections.random_projection`;
+        not orthonormal, so not for Fira). Which to pick: :doc:`family`.
       oversample: extra Gaussian probes of ``"randomized"`` and ``"subspace"``.
       power_iters: their iterations; None: 2 for ``"randomized"``, 1 for ``"subspace"``.
       stagger: spread the leaves' refreshes over the gap
-        (:func:`fira_jax.projection.refresh_groups`), so that no later step computes every SVD.
+        (:func:`fira_jax.projections.refresh_groups`), so that no later step computes every SVD.
         Off by default, as in the reference.
       by_shape: refresh same-shaped matrices together, one compiled SVD per shape, for the TPU
         compiler (whose SVD takes minutes to compile per call site); it costs memory, since the
@@ -57,7 +58,7 @@ class Refresh:
         pick, with the losses each gives: :doc:`family`.
       seed: seed of the random probes and of APOLLO's projections: each matrix's draws are a
         function of the seed, the refresh's step, the leaf's path and the matrix's index in its
-        stack (:func:`fira_jax.low_rank.matrix_keys`), so a layer draws the same numbers in the
+        stack (:func:`fira_jax.projections.matrix_keys`), so a layer draws the same numbers in the
         whole-model step and in the per-layer step.
 
     Example:
@@ -67,7 +68,7 @@ class Refresh:
     """
 
     update_proj_gap: int = 200
-    method: SvdMethod = "exact"
+    method: Method = "exact"
     oversample: int = 8
     power_iters: int | None = None
     stagger: bool = False
@@ -78,7 +79,7 @@ class Refresh:
 
     def __post_init__(self) -> None:
         check_int("update_proj_gap", self.update_proj_gap, 1)
-        check_choice("method", self.method, SVD_METHODS)
+        check_choice("method", self.method, METHODS)
         check_int("oversample", self.oversample, 0)
         if self.power_iters is not None:
             check_int("power_iters", self.power_iters, 0)
