@@ -80,7 +80,7 @@ SEAM = {  # each family member, and the same member spelled with the public seam
             refresh=fira_jax.Refresh(update_proj_gap=2, method="random"),
             gamma=1.01,
         ),
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -93,6 +93,8 @@ def test_the_seam_rebuilds_each_member_bit_for_bit(name):
     states = [tx.init(params) for tx in (named, seam)]
     for _ in range(5):  # refreshes at 0, 2 and 4
         g = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
-        (u1, states[0]), (u2, states[1]) = (jax.jit(tx.update)(g, s, params) for tx, s in zip((named, seam), states))
+        (u1, states[0]), (u2, states[1]) = (
+            jax.jit(tx.update)(g, s, params) for tx, s in zip((named, seam), states, strict=True)
+        )
         assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), u1, u2))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), *states))

@@ -6,16 +6,11 @@ import pkgutil
 
 import pytest
 
-import fira_jax
-
 from fira_jax import _src
 
 # The code under fira_jax._src, and the public modules (whose objects it defines).
-MODULES = sorted(m.name for m in pkgutil.iter_modules(_src.__path__, "fira_jax._src.")) + [
-    "fira_jax",
-    "fira_jax.matrices",
-    "fira_jax.projections",
-]
+PUBLIC = ["fira_jax", "fira_jax.matrices", "fira_jax.projections"]
+MODULES = [*sorted(m.name for m in pkgutil.iter_modules(_src.__path__, "fira_jax._src.")), *PUBLIC]
 
 
 def test_there_are_examples():

@@ -7,8 +7,7 @@ import optax
 import pytest
 
 import fira_jax
-from fira_jax.projections import Basis
-from fira_jax.projections import carried
+from fira_jax.projections import Basis, carried
 
 B1, B2 = 0.9, 0.999
 GAP = 3

@@ -437,8 +437,7 @@ def test_subspace_first_refresh_starts_from_its_gaussian_probes():
     """svd="subspace" has no previous basis at its first refresh: it runs the randomized range finder
     from rank + oversample Gaussian probes (drawn with the matrix's key), not an iteration from the
     default basis (the first r coordinate vectors)."""
-    from fira_jax.projections import randomized_svd, subspace_iteration
-    from fira_jax.projections import matrix_keys
+    from fira_jax.projections import matrix_keys, randomized_svd, subspace_iteration
 
     g = jnp.asarray(np.random.default_rng(7).standard_normal((40, 30)), jnp.float32)  # 11 probes of 30 columns
     refresh = fira_jax.Refresh(update_proj_gap=5, method="subspace", canonical_signs=False, power_iters=0, seed=4)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import fira_jax
-from fira_jax.projections import Basis
 from fira_jax.matrices import layout
+from fira_jax.projections import Basis
 
 
 def np_residual(g, p, n_upd, side, residual_scale, granularity):
