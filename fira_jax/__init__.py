@@ -26,7 +26,7 @@ from fira_jax._src.residual import fira_update, residual, residual_norm, scaled_
 from fira_jax._src.subspace import STATE_VERSION, Compensation, LowRankState, Subspace, scale_by_subspace
 from fira_jax._src.weight_decay import AddDecayedWeightsAfterStepState, add_decayed_weights_after_step
 
-__version__ = "0.2.0"
+__version__ = "0.1.0"
 
 __all__ = [
     "STATE_VERSION",

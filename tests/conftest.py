@@ -42,6 +42,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 MARKERS = {
     "test_alias": ("core",),
+    "test_api": ("core",),
     "test_apollo": ("core",),
     "test_build_your_own": ("core",),
     "test_moments": ("core",),

@@ -491,6 +491,28 @@ def test_resume_a_checkpoint_without_its_record(tmp_path, capsys):
     assert message.endswith("); start a new --out"), message
 
 
+def test_resume_refuses_another_optimizer_state_format(tmp_path, capsys):
+    """A checkpoint whose run record says another fira_jax.STATE_VERSION (none: format 1): one line naming both."""
+    import fira_jax
+
+    out = tmp_path / "run"
+    argv = [*MICRO, "--checkpoint-every", "2", "--out", str(out)]
+    train_lm.main(argv)
+    records = [
+        p for p in (out / "checkpoints" / "2" / "run").rglob("*") if p.is_file() and "state_version" in p.read_text()
+    ]
+    assert len(records) == 1, records
+    record = json.loads(records[0].read_text())
+    del record["state_version"]  # as written before the record carried it
+    records[0].write_text(json.dumps(record))
+    message = usage_error(train_lm.main, [*argv, "--resume"], capsys)
+    assert message == (
+        f"--resume: the checkpoint of step 2 in {out.resolve() / 'checkpoints'} holds optimizer state format 1, "
+        f"and this fira_jax reads format {fira_jax.STATE_VERSION}: resume with the version that wrote it, or start a "
+        "new --out"
+    )
+
+
 def test_checkpoint_differences_name_every_setting():
     assert checkpoints.differences({"a_b": 1, "c": 2}, {"a_b": 1, "c": 3, "d": 4}) == [
         "--c 2 (now 3)",

@@ -19,6 +19,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+import fira_jax
+
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be resumed from or written; the message is one line."""
@@ -97,7 +99,8 @@ def restore(checkpoints: Any, model: nnx.Module, optimizer: nnx.Pytree, config: 
 
     Raises:
       CheckpointError: the checkpoint was made with another configuration (each difference named),
-        by an older version of these examples, or cannot be read.
+        by an older version of these examples, holds another optimizer state format
+        (``fira_jax.STATE_VERSION``, named with this one), or cannot be read.
     """
     import orbax.checkpoint as ocp
 
@@ -107,6 +110,12 @@ def restore(checkpoints: Any, model: nnx.Module, optimizer: nnx.Pytree, config: 
         run = checkpoints.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
     except Exception as e:  # orbax raises many kinds; the first line says which
         raise CheckpointError(f"{where} has no readable run record ({_first_line(e)}); start a new --out") from None
+    saved_format = run.get("state_version", 1)  # the record gained it with format 2
+    if saved_format != fira_jax.STATE_VERSION:
+        raise CheckpointError(
+            f"{where} holds optimizer state format {saved_format}, and this fira_jax reads format "
+            f"{fira_jax.STATE_VERSION}: resume with the version that wrote it, or start a new --out"
+        )
     changed = ", ".join(differences(run["config"], config))
     if changed:
         raise CheckpointError(f"{where} was made with {changed}: resume with its settings or use a new --out")
@@ -149,7 +158,7 @@ def save(checkpoints: Any, step: int, every: int, model: nnx.Module, optimizer: 
     import orbax.checkpoint as ocp
 
     state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-    run = {"config": config, "wall_s": wall_s}
+    run = {"config": config, "wall_s": wall_s, "state_version": fira_jax.STATE_VERSION}
     try:
         checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run)))
     except Exception as e:

@@ -212,7 +212,7 @@ def random_projection(key: jax.Array, layout: Layout, dtype: Any = jnp.float32) 
       dtype: the stored projection's dtype (drawn in float32, then cast, as the reference).
 
     Returns:
-      A :class:`Basis` whose ``left`` (``batch + (m, r)``) or ``right`` (``batch + (r, n)``) is
+      A :class:`fira_jax.Basis` whose ``left`` (``batch + (m, r)``) or ``right`` (``batch + (r, n)``) is
       the projection.
 
     Example:

@@ -1,4 +1,4 @@
-"""The module paths of fira_jax 0.1 (``fira_jax.low_rank``, ``fira_jax.layout``, ...), kept for one release."""
+"""The module paths before fira_jax._src (``fira_jax.low_rank``, ``fira_jax.layout``, ...), kept for one release."""
 
 import importlib
 import sys
@@ -24,7 +24,7 @@ MOVED = {"low_rank": ("family", ("scale_by_galore", "scale_by_fira", "scale_by_a
 
 
 class _OldModule(types.ModuleType):
-    """``fira_jax.<old>``: each attribute read warns once per name and returns the private one."""
+    """``fira_jax.<old>``: each attribute read warns and returns the private one."""
 
     def __init__(self, package: str, old: str) -> None:
         super().__init__(f"{package}.{old}")
@@ -42,7 +42,7 @@ class _OldModule(types.ModuleType):
         homes = [self._package, f"{self._package}.projections", f"{self._package}.matrices"]
         now = next((f"{h}.{name}" for h in homes if name in importlib.import_module(h).__all__), None)
         warnings.warn(
-            f"{self.__name__} is deprecated (fira_jax's modules are private since 0.2): "
+            f"{self.__name__} is deprecated (fira_jax's modules are private now): "
             + (f"use {now}" if now else f"{name} is no longer public"),
             DeprecationWarning,
             stacklevel=2,

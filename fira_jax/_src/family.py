@@ -137,8 +137,8 @@ def scale_by_galore(
       rank: the subspace's dimension ``r`` (an int ≥ 1); a matrix whose smaller side is at most
         ``rank`` is left full-rank.
       scale: the low-rank update's scale (``alpha``; 0.25 in the papers' pre-training runs).
-      base_optimizer: the optimizer in the subspace, any optax transformation that does not need
-        the parameters' values (it receives ``params=None``): default :func:`fira_jax.scale_by_torch_adam`
+      base_optimizer: the optimizer in the subspace (``inner`` of :func:`fira_jax.scale_by_subspace`: one
+        that reads the parameters gets them projected), default :func:`fira_jax.scale_by_torch_adam`
         (no bias correction); :func:`optax.scale_by_lion`, :func:`optax.scale_by_factored_rms`,
         a chain with a stateless transformation such as ``optax.clip_by_global_norm`` (which then
         sees the low-rank update only), and so on. Its state is low-rank.
@@ -151,7 +151,7 @@ def scale_by_galore(
         and those with more whose ``axes`` are declared. See :func:`fira_jax.mask_by_path`. A
         selected matrix whose smaller side is at most ``rank``, or a leaf with more than 2 axes
         and no declared ``axes``, is left full-rank (``init`` logs which;
-        :func:`fira_jax.layout.selection`).
+        :func:`fira_jax.matrices.selection`).
       axes: which axes form each leaf's matrix: a :class:`fira_jax.MatrixAxes` (for every leaf),
         a pytree of them (None: undeclared), a callable from the params to one, or
         :func:`fira_jax.axes_by_path`. A 2-D leaf is its own matrix; a leaf with more axes is
@@ -283,7 +283,7 @@ def scale_by_apollo(
       U = \sqrt{\text{scale}} \cdot \frac{\phi \odot G}{\ell}
 
     with P a Gaussian random matrix of variance ``1 / rank`` drawn from a fresh seed every
-    ``update_proj_gap`` steps (:func:`fira_jax.basis.random_projection`; ``proj="svd"``: GaLore's
+    ``update_proj_gap`` steps (:func:`fira_jax.projections.random_projection`; ``proj="svd"``: GaLore's
     top singular vectors instead), phi per channel (Fira's :func:`fira_jax.scaling_factor` with
     ``"column"``) or per matrix (``"matrix"``), and ``ell`` Fira's norm-growth limiter on
     ``||phi ⊙ G||`` (:func:`fira_jax.limit_norm_growth`). Nothing is projected back: the

@@ -1,6 +1,6 @@
 """Which leaves are projected, and how: the static layout of each selected matrix.
 
-A :class:`Layout` says, for one selected leaf, which axes form its matrix (m × n), which axes
+A :class:`fira_jax.Layout` says, for one selected leaf, which axes form its matrix (m × n), which axes
 stack independent matrices, which side the basis projects on and at what rank. It depends only
 on the leaf's shape and the projection's configuration, never on values, so it is computed
 wherever it is needed (at init, at every update) and is never stored in the state.
@@ -110,7 +110,7 @@ def matrix_axes(
 
 
 def layout(path: str, leaf: Any, axes: MatrixAxes | None, rank: int, proj_type: str) -> Layout:
-    """The :class:`Layout` of one selected leaf; raises naming ``path`` if it cannot be projected."""
+    """The :class:`fira_jax.Layout` of one selected leaf; raises naming ``path`` if it cannot be projected."""
     shape = tuple(leaf.shape)
     if len(shape) < 2:
         raise ValueError(
@@ -140,7 +140,7 @@ def layout(path: str, leaf: Any, axes: MatrixAxes | None, rank: int, proj_type: 
 
 
 def layouts(tree: Any, rank: int, proj_type: str, mask: masks.Mask = None, axes: Any = None) -> list[Layout | None]:
-    """The :class:`Layout` of every leaf of ``tree`` (None for leaves left full-rank).
+    """The :class:`fira_jax.Layout` of every leaf of ``tree`` (None for leaves left full-rank).
 
     Raises a ValueError or TypeError naming the leaf's path when a selected
     leaf cannot be projected. :func:`selection` also says why a leaf was left full-rank.
@@ -152,7 +152,7 @@ BIAS_NAMES = ("bias",)  # Flax's name of a layer's bias
 
 
 def as_matrix_axes(axes: Any) -> Any:
-    """``axes`` as a :class:`MatrixAxes`: optax.contrib's ``MuonDimensionNumbers`` and
+    """``axes`` as a :class:`fira_jax.MatrixAxes`: optax.contrib's ``MuonDimensionNumbers`` and
     ``GaLoreDimensionNumbers`` (``reduction_axis`` -> rows, ``output_axis`` -> cols, the other axes
     stacked) are what optax's own Muon and GaLore users write; anything else is returned as is."""
     if isinstance(axes, MatrixAxes) or axes is None:
@@ -227,9 +227,9 @@ def selection(
 
     * With the default ``mask`` (None) and ``axes`` declared leaf by leaf (a pytree, a callable,
       :func:`fira_jax.axes_by_path`), exactly the floating-point leaves with declared axes are
-      projected. Otherwise (``axes`` None, or one :class:`MatrixAxes` for every leaf) the
+      projected. Otherwise (``axes`` None, or one :class:`fira_jax.MatrixAxes` for every leaf) the
       floating-point leaves with exactly two axes are, and those with more only where a
-      :class:`MatrixAxes` for every leaf declares them: an undeclared leaf with more axes (a
+      :class:`fira_jax.MatrixAxes` for every leaf declares them: an undeclared leaf with more axes (a
       ``DenseGeneral`` or ``MultiHeadAttention`` kernel, a stack of layers) is left full-rank.
     * A 2-D leaf whose place in the tree says it is not a matrix (:func:`fira_jax.matrices.structure`: a
       scanned model's ``(layers, d)`` norm scales and biases, a ``DenseGeneral``'s
@@ -329,10 +329,10 @@ def axes_by_path(rules: dict[str, MatrixAxes]) -> Callable[[Any], Any]:
     * a ``DenseGeneral`` kernel: its input axes as ``rows``, its output axes as ``cols``.
 
     Args:
-      rules: pattern -> :class:`MatrixAxes`.
+      rules: pattern -> :class:`fira_jax.MatrixAxes`.
 
     Returns:
-      A callable from the params to a pytree of :class:`MatrixAxes` or None, the ``axes`` of
+      A callable from the params to a pytree of :class:`fira_jax.MatrixAxes` or None, the ``axes`` of
       :func:`fira_jax.fira`, :func:`fira_jax.galore`, :func:`fira_jax.apollo` and the
       ``scale_by_*`` transformations.
 
@@ -381,7 +381,7 @@ def axes_from_logical(names: Any, layer_axis: str = "layers") -> Any:
       layer_axis: the name of the stacking axis.
 
     Returns:
-      A pytree of :class:`MatrixAxes` or None, for ``axes=`` of the ``scale_by_*``
+      A pytree of :class:`fira_jax.MatrixAxes` or None, for ``axes=`` of the ``scale_by_*``
       transformations, the optimizers and :func:`fira_jax.clip_by_norm_growth`.
 
     Example:

@@ -25,7 +25,7 @@ def path_str(path: tuple[Any, ...]) -> str:
     """Joins a JAX key path with '/': ``{'attn': {'kernel': x}}`` -> ``attn/kernel``.
 
     Args:
-      path: a key path as given by :func:`jax.tree_util.tree_flatten_with_path`.
+      path: a key path as given by ``jax.tree_util.tree_flatten_with_path``.
 
     Returns:
       The keys' names (dict keys, attribute names, sequence indices) joined

@@ -52,7 +52,7 @@ class Refresh:
         from the reference, which uses whatever its SVD returns: docs/semantics.md); ``False``
         is the reference's behaviour.
       moments: what the inner optimizer's moments become at a refresh
-        (``fira_jax.moments``): ``"keep"`` (the reference's: the numbers stay, read in the new
+        (:func:`fira_jax.projections.carried`): ``"keep"`` (the reference's: the numbers stay, read in the new
         coordinates), ``"reset"`` (zeros for the refreshed matrices) or ``"reproject"`` (carried
         into the new basis: ``mu C``, ``nu (C ⊙ C)``; independent of the SVD's signs). Which to
         pick, with the losses each gives: :doc:`family`.

@@ -41,7 +41,7 @@ from fira_jax._src.validation import check_choice, check_float, check_int
 _log = logging.getLogger("fira_jax")
 
 STATE_VERSION = 2
-"""The format of :class:`LowRankState`: 1 before ``index`` (fira_jax 0.1.0), 2 since. Save it
+"""The format of :class:`LowRankState`: 1 before ``index`` was added, 2 since. Save it
 beside the state (the examples record it in each checkpoint) and compare it when you restore."""
 
 
