@@ -43,7 +43,8 @@ SWEEP_ADAMW_LRS = [1e-3, 3e-3]  # AdamW's best and its neighbour there
 SHARED = ["preset", "steps", "batch_size", "seq_len", "rank", "update_proj_gap", "data", "seed", "eval_every"]
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line: the training flags :data:`SHARED` with train_lm.py, and the sweeps'."""
     p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     config_lib.add_flags(p, SHARED)
@@ -62,75 +63,82 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=SWEEP_ADAMW_LRS, help="AdamW's grid (--rank-sweep)")
     p.add_argument("--workers", type=int, default=1, help="trainings run at once, in separate processes")
     p.add_argument("--out", default="results")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     base = config_lib.from_args(args, progress=False)
     try:
         config_lib.check(base)
-        hidden = model_lib.PRESETS[base.preset].hidden
         if args.ranks is not None and min(args.ranks) < 1:
             raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
         if args.workers < 1 or len(set(args.seeds)) != len(args.seeds):
             raise ValueError("--workers must be >= 1 and --seeds distinct")
         out = files.check_folder(args.out, "--out")
-    except (ValueError, files.OutputError) as e:
+        if args.family_sweep:
+            page = family_sweep(args, base, out, argv)
+        elif args.rank_sweep:
+            page = rank_sweep(args, base, out, argv)
+        else:
+            page = learning_rate_grid(args, base, out, provenance.record(argv, __file__))
+    except (ValueError, files.OutputError, data_lib.DataError) as e:
         p.error(str(e))
+    print(page)
 
-    if args.family_sweep:
-        reference_file = out / "rank_sweep.json"
-        if not reference_file.exists():
-            p.error(f"--family-sweep compares with {reference_file}: run --rank-sweep first")
-        reference = json.loads(reference_file.read_text())
-        lrs = args.lrs or SWEEP_LRS
-        t0 = time.perf_counter()
-        try:
-            found = sweep.run_family(base, out, reference, lrs, args.workers, args.ranks)
-        except ValueError as e:
-            p.error(str(e))
-        numbers = sweep.family_numbers(found, reference, base, lrs, provenance.record(argv, __file__),
-                                       time.perf_counter() - t0)  # fmt: skip
-        page = sweep.render_family(numbers)
-        files.write_text(out / "family_sweep.md", page)
-        files.write_text(out / "family_sweep.json", json.dumps(numbers, indent=1))
-        print(page)
-        return
-    if args.rank_sweep:
-        ranks = sorted(args.ranks or [max(1, hidden // d) for d in (32, 16, 8, 4, 2)])
-        lrs = args.lrs or SWEEP_LRS
-        t0 = time.perf_counter()
-        try:
-            cells = sweep.run_sweep(base, out, ranks, lrs, args.adamw_lrs, args.seeds, args.workers)
-        except data_lib.DataError as e:
-            p.error(str(e))
-        numbers = sweep.numbers(cells, base, ranks, lrs, args.adamw_lrs, args.seeds, hidden,
-                                provenance.record(argv, __file__), time.perf_counter() - t0)  # fmt: skip
-        page = sweep.render(numbers)
-        files.write_text(out / "rank_sweep.md", page)
-        files.write_text(out / "rank_sweep.json", json.dumps(numbers, indent=1))
-        sweep.plot(cells, ranks, args.seeds, out / "rank_sweep.png",
-                   f"{base.preset}, {base.steps} steps: loss vs rank")  # fmt: skip
-        print(page)
-        return
-    args.lrs = args.lrs or COMPARE_LRS
+
+def family_sweep(args: argparse.Namespace, base: config_lib.TrainConfig, out: pathlib.Path, argv: list | None) -> str:
+    """APOLLO, APOLLO-Mini and Fira's subspace refresh against results/rank_sweep.json's rows."""
+    reference_file = out / "rank_sweep.json"
+    if not reference_file.exists():
+        raise ValueError(f"--family-sweep compares with {reference_file}: run --rank-sweep first")
+    reference = json.loads(reference_file.read_text())
+    lrs = args.lrs or SWEEP_LRS
+    t0 = time.perf_counter()
+    found = sweep.run_family(base, out, reference, lrs, args.workers, args.ranks)
+    origin = provenance.record(argv, __file__)  # after the runs: the commit they ran at
+    numbers = sweep.family_numbers(found, reference, base, lrs, origin, time.perf_counter() - t0)
+    page = sweep.render_family(numbers)
+    files.write_text(out / "family_sweep.md", page)
+    files.write_text(out / "family_sweep.json", json.dumps(numbers, indent=1))
+    return page
+
+
+def rank_sweep(args: argparse.Namespace, base: config_lib.TrainConfig, out: pathlib.Path, argv: list | None) -> str:
+    """Fira and GaLore at each rank and seed against full-rank AdamW."""
+    hidden = model_lib.PRESETS[base.preset].hidden
+    ranks = sorted(args.ranks or [max(1, hidden // d) for d in (32, 16, 8, 4, 2)])
+    lrs = args.lrs or SWEEP_LRS
+    t0 = time.perf_counter()
+    cells = sweep.run_sweep(base, out, ranks, lrs, args.adamw_lrs, args.seeds, args.workers)
+    origin = provenance.record(argv, __file__)  # after the runs: the commit they ran at
+    numbers = sweep.numbers(cells, base, ranks, lrs, args.adamw_lrs, args.seeds, hidden, origin,
+                            time.perf_counter() - t0)  # fmt: skip
+    page = sweep.render(numbers)
+    files.write_text(out / "rank_sweep.md", page)
+    files.write_text(out / "rank_sweep.json", json.dumps(numbers, indent=1))
+    sweep.plot(cells, ranks, args.seeds, out / "rank_sweep.png", f"{base.preset}, {base.steps} steps: loss vs rank")
+    return page
+
+
+def learning_rate_grid(args: argparse.Namespace, base: config_lib.TrainConfig, out: pathlib.Path, origin: dict) -> str:
+    """Each optimizer at each learning rate of the grid (and Fira's ablations at its best)."""
+    lrs = args.lrs or COMPARE_LRS
     runs: list[dict] = []
     setup = {"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
              "seed": args.seed, "rank": base.resolved_rank(), "update_proj_gap": args.update_proj_gap,
-             "lrs": args.lrs, "optimizers": args.optimizers}  # fmt: skip
-    origin = provenance.record(argv, __file__)
+             "lrs": lrs, "optimizers": args.optimizers}  # fmt: skip
 
-    def run(**changes: object) -> dict:
+    def run(**changes: object) -> None:
         cfg = dataclasses.replace(base, **changes)
         tag = f"{cfg.optimizer}" + (f"-{cfg.ablation}" if cfg.ablation != "none" else "") + f"-lr{cfg.lr:g}"
         cfg = dataclasses.replace(cfg, out=str(out / "runs" / tag))
-        try:
-            result = run_or_reuse(cfg, log=lambda msg: print(msg, flush=True))
-        except data_lib.DataError as e:
-            p.error(str(e))
-        result["tag"], result["ablation"] = tag, cfg.ablation
-        runs.append(result)
-        return result
+        result = run_or_reuse(cfg, log=lambda msg: print(msg, flush=True))
+        runs.append(result | {"tag": tag, "ablation": cfg.ablation})
 
     for name in args.optimizers:
-        for lr in args.lrs:
+        for lr in lrs:
             run(optimizer=name, lr=lr)
     best = best_runs(runs)
     if args.ablations and "fira" in best:
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     page = render(saved)
     files.write_text(out / "compare.md", page)
     plot({f"{n} (lr {r['lr']:g})": r["records"] for n, r in best.items()}, out / "compare.png", f"{args.preset}")
-    print(page)
+    return page
 
 
 def best_runs(runs: list[dict]) -> dict[str, dict]:

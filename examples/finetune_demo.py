@@ -335,52 +335,59 @@ def render(saved: dict) -> str:
         "interval of their mean.",
     ]
     for task, t in saved["tasks"].items():
+        md += _render_task(task, t)
+    return "\n".join(md) + "\n"
+
+
+def _render_task(task: str, t: dict) -> list[str]:
+    """One task's section: its table of methods, the paired differences, the learning rates tried."""
+    md: list[str] = []
+    md += [
+        "",
+        f'## "{TITLES[task]}" ({task})',
+        "",
+        f"Before fine-tuning: {t['base_accuracy']:.3f}.",
+        "",
+        "| method | lr | trainable params | optimizer state (MiB) | test accuracy | per seed | validation loss "
+        "| seeds | s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, runs in t["runs"].items():
+        acc = [r["accuracy/test"] for r in runs]
+        val = [r["final_val_loss"] for r in runs]
+        md.append(
+            f"| {method} | {_lr(runs[0])} | {runs[0]['trainable_params']:,} "
+            f"| {runs[0]['optimizer_state_mib']:.2f} | {_mean_spread(acc)} | {', '.join(f'{a:.3f}' for a in acc)} "
+            f"| {_mean_spread(val)} | {len(runs)} | {np.mean([r.get('run_s', r['wall_s']) for r in runs]):.0f} |"
+        )
+    if t["paired"]:
+        md += ["", "| paired difference | mean | 95% interval | per seed |", "|---|---|---|---|"]
+        md += [
+            f"| {pair} | {row['mean']:+.3f} | {_interval(row)} | {', '.join(f'{d:+.3f}' for d in row['diff'])} |"
+            for pair, row in t["paired"].items()
+        ]
+    chosen = {m: float(_lr(runs[0])) for m, runs in t["runs"].items() if m != CONTROL}
+    order = sorted(t["grid"].items(), key=lambda item: finetune.METHODS.index(item[0]))
+    if order:
         md += [
             "",
-            f'## "{TITLES[task]}" ({task})',
+            "Learning rates: seed-0 runs found in the runs folder, as lr: test accuracy / validation loss "
+            "(with --lr-grid, each method's rate is the one of lowest validation loss, never the test accuracy):",
             "",
-            f"Before fine-tuning: {t['base_accuracy']:.3f}.",
-            "",
-            "| method | lr | trainable params | optimizer state (MiB) | test accuracy | per seed | validation loss "
-            "| seeds | s/run |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | learning rates tried |",
+            "|---|---|",
+            *(
+                f"| {method} | "
+                + "; ".join(
+                    f"{lr}: {r['accuracy/test']:.3f} / {r['final_val_loss']:.3f}"
+                    + (" (chosen)" if float(lr) == chosen.get(method) else "")
+                    for lr, r in sorted(by_lr.items(), key=lambda kv: float(kv[0]))
+                )
+                + " |"
+                for method, by_lr in order
+            ),
         ]
-        for method, runs in t["runs"].items():
-            acc = [r["accuracy/test"] for r in runs]
-            val = [r["final_val_loss"] for r in runs]
-            md.append(
-                f"| {method} | {_lr(runs[0])} | {runs[0]['trainable_params']:,} "
-                f"| {runs[0]['optimizer_state_mib']:.2f} | {_mean_spread(acc)} | {', '.join(f'{a:.3f}' for a in acc)} "
-                f"| {_mean_spread(val)} | {len(runs)} | {np.mean([r.get('run_s', r['wall_s']) for r in runs]):.0f} |"
-            )
-        if t["paired"]:
-            md += ["", "| paired difference | mean | 95% interval | per seed |", "|---|---|---|---|"]
-            md += [
-                f"| {pair} | {row['mean']:+.3f} | {_interval(row)} | {', '.join(f'{d:+.3f}' for d in row['diff'])} |"
-                for pair, row in t["paired"].items()
-            ]
-        chosen = {m: float(_lr(runs[0])) for m, runs in t["runs"].items() if m != CONTROL}
-        order = sorted(t["grid"].items(), key=lambda item: finetune.METHODS.index(item[0]))
-        if order:
-            md += [
-                "",
-                "Learning rates: seed-0 runs found in the runs folder, as lr: test accuracy / validation loss "
-                "(with --lr-grid, each method's rate is the one of lowest validation loss, never the test accuracy):",
-                "",
-                "| method | learning rates tried |",
-                "|---|---|",
-                *(
-                    f"| {method} | "
-                    + "; ".join(
-                        f"{lr}: {r['accuracy/test']:.3f} / {r['final_val_loss']:.3f}"
-                        + (" (chosen)" if float(lr) == chosen.get(method) else "")
-                        for lr, r in sorted(by_lr.items(), key=lambda kv: float(kv[0]))
-                    )
-                    + " |"
-                    for method, by_lr in order
-                ),
-            ]
-    return "\n".join(md) + "\n"
+    return md
 
 
 if __name__ == "__main__":

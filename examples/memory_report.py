@@ -293,7 +293,8 @@ def finetune_report(preset: str, method: str, dtype: Any, vocab: int = VOCAB) ->
             "weights_bytes": weights}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
     p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument(
@@ -332,6 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--save", metavar="FILE", help="also write the figures and their provenance to FILE (JSON)")
     p.add_argument("--finetune", action="store_true", help="the fine-tuning methods of finetune.py instead")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 1 or args.vocab_size < 1 or args.breakdown < 0:
         p.error("--batch-size, --seq-len and --vocab-size must be >= 1, --breakdown >= 0")
@@ -357,18 +363,24 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{preset} {name}: compiled", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(out))
+    write(args, argv, out)
+    return out
+
+
+def write(args: argparse.Namespace, argv: list[str] | None, out: dict) -> None:
+    """The tables (unless ``--json``), and with ``--save FILE`` FILE.json and its page FILE.md, rendered
+    from it (only a saved file needs its provenance)."""
     saved = {"dtype": args.dtype, "platform": args.platform, "svd": args.svd,
              "refresh_by_shape": args.refresh_by_shape, "per_layer": args.per_layer,
              **({"grad_clip": args.grad_clip} if args.grad_clip is not None else {}),
              "tokens": [args.batch_size, args.seq_len], "vocab_size": args.vocab_size, "report": out}  # fmt: skip
-    if args.save:  # FILE.json and its page FILE.md, rendered from it; only a saved file needs its provenance
+    if args.save:
         saved = {"provenance": provenance.record(argv, __file__)} | saved
         path = pathlib.Path(args.save)
         files.write_text(path, json.dumps(saved, indent=1))
         files.write_text(path.with_suffix(".md"), render(saved))
     if not args.json:
         print(render(saved, heading=False))
-    return out
 
 
 def render(saved: dict, heading: bool = True) -> str:

@@ -19,6 +19,7 @@ import json
 import math
 import pathlib
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,53 +65,58 @@ def kendall_tau_b(a: np.ndarray, b: np.ndarray, max_n: int = 4000, seed: int = 0
     return float(concordance / np.sqrt(np.sum(da != 0) * np.sum(db != 0)))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     shared = ["preset", "steps", "batch_size", "seq_len", "lr", "rank", "update_proj_gap", "data", "seed"]
     config_lib.add_flags(p, shared, steps=600, lr=3e-3)
     p.add_argument("--measure-every", type=int, default=100, help="measure the factors every this many steps")
     p.add_argument("--out", default="results")
-    args = p.parse_args(argv)
-    try:
-        config_lib.check(config_lib.from_args(args))
-        if args.measure_every < 1:
-            raise ValueError(f"--measure-every must be >= 1, got {args.measure_every}")
-        files.check_folder(args.out, "--out")
-    except (ValueError, files.OutputError) as e:
-        p.error(str(e))
+    return p
 
-    cfg = model_lib.PRESETS[args.preset]
-    rank = args.rank or cfg.hidden // 4
-    model = model_lib.LLaMA(cfg, rngs=nnx.Rngs(args.seed))
-    try:
-        corpus = prepare_lib.load(args.data)
-        train_tokens, description = corpus.train, corpus.description
-        batches = data_lib.Batches(train_tokens, args.batch_size, args.seq_len, args.seed)
-    except data_lib.DataError as e:
-        p.error(str(e))
 
-    params = nnx.state(model, nnx.Param)
-    axes = optim.TARGET_AXES  # the attention and MLP kernels: each a stack of matrices, one per layer
-    # Full-rank training: Adam (reference convention) with the papers' schedule.
+class Transforms(NamedTuple):
+    """Full-rank Adam (which trains) and its schedule, and the shadow projections that only measure."""
+
+    full_adam: optax.GradientTransformation  # N = m / (sqrt(v) + eps), uncorrected: the factor's numerator
+    trainer: optax.GradientTransformation  # the papers' schedule on N
+    shadow_r: optax.GradientTransformation  # back(R): GaLore's projection, no optimizer inside
+    shadow_n: optax.GradientTransformation  # back(N): the same with low-rank Adam
+
+
+def make_transforms(args: argparse.Namespace, rank: int) -> Transforms:
+    """The shadows are GaLore's projection of the same gradients (rank r, the same refreshes), without
+    and with low-rank Adam. P is orthonormal, so the norms of back(R), back(N) along G's other axis,
+    and their Frobenius norms, are those of R and N."""
     sched = optim.schedule(args.lr, args.steps, args.steps // 10)
-    full_adam = fira_jax.scale_by_torch_adam()  # N = m / (sqrt(v) + eps), uncorrected: the factor's numerator
     trainer = optax.chain(optax.scale_by_schedule(fira_jax.adam_bias_correction(0.9, 0.999)),
                           optax.scale_by_learning_rate(sched))  # fmt: skip
-    # The shadow: GaLore's projection of the same gradients (rank r, the same refreshes), without
-    # and with low-rank Adam: back(R) and back(N). P is orthonormal, so their norms along G's
-    # other axis, and their Frobenius norms, are those of R and N.
-    refresh = fira_jax.Refresh(update_proj_gap=args.update_proj_gap)
-    shadow_r = fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=optax.identity(), axes=axes)
-    shadow_n = fira_jax.scale_by_galore(
-        rank, 1.0, refresh=refresh, base_optimizer=fira_jax.scale_by_torch_adam(), axes=axes
+    refresh, axes = fira_jax.Refresh(update_proj_gap=args.update_proj_gap), optim.TARGET_AXES
+    return Transforms(
+        fira_jax.scale_by_torch_adam(),
+        trainer,
+        fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=optax.identity(), axes=axes),
+        fira_jax.scale_by_galore(rank, 1.0, refresh=refresh, base_optimizer=fira_jax.scale_by_torch_adam(), axes=axes),
     )
 
-    pure = nnx.to_pure_dict(params)
+
+def factors_of(lay: fira_jax.Layout, n: jax.Array, g: jax.Array, br: jax.Array, bn: jax.Array) -> dict:
+    """One leaf's scaling factors ||N|| / ||G||, full-rank and low-rank: per matrix (per layer of a
+    stack) and per column (norms over the axis the projection reduces: rows of G on the left side)."""
+    n_c, g_c, r_c, nl_c = (lay.canonical(x) for x in (n, g, br, bn))
+    axis, both = (-2 if lay.side == "left" else -1), (-2, -1)
+    return {
+        "matrix_full": (jnp.linalg.norm(n_c, axis=both) / (jnp.linalg.norm(g_c, axis=both) + 1e-8)).ravel(),
+        "matrix_low": (jnp.linalg.norm(nl_c, axis=both) / (jnp.linalg.norm(r_c, axis=both) + 1e-8)).ravel(),
+        "column_full": (jnp.linalg.norm(n_c, axis=axis) / (jnp.linalg.norm(g_c, axis=axis) + 1e-8)).ravel(),
+        "column_low": (jnp.linalg.norm(nl_c, axis=axis) / (jnp.linalg.norm(r_c, axis=axis) + 1e-8)).ravel(),
+    }
+
+
+def make_step(model: nnx.Module, txs: Transforms, layouts: list) -> Any:
+    """One jitted training step of full-rank Adam that also returns every projected leaf's factors."""
+    params = nnx.state(model, nnx.Param)
     graphdef, _ = nnx.split(model, nnx.Param)
-    states = (full_adam.init(pure), trainer.init(pure), shadow_r.init(pure), shadow_n.init(pure))
-    layouts = fira_jax.matrices.layouts(pure, rank, "std", None, axes)
-    n_matrices = sum(math.prod(lay.batch) for lay in layouts if lay is not None)
 
     def loss_of(p: dict, batch: jax.Array) -> jax.Array:
         state = nnx.State(params)
@@ -120,51 +126,62 @@ def main(argv: list[str] | None = None) -> dict:
     @jax.jit
     def step(p: dict, states: tuple, batch: jax.Array) -> tuple:
         loss, grads = jax.value_and_grad(loss_of)(p, batch)
-        n_full, s_full = full_adam.update(grads, states[0])
-        upd, s_train = trainer.update(n_full, states[1])
-        back_r, s_shadow_r = shadow_r.update(grads, states[2])
-        back_n, s_shadow_n = shadow_n.update(grads, states[3])
-        factors = []
-        for lay, n, g, br, bn in zip(layouts, *(jax.tree.leaves(t) for t in (n_full, grads, back_r, back_n)),
-                                     strict=True):  # fmt: skip
-            if lay is None:
-                continue
-            n_c, g_c, r_c, nl_c = (lay.canonical(x) for x in (n, g, br, bn))
-            # Matrix level: one factor per matrix (per layer of a stack); column level: norms over
-            # the axis the projection reduces (rows of G on the left side).
-            axis, both = (-2 if lay.side == "left" else -1), (-2, -1)
-            factors.append({
-                "matrix_full": (jnp.linalg.norm(n_c, axis=both) / (jnp.linalg.norm(g_c, axis=both) + 1e-8)).ravel(),
-                "matrix_low": (jnp.linalg.norm(nl_c, axis=both) / (jnp.linalg.norm(r_c, axis=both) + 1e-8)).ravel(),
-                "column_full": (jnp.linalg.norm(n_c, axis=axis) / (jnp.linalg.norm(g_c, axis=axis) + 1e-8)).ravel(),
-                "column_low": (jnp.linalg.norm(nl_c, axis=axis) / (jnp.linalg.norm(r_c, axis=axis) + 1e-8)).ravel(),
-            })  # fmt: skip
+        n_full, s_full = txs.full_adam.update(grads, states[0])
+        upd, s_train = txs.trainer.update(n_full, states[1])
+        back_r, s_shadow_r = txs.shadow_r.update(grads, states[2])
+        back_n, s_shadow_n = txs.shadow_n.update(grads, states[3])
+        leaves = (jax.tree.leaves(t) for t in (n_full, grads, back_r, back_n))
+        factors = [factors_of(lay, *x) for lay, *x in zip(layouts, *leaves, strict=True) if lay is not None]
         return optax.apply_updates(p, upd), (s_full, s_train, s_shadow_r, s_shadow_n), loss, factors
 
-    print(f"{description}; {args.preset}, rank {rank}, {n_matrices} projected matrices, lr {args.lr}")
-    table = []
-    p_cur = pure
-    for t in range(args.steps):
-        p_cur, states, loss, factors = step(p_cur, states, jnp.asarray(batches(t)))
-        if (t + 1) % args.measure_every == 0:
-            fm = np.stack(
-                [np.concatenate([np.asarray(f[k]) for f in factors]) for k in ("matrix_full", "matrix_low")], 1
-            )
-            fc_full = np.concatenate([np.asarray(f["column_full"]) for f in factors])
-            fc_low = np.concatenate([np.asarray(f["column_low"]) for f in factors])
-            row = {
-                "step": t + 1,
-                "loss": float(loss),
-                "matrix_spearman": spearman(fm[:, 0], fm[:, 1]),
-                "matrix_kendall": kendall_tau_b(fm[:, 0], fm[:, 1]),
-                "column_spearman": spearman(fc_full, fc_low),
-                "column_kendall": kendall_tau_b(fc_full, fc_low),
-                "n_matrices": len(fm),
-                "n_columns": len(fc_full),
-            }
-            table.append(row)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return step
 
+
+def measure(step: int, loss: jax.Array, factors: list[dict]) -> dict:
+    """One row of the table: rank correlations of the full-rank and low-rank factors."""
+    fm = np.stack([np.concatenate([np.asarray(f[k]) for f in factors]) for k in ("matrix_full", "matrix_low")], 1)
+    fc_full = np.concatenate([np.asarray(f["column_full"]) for f in factors])
+    fc_low = np.concatenate([np.asarray(f["column_low"]) for f in factors])
+    return {
+        "step": step,
+        "loss": float(loss),
+        "matrix_spearman": spearman(fm[:, 0], fm[:, 1]),
+        "matrix_kendall": kendall_tau_b(fm[:, 0], fm[:, 1]),
+        "column_spearman": spearman(fc_full, fc_low),
+        "column_kendall": kendall_tau_b(fc_full, fc_low),
+        "n_matrices": len(fm),
+        "n_columns": len(fc_full),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        config_lib.check(config_lib.from_args(args))
+        if args.measure_every < 1:
+            raise ValueError(f"--measure-every must be >= 1, got {args.measure_every}")
+        files.check_folder(args.out, "--out")
+        corpus = prepare_lib.load(args.data)
+    except (ValueError, files.OutputError, data_lib.DataError) as e:
+        p.error(str(e))
+    batches = data_lib.Batches(corpus.train, args.batch_size, args.seq_len, args.seed)
+    cfg = model_lib.PRESETS[args.preset]
+    rank = args.rank or cfg.hidden // 4
+    model = model_lib.LLaMA(cfg, rngs=nnx.Rngs(args.seed))
+    txs = make_transforms(args, rank)
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    states = tuple(tx.init(pure) for tx in txs)
+    layouts = fira_jax.matrices.layouts(pure, rank, "std", None, optim.TARGET_AXES)
+    n_matrices = sum(math.prod(lay.batch) for lay in layouts if lay is not None)
+    step = make_step(model, txs, layouts)
+    print(f"{corpus.description}; {args.preset}, rank {rank}, {n_matrices} projected matrices, lr {args.lr}")
+    table = []
+    for t in range(args.steps):
+        pure, states, loss, factors = step(pure, states, jnp.asarray(batches(t)))
+        if (t + 1) % args.measure_every == 0:
+            table.append(measure(t + 1, loss, factors))
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in table[-1].items()}), flush=True)
     setup = {"preset": args.preset, "rank": rank, "lr": args.lr, "steps": args.steps, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "update_proj_gap": args.update_proj_gap}  # fmt: skip
     saved = {"provenance": provenance.record(argv, __file__), "setup": setup, "rows": table}

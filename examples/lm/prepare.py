@@ -22,6 +22,7 @@ import shutil
 import sysconfig
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -210,44 +211,10 @@ def prepare(data: str | None, tokenizer: str, out: str | pathlib.Path, *, val_fr
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     with files_lib.staged_folder(out, last=("meta.json",)) as staging:  # meta.json last: marks it complete
         items, rule = split_items(root, files, val_fraction, builtin=data is None)
-        counts = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in ("train", "val")}
-        starts = {"train": False, "val": False}  # whether a document ended last in each split
         workers = workers or max(1, min(8, os.cpu_count() or 1))
-        total_bytes = sum(p.stat().st_size for p in files)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({workers} processes)")
-        sep = None if tok.separator is None else np.asarray([tok.separator], dtype)
-        with open(staging / "train.bin", "wb") as f_train, open(staging / "val.bin", "wb") as f_val:
-            handles = {"train": f_train, "val": f_val}
-            if workers > 1:
-                pool = multiprocessing.get_context("spawn").Pool(
-                    workers, _init_worker, (tok.name if tok.name != "bytes" else "bytes",)
-                )
-                results = pool.imap(_encode_chunk, _chunks(items))
-            else:
-                _init_worker(tok.name)
-                pool, results = None, map(_encode_chunk, _chunks(items))
-            try:
-                for chunk in results:
-                    for split, ids, ends, n_bytes in chunk:
-                        if sep is not None and starts[split]:  # the separator goes between documents
-                            handles[split].write(sep.tobytes())
-                            counts[split]["tokens"] += 1
-                        handles[split].write(ids.astype(dtype).tobytes())
-                        counts[split]["tokens"] += len(ids)
-                        counts[split]["bytes"] += n_bytes
-                        starts[split] = ends
-                        counts[split]["documents"] += int(ends)
-                        if bar is not None:
-                            bar.update(n_bytes)
-            finally:
-                if pool is not None:
-                    pool.terminate()
-                if bar is not None:
-                    bar.close()
+        counts = _write_splits(
+            staging, items, tok, dtype, workers, sum(p.stat().st_size for p in files) if progress else 0
+        )
         for split in ("train", "val"):
             if counts[split]["tokens"] == 0:
                 raise DataError(f"{description}: the {split} split is empty ({rule}); give more data")
@@ -265,6 +232,49 @@ def prepare(data: str | None, tokenizer: str, out: str | pathlib.Path, *, val_fr
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def _write_splits(staging: pathlib.Path, items: list, tok: Any, dtype: Any, workers: int, progress_bytes: int) -> dict:
+    """Tokenizes ``items`` with ``workers`` processes into ``staging/{train,val}.bin``, the separator
+    between documents; returns each split's token, byte and document counts. A progress bar over
+    ``progress_bytes`` bytes when that is not 0."""
+    counts = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in ("train", "val")}
+    starts = {"train": False, "val": False}  # whether a document ended last in each split
+    bar = None
+    if progress_bytes:
+        from tqdm import tqdm
+
+        bar = tqdm(total=progress_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({workers} processes)")
+    sep = None if tok.separator is None else np.asarray([tok.separator], dtype)
+    with open(staging / "train.bin", "wb") as f_train, open(staging / "val.bin", "wb") as f_val:
+        handles = {"train": f_train, "val": f_val}
+        if workers > 1:
+            pool = multiprocessing.get_context("spawn").Pool(
+                workers, _init_worker, (tok.name if tok.name != "bytes" else "bytes",)
+            )
+            results = pool.imap(_encode_chunk, _chunks(items))
+        else:
+            _init_worker(tok.name)
+            pool, results = None, map(_encode_chunk, _chunks(items))
+        try:
+            for chunk in results:
+                for split, ids, ends, n_bytes in chunk:
+                    if sep is not None and starts[split]:  # the separator goes between documents
+                        handles[split].write(sep.tobytes())
+                        counts[split]["tokens"] += 1
+                    handles[split].write(ids.astype(dtype).tobytes())
+                    counts[split]["tokens"] += len(ids)
+                    counts[split]["bytes"] += n_bytes
+                    starts[split] = ends
+                    counts[split]["documents"] += int(ends)
+                    if bar is not None:
+                        bar.update(n_bytes)
+        finally:
+            if pool is not None:
+                pool.terminate()
+            if bar is not None:
+                bar.close()
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------

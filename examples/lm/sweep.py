@@ -265,26 +265,20 @@ def family_numbers(found: dict, reference: dict, base: TrainConfig, lrs: list[fl
     }  # fmt: skip
 
 
-def render_family(numbers: dict) -> str:
-    """results/family_sweep.md from results/family_sweep.json (tested to agree)."""
+def _paired(losses: dict, other: dict, seeds: list[str]) -> str:
+    """Paired differences over seeds: mean [min, max] and whether their sign holds."""
+    d = [losses[s] - other[s] for s in seeds]
+    sign = " (every seed < 0)" if max(d) < 0 else (" (every seed > 0)" if min(d) > 0 else " (sign varies)")
+    return f"{np.mean(d):+.4f} [{min(d):+.4f}, {max(d):+.4f}]{sign}"
+
+
+def _family_header(numbers: dict) -> list[str]:
+    """The family page's title, command, provenance, setup and the check of the reference rows."""
     from lm import provenance
 
-    setup, ref, prov = numbers["setup"], numbers["reference"], numbers["provenance"]
+    setup, ref, prov, check = numbers["setup"], numbers["reference"], numbers["provenance"], numbers["check"]
     seeds = [str(s) for s in setup["seeds"]]
-    adamw = ref["adamw"]["losses"]
-
-    def paired(losses: dict, other: dict) -> str:
-        d = [losses[s] - other[s] for s in seeds]
-        sign = " (every seed < 0)" if max(d) < 0 else (" (every seed > 0)" if min(d) > 0 else " (sign varies)")
-        return f"{np.mean(d):+.4f} [{min(d):+.4f}, {max(d):+.4f}]{sign}"
-
-    hidden = setup["hidden"]
-
-    def frac(rank: int) -> str:
-        return f"h/{hidden // rank}" if hidden % rank == 0 else f"{rank / hidden:.3g}h"
-
-    check = numbers["check"]
-    lines = [
+    return [
         f"# The family: APOLLO, APOLLO-Mini and Fira's subspace refresh beside Fira, GaLore and AdamW "
         f"({setup['preset']})",
         "",
@@ -292,7 +286,7 @@ def render_family(numbers: dict) -> str:
         "",
         f"Made on {provenance.describe(prov)}.",
         "",
-        f"{setup['preset']} preset (hidden {hidden}), {setup['steps']} steps × {setup['batch_size']} × "
+        f"{setup['preset']} preset (hidden {setup['hidden']}), {setup['steps']} steps × {setup['batch_size']} × "
         f"{setup['seq_len']} tokens per run, built-in corpus; seeds {setup['seeds']} (same seed: same "
         f"initialization and data order, so differences are paired); update_proj_gap {setup['update_proj_gap']}. "
         f"APOLLO and APOLLO-Mini: the authors' settings (random projection, scale 1 and channel-wise factors; "
@@ -309,24 +303,34 @@ def render_family(numbers: dict) -> str:
             else f" ({check['loss'] - check['published']:+.4f}): the rows below set runs of this machine against "
             "runs of that one, so a difference of that size between them is not evidence."
         ),
-        "",
-        "| optimizer | rank | final val loss | − AdamW (mean [min, max]) | − exact Fira, same rank |",
-        "|---|---|---|---|---|",
     ]
+
+
+def render_family(numbers: dict) -> str:
+    """results/family_sweep.md from results/family_sweep.json (tested to agree)."""
+    setup, ref = numbers["setup"], numbers["reference"]
+    seeds = [str(s) for s in setup["seeds"]]
+    adamw, hidden = ref["adamw"]["losses"], setup["hidden"]
+
+    def frac(rank: int) -> str:
+        return f"h/{hidden // rank}" if hidden % rank == 0 else f"{rank / hidden:.3g}h"
+
+    lines = _family_header(numbers)
+    lines += ["", "| optimizer | rank | final val loss | − AdamW (mean [min, max]) | − exact Fira, same rank |",
+              "|---|---|---|---|---|"]  # fmt: skip
     rows = []
     for rank in setup["ranks"]:
         for name in ("fira", "galore"):
             cell = ref["ranks"][str(rank)][name]
             rows.append((("Fira" if name == "fira" else "GaLore"), rank, cell, name == "fira"))
-    for cell in numbers["cells"]:
-        rows.append((cell["label"], cell["rank"], cell, False))
+    rows += [(cell["label"], cell["rank"], cell, False) for cell in numbers["cells"]]
     for label, rank, cell, is_fira in rows:
         losses = cell["losses"]
         vs_fira = ""
         if not is_fira and str(rank) in ref["ranks"]:
-            vs_fira = paired(losses, ref["ranks"][str(rank)]["fira"]["losses"])
+            vs_fira = _paired(losses, ref["ranks"][str(rank)]["fira"]["losses"], seeds)
         lines.append(f"| {label} | {rank} ({frac(rank)}) | {_mean_std([losses[s] for s in seeds])} (lr {cell['lr']:g}) "
-                     f"| {paired(losses, adamw)} | {vs_fira} |")  # fmt: skip
+                     f"| {_paired(losses, adamw, seeds)} | {vs_fira} |")  # fmt: skip
     lines.append(f"| AdamW (full rank) | — | {_mean_std([adamw[s] for s in seeds])} (lr {ref['adamw']['lr']:g}) | | |")
     lines += ["", f"Learning-rate grid on seed {seeds[0]} (final validation loss):", ""]
     lines += ["| optimizer | rank | " + " | ".join(f"lr {x:g}" for x in setup["lrs"]) + " |",

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import os
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -120,46 +120,68 @@ def _place(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(place, tree, shardings)
 
 
-def train(cfg: TrainConfig, log: Any = print) -> dict:
-    """Trains ``cfg.optimizer`` on ``cfg.preset``; writes metrics.jsonl under ``cfg.out`` (process 0)."""
-    lead = jax.process_index() == 0
-    if not lead:
-        log = lambda msg: None  # noqa: E731
-    if lead:  # before any work: a place that cannot be written costs a one-line error, not a run
-        files.check_folder(cfg.out, "--out", create=False)
-        if cfg.resume:
-            checkpoints.check_resumable(pathlib.Path(cfg.out).expanduser())
-        if cfg.export:
-            files.check_folder(cfg.export, "--export", create=False)
+class Data(NamedTuple):
+    """The corpus, its training batches (a function of the step) and its validation batches."""
+
+    corpus: Any
+    batches: data_lib.Batches
+    val: list[np.ndarray]
+
+
+class Feed(NamedTuple):
+    """How each global batch is laid on the mesh, and which of its rows this process reads."""
+
+    train_sharding: NamedSharding
+    train_shape: tuple[int, ...]
+    train_rows: np.ndarray
+    val_sharding: NamedSharding
+    val_shape: tuple[int, ...]
+    val_rows: slice
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """Before any work (process 0): a place that cannot be written costs a one-line error, not a run."""
+    files.check_folder(cfg.out, "--out", create=False)
+    if cfg.resume:
+        checkpoints.check_resumable(pathlib.Path(cfg.out).expanduser())
+    if cfg.export:
+        files.check_folder(cfg.export, "--export", create=False)
+
+
+def load_data(cfg: TrainConfig, log: Any) -> Data:
+    """The prepared corpus, read as micro-batches of ``cfg.seq_len + 1`` tokens."""
     corpus = prepare_lib.load(cfg.data, cfg.tokenizer, log=log)
-    vocab = corpus.meta["model_vocab_size"]
     micro = cfg.batch_size // cfg.grad_accum
-    batches = data_lib.Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)
     val = data_lib.validation_batches(corpus.val, micro, cfg.seq_len, cfg.eval_batches)
     if not val:
         raise data_lib.DataError(f"{corpus.description}: the validation split is shorter than one batch")
-    out = pathlib.Path(cfg.out).expanduser()  # created once the data is known to be good
+    return Data(corpus, data_lib.Batches(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed), val)
 
-    devices = jax.devices()
-    n = len(devices)
-    mesh = sharding_lib.make_mesh(sharding_lib.parse_mesh(cfg.mesh, n), devices)
+
+def make_feed(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Feed:
+    """Batches' rows sharded over the mesh's data x fsdp devices; a training batch has a leading
+    accumulation axis when ``cfg.grad_accum > 1``."""
+    micro = cfg.batch_size // cfg.grad_accum
     rows = sharding_lib.batch_rows(mesh.shape)
     if micro % rows:
         raise sharding_lib.MeshError(f"--batch-size / --grad-accum = {micro} must be divisible by the mesh's data x "
                                      f"fsdp = {rows} devices")  # fmt: skip
-    val_sharding = sharding_lib.batch_sharding(mesh)
-    val_shape = (micro, cfg.seq_len + 1)
+    val_sharding, val_shape = sharding_lib.batch_sharding(mesh), (micro, cfg.seq_len + 1)
     if cfg.grad_accum == 1:  # (row, token)
-        batch_sharding, train_shape = val_sharding, val_shape
+        train_sharding, train_shape = val_sharding, val_shape
     else:  # (accumulation step, row, token)
-        batch_sharding = sharding_lib.batch_sharding(mesh, leading=1)
+        train_sharding = sharding_lib.batch_sharding(mesh, leading=1)
         train_shape = (cfg.grad_accum, micro, cfg.seq_len + 1)
-    micro_rows = _process_rows(val_sharding, val_shape)  # a micro-batch is sharded like a validation batch
+    val_rows = _process_rows(val_sharding, val_shape)  # a micro-batch is sharded like a validation batch
     # This process's rows of the global batch: its rows of each accumulation step's micro-batch.
-    train_rows = np.concatenate([np.arange(a * micro + micro_rows.start, a * micro + micro_rows.stop)
+    train_rows = np.concatenate([np.arange(a * micro + val_rows.start, a * micro + val_rows.stop)
                                  for a in range(cfg.grad_accum)])  # fmt: skip
+    return Feed(train_sharding, train_shape, train_rows, val_sharding, val_shape, val_rows)
 
-    model, tx = build(cfg, vocab, corpus.meta.get("separator"), mesh)  # documents end with the separator
+
+def make_model_and_optimizer(cfg: TrainConfig, meta: dict, mesh: jax.sharding.Mesh) -> tuple[Any, Any, Any]:
+    """The model on the mesh, its optimizer (one per stage with ``cfg.per_layer_updates``) and the step."""
+    model, tx = build(cfg, meta["model_vocab_size"], meta.get("separator"), mesh)  # documents end with the separator
     params = nnx.state(model, nnx.Param)
     if mesh.size == 1:
         nnx.update(model, _place(params, sharding_lib.param_shardings(params, mesh)))
@@ -170,81 +192,115 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         train_step = step_lib.make_train_step(model_lib.loss_fn, nnx.Param, cfg.grad_accum)
     sharding_lib.replicate_rest(mesh, model, optimizer)  # the step counts too: the step compiles once, not twice
-    adamw_mib = state_mib(jax.eval_shape(optax.adamw(1e-3).init, nnx.to_pure_dict(params)))
-    opt_mib = state_mib(nnx.state(optimizer))
-    if lead:  # room for the checkpoints kept, and for an export (the parameters once)
-        ckpt_bytes = checkpoints.kept_bytes(model, optimizer) if cfg.checkpoint_every else 0
-        files.check_folder(out, "--out", need_bytes=ckpt_bytes)
-        if cfg.export:
-            files.check_folder(cfg.export, "--export", need_bytes=int(state_mib(params) * 2**20), create=False)
+    return model, optimizer, train_step
 
+
+def check_room(cfg: TrainConfig, out: pathlib.Path, model: Any, optimizer: Any) -> None:
+    """Room for the checkpoints kept, and for an export (the parameters once), before the first step."""
+    ckpt_bytes = checkpoints.kept_bytes(model, optimizer) if cfg.checkpoint_every else 0
+    files.check_folder(out, "--out", need_bytes=ckpt_bytes)
+    if cfg.export:
+        params_bytes = int(state_mib(nnx.state(model, nnx.Param)) * 2**20)
+        files.check_folder(cfg.export, "--export", need_bytes=params_bytes, create=False)
+
+
+def describe(cfg: TrainConfig, corpus: Any, model: Any, devices: list) -> list[str]:
+    """The two header lines: the data, then the run."""
+    bpt = corpus.bytes_per_token
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return [
+        f"{corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} validation tokens "
+        f"({corpus.meta['tokenizer']}, vocabulary {corpus.meta['vocab_size']:,}, {bpt:.2f} bytes/token)",
+        f"{cfg.optimizer} on {cfg.preset} ({n_params / 1e6:.2f}M params), {len(devices)} {devices[0].platform} "
+        f"device(s) in {jax.process_count()} process(es), {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
+        + (f" ({cfg.grad_accum} accumulation steps)" if cfg.grad_accum > 1 else "")
+        + (", per-layer updates" if cfg.per_layer_updates else "")
+        + f", lr {cfg.lr}"
+        + (f", rank {cfg.resolved_rank()}" if cfg.optimizer != "adamw" else ""),
+    ]
+
+
+def peak_flops(devices: list) -> float | None:
+    """The devices' combined dense bf16 peak FLOP/s (:data:`PEAK_FLOPS`), None where unknown or on CPU."""
+    kind = devices[0].device_kind
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None) if devices[0].platform != "cpu" else None
+    return peak * len(devices) if peak else None
+
+
+def train(cfg: TrainConfig, log: Any = print) -> dict:
+    """Trains ``cfg.optimizer`` on ``cfg.preset``; writes metrics.jsonl under ``cfg.out`` (process 0)."""
+    lead = jax.process_index() == 0
+    log = log if lead else (lambda msg: None)
+    if lead:
+        check_outputs(cfg)
+    data = load_data(cfg, log)  # 1. data
+    out = pathlib.Path(cfg.out).expanduser()  # created once the data is known to be good
+    devices = jax.devices()
+    mesh = sharding_lib.make_mesh(sharding_lib.parse_mesh(cfg.mesh, len(devices)), devices)
+    feed = make_feed(cfg, mesh)
+    model, optimizer, train_step = make_model_and_optimizer(cfg, data.corpus.meta, mesh)  # 2. model, optimizer, step
+    if lead:
+        check_room(cfg, out, model, optimizer)
     manager = checkpoints.manager(out, cfg.checkpoint_every, cfg.resume)
-    run_config = resume_record(cfg, corpus.meta)
+    run_config = resume_record(cfg, data.corpus.meta)
     start_step, wall_before = (
         checkpoints.restore(manager, model, optimizer, run_config, log) if cfg.resume else (0, 0.0)
     )
+    for line in describe(cfg, data.corpus, model, devices):
+        log(line)
+    vocab = data.corpus.meta["model_vocab_size"]
 
     @nnx.jit
     def eval_step(model: model_lib.LLaMA, batch: jax.Array) -> jax.Array:
         return model_lib.loss_fn(model, batch)
 
-    def evaluate() -> float:
-        losses = [eval_step(model, _global_batch(b[micro_rows], val_sharding, val_shape)) for b in val]
-        return float(jnp.mean(jnp.stack(losses)))  # one wait, after every batch is dispatched
-
-    mcfg = model_config(cfg, vocab)
-    flops_token = flops_per_token(mcfg, cfg.seq_len)
-    kind = devices[0].device_kind
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None) if devices[0].platform != "cpu" else None
-    bpt = corpus.bytes_per_token
-    log(
-        f"{corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} validation tokens "
-        f"({corpus.meta['tokenizer']}, vocabulary {corpus.meta['vocab_size']:,}, {bpt:.2f} bytes/token)"
-    )
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    log(
-        f"{cfg.optimizer} on {cfg.preset} ({n_params / 1e6:.2f}M params), {n} {devices[0].platform} device(s) "
-        f"in {jax.process_count()} process(es), {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens"
-        + (f" ({cfg.grad_accum} accumulation steps)" if cfg.grad_accum > 1 else "")
-        + (", per-layer updates" if cfg.per_layer_updates else "")
-        + f", lr {cfg.lr}"
-        + (f", rank {cfg.resolved_rank()}" if cfg.optimizer != "adamw" else "")
-    )
-
-    def bits_per_byte(nats_per_token: float) -> float:
-        return nats_per_token / bpt / math.log(2)
-
-    tokens_per_step = cfg.batch_size * cfg.seq_len
+    def validation() -> dict[str, float]:
+        losses = [
+            eval_step(model, _global_batch(b[feed.val_rows], feed.val_sharding, feed.val_shape)) for b in data.val
+        ]
+        val_loss = float(jnp.mean(jnp.stack(losses)))  # one wait, after every batch is dispatched
+        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": bits_per_byte(val_loss, data.corpus)}
 
     def batch(step: int) -> jax.Array:
-        local = batches(step, train_rows).reshape(*train_shape[:-2], -1, cfg.seq_len + 1)
-        return _global_batch(local, batch_sharding, train_shape)
-
-    def throughput(step_s: float) -> dict[str, float]:
-        fields = {"tokens_per_s": tokens_per_step / step_s}
-        return fields | ({"mfu": flops_token * tokens_per_step / step_s / (peak * n)} if peak else {})
-
-    def validation() -> dict[str, float]:
-        val_loss = evaluate()
-        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": bits_per_byte(val_loss)}
+        local = data.batches(step, feed.train_rows).reshape(*feed.train_shape[:-2], -1, cfg.seq_len + 1)
+        return _global_batch(local, feed.train_sharding, feed.train_shape)
 
     def checkpoint(step: int, wall: float) -> None:
         checkpoints.save(manager, step, cfg.checkpoint_every, model, optimizer, run_config, wall)
 
-    with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log) as run:
+    with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log) as run:  # 3. the loop
         result = loop.run(
             run, lambda b: step_lib.run_step(train_step, model, optimizer, b), batch, start_step, cfg.steps,
             log_every=cfg.log_every, eval_every=cfg.eval_every, evaluate=validation, checkpoint=checkpoint,
-            throughput=throughput, wall_before=wall_before,
+            throughput=lambda step_s: throughput(cfg, vocab, step_s, devices), wall_before=wall_before,
         )  # fmt: skip
         records = run.earlier + result.records  # a resumed run's records continue its first part's
     checkpoints.close(manager)
     if cfg.export:
         export(model, cfg.export, fallback=out / "export")
+    return summary(cfg, data.corpus, model, optimizer, result, records, devices)
+
+
+def bits_per_byte(nats_per_token: float, corpus: Any) -> float:
+    return nats_per_token / corpus.bytes_per_token / math.log(2)
+
+
+def throughput(cfg: TrainConfig, vocab: int, step_s: float, devices: list) -> dict[str, float]:
+    """Tokens per second, and the model FLOPs utilisation where the devices' peak is known."""
+    tokens = cfg.batch_size * cfg.seq_len
+    flops = flops_per_token(model_config(cfg, vocab), cfg.seq_len)
+    peak = peak_flops(devices)
+    return {"tokens_per_s": tokens / step_s} | ({"mfu": flops * tokens / step_s / peak} if peak else {})
+
+
+def summary(
+    cfg: TrainConfig, corpus: Any, model: Any, optimizer: Any, result: Any, records: list, devices: list
+) -> dict:
+    """What ``train`` returns: the final validation loss, state sizes, speed and memory, every record."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     memory = devices[0].memory_stats() if devices[0].platform != "cpu" else None
     final = next((r for r in reversed(records) if "val_loss" in r), {"val_loss": float("nan")})
-    median_step = result.median_step_s
-    wall = result.wall_s
+    speed = throughput(cfg, corpus.meta["model_vocab_size"], result.median_step_s, devices)
     return {
         "optimizer": cfg.optimizer,
         "preset": cfg.preset,
@@ -252,14 +308,14 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         "tokenizer": corpus.meta["tokenizer"],
         "final_val_loss": final["val_loss"],
         "final_val_ppl": math.exp(final["val_loss"]) if math.isfinite(final["val_loss"]) else float("nan"),
-        "final_val_bpb": bits_per_byte(final["val_loss"]),
-        "optimizer_state_mib": opt_mib,
-        "adamw_state_mib": adamw_mib,
-        "median_step_s": median_step,
-        "tokens_per_s": tokens_per_step / median_step,
-        "mfu": flops_token * tokens_per_step / median_step / (peak * n) if peak else None,
+        "final_val_bpb": bits_per_byte(final["val_loss"], corpus),
+        "optimizer_state_mib": state_mib(nnx.state(optimizer)),
+        "adamw_state_mib": state_mib(jax.eval_shape(optax.adamw(1e-3).init, params)),
+        "median_step_s": result.median_step_s,
+        "tokens_per_s": speed["tokens_per_s"],
+        "mfu": speed.get("mfu"),
         "peak_bytes_in_use": (memory or {}).get("peak_bytes_in_use"),
-        "wall_s": wall,
+        "wall_s": result.wall_s,
         "records": records,
     }
 

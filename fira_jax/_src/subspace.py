@@ -251,9 +251,7 @@ def scale_by_subspace(
         norms = treedef.flatten_up_to(state.norms) if limited else [None] * len(leaves)
         for i in picked:
             x = Subspace(grads[i], lows[i], out[i], bases[i])
-            ell = jnp.ones(lays[i].batch, jnp.float32)
-            if limited:
-                ell, norms[i] = limit_norm_growth(compensation.norm(x), norms[i], gamma, state.count == 0)
+            ell, norms[i] = _limit(compensation, x, norms[i], gamma, state.count == 0)
             out[i] = lays[i].restore(compensation.update(x, ell).astype(grads[i].dtype))
 
         new_state = LowRankState(
@@ -267,6 +265,14 @@ def scale_by_subspace(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _limit(compensation: Compensation, x: Subspace, previous: Any, gamma: Any, first: Any) -> tuple[jax.Array, Any]:
+    """Step 3: the limiter's divisor for ``compensation.norm(x)`` and the norm to keep (ones and None
+    without a limiter)."""
+    if gamma is None:
+        return jnp.ones(x.basis.layout.batch, jnp.float32), previous
+    return limit_norm_growth(compensation.norm(x), previous, gamma, first)
 
 
 def _check_seam(compensation: Any, rank: Any, refresh: Any, gamma: Any, proj_type: Any) -> None:
