@@ -48,6 +48,7 @@ MARKERS = {
     "test_moments": ("core",),
     "test_composition": ("core",),
     "test_docstrings": ("core",),
+    "test_house": ("core",),
     "test_limiter": ("core",),
     "test_masks": ("core",),
     "test_options": ("core",),

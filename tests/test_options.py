@@ -99,3 +99,30 @@ def test_deprecated_names_still_work_and_warn():
     out, _ = adam.update(g, adam.init(g))
     want, _ = fira_jax.scale_by_torch_adam(eps=0.0).update(g, adam.init(g))
     np.testing.assert_array_equal(out["w"], want["w"])
+
+
+SHARED_OPTIONS = {"rank", "scale", "b1", "b2", "eps", "gamma", "update_proj_gap", "weight_decay", "proj_type",
+                  "granularity", "seed", "scale_type", "proj", "moments", "canonical_signs", "stagger",
+                  "refresh_method", "refresh_by_shape", "residual_scale"}  # fmt: skip
+
+
+def test_each_default_is_written_once():
+    """No public function under fira_jax/_src writes a shared option's default as a literal: each
+    takes it from fira_jax/_src/options.py (a constant, or Refresh's / Residual's field)."""
+    import ast
+    import pathlib
+
+    literal = []
+    for path in sorted((pathlib.Path(fira_jax.__file__).parent / "_src").glob("*.py")):
+        if path.name == "options.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            args = node.args.posonlyargs + node.args.args
+            pairs = list(zip(args[len(args) - len(node.args.defaults) :], node.args.defaults, strict=True))
+            pairs += [(a, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults, strict=True) if d is not None]
+            for arg, default in pairs:
+                if arg.arg in SHARED_OPTIONS and isinstance(default, ast.Constant) and default.value is not None:
+                    literal.append(f"{path.name}:{node.lineno} {node.name}({arg.arg}={default.value!r})")
+    assert not literal, literal

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from fira_jax._src import masks
+from fira_jax._src.options import B1, B2, EPS
 from fira_jax._src.validation import check_float, is_traced
 
 
@@ -84,9 +85,9 @@ def adam_bias_correction(b1: float, b2: float) -> optax.Schedule:
 
 
 def scale_by_torch_adam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
+    b1: float = B1,
+    b2: float = B2,
+    eps: float = EPS,
     *,
     bias_correction: bool = False,
     mu_dtype: Any = None,

@@ -18,7 +18,16 @@ import optax
 
 from fira_jax._src import masks
 from fira_jax._src.layout import ProjType
-from fira_jax._src.options import Refresh, Residual
+from fira_jax._src.options import (
+    APOLLO_SCALE,
+    PROJ_TYPE,
+    PROJECTION,
+    RANK,
+    SCALE,
+    SCALE_TYPE,
+    Refresh,
+    Residual,
+)
 from fira_jax._src.residual import Granularity, fira_update, residual_norm, scaled_gradient, scaling_factor
 from fira_jax._src.subspace import Compensation, Subspace, scale_by_subspace
 from fira_jax._src.validation import check_choice, check_float
@@ -31,7 +40,7 @@ Projection = Literal["random", "svd"]
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
 
 
-def galore_update(scale: float = 0.25) -> Compensation:
+def galore_update(scale: float = SCALE) -> Compensation:
     r"""GaLore's update, :math:`U = \text{scale} \cdot \text{back}(N)`: nothing outside the subspace.
 
     Example:
@@ -46,7 +55,7 @@ def galore_update(scale: float = 0.25) -> Compensation:
     return Compensation(lambda x, ell: scale * x.basis.back(x.inner, like=x.grad))
 
 
-def fira_residual(scale: float = 0.25, residual: Residual = Residual()) -> Compensation:
+def fira_residual(scale: float = SCALE, residual: Residual = Residual()) -> Compensation:
     r"""Fira's update: GaLore's plus the residual outside the subspace, scaled by Adam's ratio inside it.
 
     .. math::
@@ -79,7 +88,7 @@ def fira_residual(scale: float = 0.25, residual: Residual = Residual()) -> Compe
     return Compensation(update, norm)
 
 
-def apollo_scaling(scale: float = 1.0, granularity: Granularity = "column") -> Compensation:
+def apollo_scaling(scale: float = APOLLO_SCALE, granularity: Granularity = Residual.granularity) -> Compensation:
     r"""APOLLO's update: the whole gradient scaled by Adam's ratio measured in the subspace.
 
     .. math::
@@ -110,12 +119,12 @@ def apollo_scaling(scale: float = 1.0, granularity: Granularity = "column") -> C
 
 
 def scale_by_galore(
-    rank: int = 128,
-    scale: float = 0.25,
+    rank: int = RANK,
+    scale: float = SCALE,
     *,
     refresh: Refresh = Refresh(),
     base_optimizer: optax.GradientTransformation | None = None,
-    proj_type: ProjType = "std",
+    proj_type: ProjType = PROJ_TYPE,
     mask: masks.Mask = None,
     axes: Any = None,
     basis_dtype: Any = None,
@@ -190,13 +199,13 @@ def scale_by_galore(
 
 
 def scale_by_fira(
-    rank: int = 128,
-    scale: float = 0.25,
+    rank: int = RANK,
+    scale: float = SCALE,
     *,
     refresh: Refresh = Refresh(),
     residual: Residual = Residual(),
     base_optimizer: optax.GradientTransformation | None = None,
-    proj_type: ProjType = "std",
+    proj_type: ProjType = PROJ_TYPE,
     mask: masks.Mask = None,
     axes: Any = None,
     basis_dtype: Any = None,
@@ -259,15 +268,15 @@ def scale_by_fira(
 
 
 def scale_by_apollo(
-    rank: int = 128,
-    scale: float = 1.0,
+    rank: int = RANK,
+    scale: float = APOLLO_SCALE,
     *,
     refresh: Refresh = Refresh(),
-    scale_type: ScaleType = "channel",
-    proj: Projection = "random",
-    gamma: float = 1.01,
+    scale_type: ScaleType = SCALE_TYPE,
+    proj: Projection = PROJECTION,
+    gamma: float = Residual.gamma,
     base_optimizer: optax.GradientTransformation | None = None,
-    proj_type: ProjType = "std",
+    proj_type: ProjType = PROJ_TYPE,
     mask: masks.Mask = None,
     axes: Any = None,
     basis_dtype: Any = None,

@@ -30,6 +30,7 @@ import optax
 
 from fira_jax._src import masks
 from fira_jax._src.layout import MatrixAxes, as_matrix_axes, matrix_axes
+from fira_jax._src.options import Residual
 from fira_jax._src.residual import NORM_EPS
 from fira_jax._src.validation import check_float
 
@@ -101,7 +102,7 @@ def _norm_shape(shape: tuple[int, ...], red: tuple[int, ...] | None) -> tuple[in
     return () if red is None else tuple(d for a, d in enumerate(shape) if a not in red)
 
 
-def clip_by_norm_growth(gamma: float = 1.01, *, axes: Any = None) -> optax.GradientTransformation:
+def clip_by_norm_growth(gamma: float = Residual.gamma, *, axes: Any = None) -> optax.GradientTransformation:
     r"""Fira's norm-growth limiter as an optax transformation: no matrix's update norm grows by more
     than ``gamma`` per step.
 

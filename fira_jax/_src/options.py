@@ -10,12 +10,26 @@ Both are validated when made, hashable and immutable (``dataclasses.replace`` ma
 import dataclasses
 import functools
 import warnings
-from typing import Any
+from typing import Any, Literal, get_args
 
 from fira_jax._src.basis import METHODS, Method, SvdMethod
 from fira_jax._src.moments import MOMENT_POLICIES, MomentPolicy
-from fira_jax._src.residual import GRANULARITIES, Granularity
 from fira_jax._src.validation import check_choice, check_float, check_int
+
+Granularity = Literal["column", "matrix", "none"]  # Fira's scaling factor: per column, per matrix, or none
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+
+# The family's other defaults, written once: every transformation and optimizer takes its default
+# from here (and the refresh's and residual's from Refresh's and Residual's fields).
+RANK = 128  # the subspace's rank (the papers' LLaMA-60M runs)
+SCALE = 0.25  # GaLore's and Fira's alpha, the low-rank update's scale
+APOLLO_SCALE = 1.0  # APOLLO's --apollo_scale (the update is multiplied by its square root)
+APOLLO_MINI_SCALE = 128.0  # APOLLO-Mini's
+PROJ_TYPE = "std"  # right if m >= n else left (the authors')
+SCALE_TYPE = "channel"  # APOLLO's factor per channel; "tensor" for APOLLO-Mini
+PROJECTION = "random"  # APOLLO's projection
+B1, B2, EPS = 0.9, 0.999, 1e-6  # Adam's, in the reference's convention (eps added to sqrt(v))
+WEIGHT_DECAY = 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from fira_jax._src import sharding
 from fira_jax._src.basis import Basis, top_singular_bases
+from fira_jax._src.options import Refresh
 
 
 def refresh_groups(n_leaves: int, update_proj_gap: Any, stagger: bool) -> list[tuple[Any, list[int]]]:
@@ -65,8 +66,8 @@ def refresh_bases(
     count: jax.Array,
     *,
     update_proj_gap: Any,
-    stagger: bool = False,
-    refresh_by_shape: bool = False,
+    stagger: bool = Refresh.stagger,
+    refresh_by_shape: bool = Refresh.by_shape,
     keys: list[jax.Array] | None = None,
     **svd_options: Any,
 ) -> tuple[list[Basis], list[jax.Array]]:

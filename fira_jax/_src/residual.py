@@ -21,7 +21,7 @@ Otherwise (or with a basis stored below float32, not orthonormal enough for the 
 formed explicitly.
 """
 
-from typing import Any, Literal, get_args
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +29,8 @@ import jax.numpy as jnp
 from fira_jax._src import sharding
 from fira_jax._src.basis import Basis
 from fira_jax._src.layout import Layout
+from fira_jax._src.options import Granularity, Residual
 
-Granularity = Literal["column", "matrix", "none"]
-GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 NORM_EPS = 1e-8  # the reference's constant in the denominators of the scaling factor and the limiter
 # residual_norm forms the complement when the shortcut keeps less than this share of ||phi G||^2
 # (its relative error is then at most about eps32 / CANCELLATION).
@@ -53,7 +52,9 @@ def _phi_axis(low: jax.Array, layout: Layout) -> int:
     return -1 if layout.side == "right" else -2
 
 
-def scaling_factor(coeffs: jax.Array, low: jax.Array, layout: Layout, granularity: Granularity = "column") -> jax.Array:
+def scaling_factor(
+    coeffs: jax.Array, low: jax.Array, layout: Layout, granularity: Granularity = Residual.granularity
+) -> jax.Array:
     r"""Fira's scaling factor :math:`\phi = \|N\| / (\|R\| + 10^{-8})`, in float32.
 
     Args:

@@ -34,7 +34,7 @@ from fira_jax._src.adam import scale_by_torch_adam
 from fira_jax._src.basis import RANDOM_METHODS, Basis, default_basis
 from fira_jax._src.layout import PROJ_TYPES, Layout, ProjType, describe, layouts, selection
 from fira_jax._src.limiter import limit_norm_growth
-from fira_jax._src.options import Refresh
+from fira_jax._src.options import PROJ_TYPE, RANK, Refresh
 from fira_jax._src.projection import refresh_bases
 from fira_jax._src.validation import check_choice, check_float, check_int
 
@@ -142,12 +142,12 @@ def matrix_keys(seed: int, path: str, index: jax.Array, count: jax.Array) -> jax
 
 def scale_by_subspace(
     compensation: Compensation,
-    rank: int = 128,
+    rank: int = RANK,
     *,
     refresh: Refresh = Refresh(),
     inner: optax.GradientTransformation | None = None,
     gamma: float | None = None,
-    proj_type: ProjType = "std",
+    proj_type: ProjType = PROJ_TYPE,
     mask: masks.Mask = None,
     axes: Any = None,
     basis_dtype: Any = None,
