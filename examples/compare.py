@@ -45,8 +45,7 @@ SHARED = ["preset", "steps", "batch_size", "seq_len", "rank", "update_proj_gap",
 
 def parser() -> argparse.ArgumentParser:
     """The command line: the training flags :data:`SHARED` with train_lm.py, and the sweeps'."""
-    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = config_lib.parser(__file__, __doc__)
     config_lib.add_flags(p, SHARED)
     lrs_help = f"learning-rate grid (default {COMPARE_LRS}; with --rank-sweep, Fira's and GaLore's: {SWEEP_LRS})"
     p.add_argument("--lrs", type=float, nargs="+", default=None, help=lrs_help)

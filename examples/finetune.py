@@ -83,8 +83,7 @@ def resume_record(args: config_lib.FinetuneConfig, n_records: int, vocabulary: i
 
 def parser() -> argparse.ArgumentParser:
     """The command line, derived from :class:`lm.config.FinetuneConfig` (its defaults are the authors')."""
-    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = config_lib.parser(__file__, __doc__)
     config_lib.add_flags(p, config=config_lib.FinetuneConfig)
     return p
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import finetune
 import train_lm
+from lm import config as config_lib
 from lm import files, hf, instruct, provenance, pytasks
 from lm import model as model_lib
 from lm import prepare as prepare_lib
@@ -120,8 +121,7 @@ def run(flags: list[str], out: pathlib.Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = config_lib.parser(__file__, __doc__)
     p.add_argument("--tasks", nargs="+", default=list(pytasks.TASKS), choices=pytasks.TASKS)
     p.add_argument("--methods", nargs="+", default=list(finetune.METHODS), choices=finetune.METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],

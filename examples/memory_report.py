@@ -50,6 +50,7 @@ from fira_jax.projections import SVD_METHODS
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from lm import config as config_lib
 from lm import files, optim, provenance
 from lm import model as model_lib
 from lm import step as step_lib
@@ -295,8 +296,7 @@ def finetune_report(preset: str, method: str, dtype: Any, vocab: int = VOCAB) ->
 
 def parser() -> argparse.ArgumentParser:
     """The command line."""
-    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = config_lib.parser(__file__, __doc__)
     p.add_argument(
         "--preset", nargs="+", default=["60m", "130m", "350m", "1b", "7b"], choices=sorted(model_lib.PRESETS)
     )

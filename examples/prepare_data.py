@@ -10,7 +10,6 @@ Tokenization runs in parallel processes; ids are uint16 when the vocabulary fits
 Nothing is downloaded.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -18,6 +17,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from lm import config as config_lib
 from lm import data as data_lib
 from lm import files
 from lm import prepare as prepare_lib
@@ -25,8 +25,7 @@ from lm import tokenizer as tokenizer_lib
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = config_lib.parser(__file__, __doc__)
     p.add_argument("--data", default=None, help="source: file or folder (see above); default the built-in corpus")
     p.add_argument("--tokenizer", default="bytes", help="bytes, a tokenizer.json (or its folder), or a .model")
     p.add_argument("--out", required=True, help="folder to write train.bin, val.bin and meta.json into")

@@ -66,8 +66,7 @@ def kendall_tau_b(a: np.ndarray, b: np.ndarray, max_n: int = 4000, seed: int = 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = config_lib.parser(__file__, __doc__)
     shared = ["preset", "steps", "batch_size", "seq_len", "lr", "rank", "update_proj_gap", "data", "seed"]
     config_lib.add_flags(p, shared, steps=600, lr=3e-3)
     p.add_argument("--measure-every", type=int, default=100, help="measure the factors every this many steps")

@@ -33,8 +33,7 @@ from lm.train import TrainConfig, maybe_initialize_distributed, plot, train
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.ArgumentParser]:
-    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = config_lib.parser(__file__, __doc__)
     config_lib.add_flags(p)
     args = config_lib.parse(p, argv)
     cfg = config_lib.from_args(args)

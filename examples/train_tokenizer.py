@@ -9,12 +9,12 @@ tokenizer never sees the validation split. Writes OUT/tokenizer.json (Hugging Fa
 GPT-2's byte-level BPE, every byte in the vocabulary, "</s>" between documents). Nothing is downloaded.
 """
 
-import argparse
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from lm import config as config_lib
 from lm import data as data_lib
 from lm import files
 from lm import prepare as prepare_lib
@@ -22,8 +22,7 @@ from lm import tokenizer as tokenizer_lib
 
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
-    p = argparse.ArgumentParser(prog=pathlib.Path(__file__).name, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = config_lib.parser(__file__, __doc__)
     p.add_argument("--data", default=None, help="source: file or folder (see above); default the built-in corpus")
     p.add_argument("--vocab-size", type=int, default=32000, help="tokens, special ones included (default: 32000)")
     p.add_argument("--val-fraction", type=float, default=0.05,

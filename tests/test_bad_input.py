@@ -41,6 +41,32 @@ def usage_error(main, argv: list[str], capsys) -> str:
     return lines[-1].split(": error: ", 1)[1]
 
 
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        ("train_lm", ["--steps", "-3"]),
+        ("finetune", ["--checkpoint", "x", "--out", "y", "--batch-size", "0"]),
+        ("prepare_data", ["--out", "x", "--val-fraction", "nope"]),
+        ("train_tokenizer", ["--no-such-flag"]),
+        ("memory_report", ["--preset", "huge"]),
+        ("compare", ["--workers", "0"]),
+        ("similarity", ["--measure-every", "0"]),
+        ("finetune_demo", ["--seeds"]),
+    ],
+)
+def test_every_entry_point_reports_a_flag_mistake_in_two_lines(script, argv, capsys):
+    """argparse's whole usage text is not printed: one usage line that points to --help, then the error."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(script).main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0] == f"usage: {script}.py [options] (see {script}.py --help)", lines
+    assert lines[1].startswith(f"{script}.py: error: "), lines
+
+
 def files(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
     """A bad file of each kind, shared by the scripts' cases."""
     made = {

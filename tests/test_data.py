@@ -148,6 +148,21 @@ def test_bad_files_are_named(tmp_path):
         prepare_lib.prepare(str(tmp_path / "latin1.txt"), "bytes", tmp_path / "p", workers=1, progress=False)
 
 
+def test_a_folders_empty_and_binary_files_are_skipped_and_counted(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "blob.txt").write_bytes(b"\x00\x01binary\x00" * 10)
+    (folder / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 10)
+    (folder / "code.py").write_text("def f(x):\n    return x + 1\n" * 400)
+    meta = prepare_lib.prepare(str(folder), "bytes", tmp_path / "p", workers=1, progress=False)
+    assert meta["description"] == f"{folder} (1 file; skipped 1 empty, 2 not text)"
+    assert meta["sources"] == [str(folder / "code.py")]
+    (folder / "code.py").unlink()
+    with pytest.raises(data_lib.DataError, match=r"no text, .jsonl or .json.gz files found; skipped 1 empty, 2 not"):
+        prepare_lib.prepare(str(folder), "bytes", tmp_path / "q", workers=1, progress=False)
+
+
 def test_raw_source_is_cached_by_path_size_mtime_and_tokenizer(tmp_path, bpe):
     src = tmp_path / "a.txt"
     src.write_text("some text to learn from\n" * 2000)

@@ -11,10 +11,23 @@ import dataclasses
 import math
 import pathlib
 import typing
-from typing import Any
+from typing import Any, NoReturn
 
 from lm import model as model_lib
 from lm import optim
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a short error: the usage in one line that points to ``--help``, then
+    ``prog: error: message``; exit status 2 (argparse prints the whole usage text first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"usage: {self.prog} [options] (see {self.prog} --help)\n{self.prog}: error: {message}\n")
+
+
+def parser(script: str, doc: str | None) -> Parser:
+    """The command line of the example ``script`` (its ``__file__``), described by its ``doc``."""
+    return Parser(prog=pathlib.Path(script).name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _field(default: Any, help: str, **flag: Any) -> Any:

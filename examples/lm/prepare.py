@@ -12,6 +12,7 @@ document's key (path and index) sends ``val_fraction`` of them to validation; a 
 single document (one plain text file) is split by position: its last ``val_fraction`` is held out.
 """
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -61,13 +62,39 @@ def source_files(data: str | None) -> tuple[pathlib.Path, list[pathlib.Path], st
     root = pathlib.Path(data).expanduser()
     if not root.exists():
         raise DataError(f"--data {data}: no such file or folder")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if _is_data_file(p))
+    if root.is_file():  # the file the user named: empty is an error
+        if root.stat().st_size == 0:
+            raise DataError(f"{root}: empty file")
+        return root, [root], f"{data} (1 file)"
+    files, skipped = [], {"empty": 0, "not text": 0}  # a folder's empty and binary files are skipped
+    for path in sorted(p for p in root.rglob("*") if _is_data_file(p)):
+        kind = "empty" if path.stat().st_size == 0 else None if _looks_like_text(path) else "not text"
+        if kind:
+            skipped[kind] += 1
+        else:
+            files.append(path)
     if not files:
-        raise DataError(f"--data {data}: no text, .jsonl or .json.gz files found")
-    for path in files:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: empty file")
-    return root, files, f"{data} ({len(files)} file{'s' * (len(files) != 1)})"
+        raise DataError(f"--data {data}: no text, .jsonl or .json.gz files found" + _skipped(skipped))
+    return root, files, f"{data} ({len(files)} file{'s' * (len(files) != 1)}{_skipped(skipped)})"
+
+
+def _skipped(skipped: dict[str, int]) -> str:
+    """``"; skipped 1 empty, 2 not text"`` (nothing when none was)."""
+    said = [f"{n} {kind}" for kind, n in skipped.items() if n]
+    return f"; skipped {', '.join(said)}" if said else ""
+
+
+def _looks_like_text(path: pathlib.Path) -> bool:
+    """A JSON source, or a file whose first 64 KiB hold no NUL byte and decode as UTF-8."""
+    if path.name.endswith(JSON_SUFFIXES):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut-off last character is fine
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in head
 
 
 def _read_text(path: pathlib.Path, strict: bool = True) -> str:
