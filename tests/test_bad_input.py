@@ -544,3 +544,21 @@ def test_checkpoint_differences_name_every_setting():
         "--c 2 (now 3)",
         "--d None (now 4)",
     ]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exports_and_records_take_the_umasks_mode(tmp_path, umask):
+    """An exported checkpoint (safetensors writes 0600 temporaries) and a JSON record are readable as any
+    file the user writes."""
+    import os
+
+    from lm import files as files_lib
+
+    old = os.umask(umask)
+    try:
+        hf.save(model_lib.LLaMA(model_lib.PRESETS["micro"], rngs=nnx.Rngs(0)), tmp_path / "export")
+        files_lib.write_text(tmp_path / "summary.json", "{}")
+    finally:
+        os.umask(old)
+    written = [*sorted((tmp_path / "export").iterdir()), tmp_path / "summary.json"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(0o666 & ~umask) for p in written}

@@ -61,13 +61,22 @@ def check_folder(path: str | pathlib.Path, flag: str, need_bytes: int = 0, creat
     return path
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode a file (or folder) the user creates gets: ``0o666`` (``0o777``) less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def write_text(path: str | pathlib.Path, text: str) -> None:
-    """Writes ``path`` whole: a temporary sibling renamed over it (the old file stays on failure)."""
+    """Writes ``path`` whole: a temporary sibling renamed over it (the old file stays on failure),
+    readable as any file the user writes (the umask's mode, not the temporary file's 0600)."""
     path = pathlib.Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -79,7 +88,8 @@ def write_text(path: str | pathlib.Path, text: str) -> None:
 def staged_folder(final: str | pathlib.Path, last: tuple[str, ...] = ()) -> Iterator[pathlib.Path]:
     """A temporary sibling folder whose files move into ``final`` when the block completes (those
     named in ``last`` at the end, so their presence marks a complete folder); other files already
-    in ``final`` stay. An error leaves ``final`` as it was (not even created)."""
+    in ``final`` stay. An error leaves ``final`` as it was (not even created). The files get the
+    umask's mode (a library writing into the temporary folder may have made them 0600)."""
     final = pathlib.Path(final).expanduser()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
@@ -87,6 +97,7 @@ def staged_folder(final: str | pathlib.Path, last: tuple[str, ...] = ()) -> Iter
         yield tmp
         final.mkdir(exist_ok=True)
         for name in sorted(os.listdir(tmp), key=lambda n: (n in last, last.index(n) if n in last else 0, n)):
+            os.chmod(tmp / name, umask_mode(directory=(tmp / name).is_dir()))
             os.replace(tmp / name, final / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
