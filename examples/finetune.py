@@ -166,7 +166,7 @@ def make_training(args: config_lib.FinetuneConfig, model: nnx.Module, schedule: 
 
 
 def open_checkpoints(args: config_lib.FinetuneConfig, out: pathlib.Path, model: nnx.Module,
-                     optimizer: nnx.Optimizer, run_config: dict) -> tuple[Any, int, float]:  # fmt: skip
+                     optimizer: nnx.Optimizer, run_config: dict, steps: int) -> tuple[Any, int, float]:  # fmt: skip
     """(checkpoint manager, first step, seconds already spent): resumed from the latest checkpoint
     with ``--resume``, after checking room for the checkpoints kept and the export."""
     ckpt_bytes = checkpoints.kept_bytes(model, optimizer) if args.checkpoint_every else 0
@@ -175,7 +175,9 @@ def open_checkpoints(args: config_lib.FinetuneConfig, out: pathlib.Path, model: 
         export_bytes = int(state_mib(nnx.state(model, nnx.Param)) * 2**20)
         files.check_folder(args.export, "--export", need_bytes=export_bytes, create=False)
     manager = checkpoints.manager(out, args.checkpoint_every, args.resume)
-    start, wall_before = checkpoints.restore(manager, model, optimizer, run_config) if args.resume else (0, 0.0)
+    start, wall_before = (
+        checkpoints.restore(manager, model, optimizer, run_config, print, steps) if args.resume else (0, 0.0)
+    )
     return manager, start, wall_before
 
 
@@ -206,6 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = config_lib.from_args(p.parse_args(argv), config_lib.FinetuneConfig)
     try:
         return finetune(args)
+    except checkpoints.FinishedError as e:
+        print(e)
+        summary = pathlib.Path(args.out).expanduser() / "summary.json"
+        return json.loads(summary.read_text()) if summary.exists() else {}
     except ERRORS as e:
         p.error(str(e))
 
@@ -223,7 +229,7 @@ def finetune(args: config_lib.FinetuneConfig) -> dict:
           f"{len(train)} training / {len(val)} validation examples, {steps} steps")  # fmt: skip
     out = pathlib.Path(args.out).expanduser()
     run_config = resume_record(args, len(records), tok.vocab_size)
-    manager, start, wall_before = open_checkpoints(args, out, model, optimizer, run_config)
+    manager, start, wall_before = open_checkpoints(args, out, model, optimizer, run_config, steps)
     train_step = step_lib.make_train_step(instruct.masked_loss, wrt)
     padded, order, n = (
         batcher(args, mesh, tok.separator or 0),

@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     try:
         result = train(cfg)
+    except checkpoints.FinishedError as e:
+        print(e)
+        summary = pathlib.Path(cfg.out).expanduser() / "summary.json"
+        return json.loads(summary.read_text()) if summary.exists() else {}
     except (data_lib.DataError, tokenizer_lib.TokenizerError, files.OutputError, checkpoints.CheckpointError,
             sharding_lib.MeshError) as e:  # fmt: skip
         parser.error(str(e))  # a one-line usage error, not a traceback

@@ -562,3 +562,42 @@ def test_exports_and_records_take_the_umasks_mode(tmp_path, umask):
         os.umask(old)
     written = [*sorted((tmp_path / "export").iterdir()), tmp_path / "summary.json"]
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(0o666 & ~umask) for p in written}
+
+
+def test_resume_a_finished_run_says_so_and_rewrites_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*MICRO, "--checkpoint-every", "2", "--out", str(out)]
+    train_lm.main(argv)
+    written = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    summary = train_lm.main([*argv, "--resume"])
+    assert capsys.readouterr().out.strip() == f"--resume: the run in {out} already finished at step 2"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == written
+    assert summary == json.loads(written["summary.json"])
+
+
+def test_resume_past_a_damaged_latest_checkpoint_uses_the_one_before(tmp_path):
+    """Two checkpoints are kept; the latest one damaged (every file of its state), the one before is used."""
+    from lm import checkpoints as ckpt
+    from lm import train as train_lib
+    from lm.config import TrainConfig
+
+    cfg = TrainConfig(preset="micro", steps=4, batch_size=2, seq_len=16)
+    record = {"preset": "micro"}
+    model, tx = train_lib.build(cfg)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    manager = ckpt.manager(tmp_path, 1, False)
+    for step in (1, 2):
+        ckpt.save(manager, step, 1, model, optimizer, record, float(step))
+    ckpt.close(manager)
+    for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"damaged")
+    said = []
+    model, tx = train_lib.build(cfg)
+    step, wall = ckpt.restore(ckpt.manager(tmp_path, 1, True), model, nnx.Optimizer(model, tx, wrt=nnx.Param),
+                              record, said.append, cfg.steps)  # fmt: skip
+    assert (step, wall) == (1, 1.0)
+    where = f"--resume: the checkpoint of step 2 in {(tmp_path / 'checkpoints').resolve()} cannot be read ("
+    assert len(said) == 2 and said[0].startswith(where), said
+    assert said[0].endswith("; resuming from the checkpoint of step 1 instead") and said[1] == "resumed from step 1"

@@ -91,25 +91,49 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"--{k.replace('_', '-')} {saved.get(k)} (now {now.get(k)})" for k in keys if saved.get(k) != now.get(k)]
 
 
-def restore(checkpoints: Any, model: nnx.Module, optimizer: nnx.Pytree, config: dict[str, Any],
-            log: Any = print) -> tuple[int, float]:  # fmt: skip
-    """Loads the latest checkpoint into ``model`` and ``optimizer``; returns (its step, wall seconds so far).
+class FinishedError(Exception):
+    """``--resume`` on a run whose latest checkpoint is its last step: nothing to do."""
 
-    ``config`` is the resuming run's record (JSON values); the checkpoint's must be equal.
+
+def restore(checkpoints: Any, model: nnx.Module, optimizer: nnx.Pytree, config: dict[str, Any],
+            log: Any = print, steps: int | None = None) -> tuple[int, float]:  # fmt: skip
+    """Loads the latest readable checkpoint into ``model`` and ``optimizer``; returns (its step, wall
+    seconds so far). A latest checkpoint that cannot be read is named, and the one before it (two are
+    kept) is used, with one line saying so.
+
+    ``config`` is the resuming run's record (JSON values); the checkpoint's must be equal. A run
+    whose checkpoint is at its last step (``steps``) is finished: nothing is read.
 
     Raises:
+      FinishedError: the checkpoint is at step ``steps``.
       CheckpointError: the checkpoint was made with another configuration (each difference named),
         by an older version of these examples, holds another optimizer state format
-        (``fira_jax.STATE_VERSION``, named with this one), or cannot be read.
+        (``fira_jax.STATE_VERSION``, named with this one), or no kept checkpoint can be read.
     """
+    kept = sorted(checkpoints.all_steps(), reverse=True)
+    for i, step in enumerate(kept):
+        try:
+            return _restore_step(checkpoints, step, model, optimizer, config, log, steps)
+        except _UnreadableError as e:
+            if i + 1 == len(kept):
+                raise CheckpointError(str(e)) from None
+            log(f"{e}; resuming from the checkpoint of step {kept[i + 1]} instead")
+    raise CheckpointError(f"--resume: {checkpoints.directory} holds no checkpoint")
+
+
+class _UnreadableError(Exception):
+    """A checkpoint whose files cannot be read (damaged or partial): the previous one may be."""
+
+
+def _restore_step(checkpoints: Any, step: int, model: nnx.Module, optimizer: nnx.Pytree, config: dict[str, Any],
+                  log: Any, steps: int | None) -> tuple[int, float]:  # fmt: skip
     import orbax.checkpoint as ocp
 
-    step = checkpoints.latest_step()
     where = f"--resume: the checkpoint of step {step} in {checkpoints.directory}"
     try:
         run = checkpoints.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
     except Exception as e:  # orbax raises many kinds; the first line says which
-        raise CheckpointError(f"{where} has no readable run record ({_first_line(e)}); start a new --out") from None
+        raise _UnreadableError(f"{where} has no readable run record ({_first_line(e)}); start a new --out") from None
     saved_format = run.get("state_version", 1)  # the record gained it with format 2
     if saved_format != fira_jax.STATE_VERSION:
         raise CheckpointError(
@@ -119,11 +143,13 @@ def restore(checkpoints: Any, model: nnx.Module, optimizer: nnx.Pytree, config: 
     changed = ", ".join(differences(run["config"], config))
     if changed:
         raise CheckpointError(f"{where} was made with {changed}: resume with its settings or use a new --out")
+    if steps is not None and step >= steps:
+        raise FinishedError(f"--resume: the run in {checkpoints.directory.parent} already finished at step {step}")
     target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
     try:
         state = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except Exception as e:
-        raise CheckpointError(f"{where} cannot be read ({_first_line(e)})") from None
+        raise _UnreadableError(f"{where} cannot be read ({_first_line(e)})") from None
     nnx.update(model, state["model"])
     nnx.update(optimizer, state["optimizer"])
     log(f"resumed from step {step}")

@@ -244,7 +244,7 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     manager = checkpoints.manager(out, cfg.checkpoint_every, cfg.resume)
     run_config = resume_record(cfg, data.corpus.meta)
     start_step, wall_before = (
-        checkpoints.restore(manager, model, optimizer, run_config, log) if cfg.resume else (0, 0.0)
+        checkpoints.restore(manager, model, optimizer, run_config, log, cfg.steps) if cfg.resume else (0, 0.0)
     )
     for line in describe(cfg, data.corpus, model, devices):
         log(line)
