@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = config_lib.from_args(p.parse_args(argv), config_lib.FinetuneConfig)
     try:
         return finetune(args)
+    except loop.StoppedError as e:
+        sys.exit(loop.stopped(e.done, args.out, args.checkpoint_every))
+    except KeyboardInterrupt:  # before the loop (loading, compilation)
+        sys.exit(loop.stopped(None, args.out, args.checkpoint_every))
     except checkpoints.FinishedError as e:
         print(e)
         summary = pathlib.Path(args.out).expanduser() / "summary.json"
@@ -252,17 +256,21 @@ def finetune(args: config_lib.FinetuneConfig) -> dict:
         model.train()
         return {"val_loss": val_loss}
 
-    def checkpoint(step: int, wall: float) -> None:
-        checkpoints.save(manager, step, args.checkpoint_every, model, optimizer, run_config, wall)
+    def checkpoint(step: int, wall: float, force: bool) -> None:  # force: after a Ctrl-C
+        checkpoints.save(manager, step, 1 if force else args.checkpoint_every, model, optimizer, run_config, wall)
 
-    with runlog.RunLog(out, steps, start, progress=args.progress) as run:
-        result = loop.run(
-            run, lambda b: step_lib.run_step(train_step, model, optimizer, *b),
-            lambda step: padded([train[i] for i in order[step * n : (step + 1) * n]]), start, steps,
-            log_every=args.log_every, eval_every=args.eval_every, evaluate=validation, checkpoint=checkpoint,
-            wall_before=wall_before,
-        )  # fmt: skip
-        records_out = run.earlier + result.records  # a resumed run's records continue its first part's
+    try:
+        with runlog.RunLog(out, steps, start, progress=args.progress) as run:
+            result = loop.run(
+                run, lambda b: step_lib.run_step(train_step, model, optimizer, *b),
+                lambda step: padded([train[i] for i in order[step * n : (step + 1) * n]]), start, steps,
+                log_every=args.log_every, eval_every=args.eval_every, evaluate=validation, checkpoint=checkpoint,
+                wall_before=wall_before,
+            )  # fmt: skip
+            records_out = run.earlier + result.records  # a resumed run's records continue its first part's
+    except loop.StoppedError:
+        checkpoints.close(manager)  # the Ctrl-C's checkpoint, written
+        raise
     checkpoints.close(manager)
     model.eval()
     summary = {"method": args.method, "trainable_params": trainable, "optimizer_state_mib": opt_mib, "steps": steps,

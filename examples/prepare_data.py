@@ -13,6 +13,7 @@ Nothing is downloaded.
 import json
 import os
 import pathlib
+import signal
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--workers must be >= 1, got {args.workers}")
     if args.data is not None and not pathlib.Path(args.data).expanduser().exists():
         p.error(f"--data {args.data}: no such file or folder")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill, like a Ctrl-C, removes the unfinished output
     try:
         _, sources, _ = prepare_lib.source_files(args.data)
         # Each byte of text is at most one token of 2 bytes (4 for vocabularies beyond 65,536).
@@ -47,9 +49,18 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(e))
     except OSError as e:  # the disk filled up or went away while writing: nothing was left behind
         p.error(f"--out {args.out}: writing failed ({e.strerror or e}); nothing was written")
+    except KeyboardInterrupt:
+        print(f"{p.prog}: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps({k: meta[k] for k in ("tokenizer", "vocab_size", "dtype", "splits", "split_rule")}, indent=1))
     print(f"wrote {args.out}/train.bin, val.bin, meta.json; train with: python examples/train_lm.py --data {args.out}")
     return meta
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

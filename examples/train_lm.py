@@ -24,7 +24,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from lm import checkpoints, files
+from lm import checkpoints, files, loop
 from lm import config as config_lib
 from lm import data as data_lib
 from lm import sharding as sharding_lib
@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     try:
         result = train(cfg)
+    except loop.StoppedError as e:
+        sys.exit(loop.stopped(e.done, cfg.out, cfg.checkpoint_every))
+    except KeyboardInterrupt:  # before the loop (data, compilation)
+        sys.exit(loop.stopped(None, cfg.out, cfg.checkpoint_every))
     except checkpoints.FinishedError as e:
         print(e)
         summary = pathlib.Path(cfg.out).expanduser() / "summary.json"

@@ -601,3 +601,51 @@ def test_resume_past_a_damaged_latest_checkpoint_uses_the_one_before(tmp_path):
     where = f"--resume: the checkpoint of step 2 in {(tmp_path / 'checkpoints').resolve()} cannot be read ("
     assert len(said) == 2 and said[0].startswith(where), said
     assert said[0].endswith("; resuming from the checkpoint of step 1 instead") and said[1] == "resumed from step 1"
+
+
+def test_ctrl_c_in_training_checkpoints_the_last_step_and_exits_130(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C (here: the loop's stop request, answered yes) ends train_lm.py in one line with exit
+    status 130, after a checkpoint of the last completed step; --resume goes on from it."""
+    import contextlib
+
+    from lm import loop
+
+    out = tmp_path / "run"
+    argv = [*MICRO[:2], "--steps", "4", *MICRO[4:], "--checkpoint-every", "3", "--out", str(out)]
+    monkeypatch.setattr(loop, "stop_requests", lambda: contextlib.nullcontext(lambda: True))
+    with pytest.raises(SystemExit) as exit_info:
+        train_lm.main(argv)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"stopped by Ctrl-C after step 1: its checkpoint is in {out}/checkpoints (resume with --resume)"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    monkeypatch.undo()
+    result = train_lm.main([*argv, "--resume"])
+    assert "resumed from step 1" in capsys.readouterr().out and result["records"][-1]["step"] == 4
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_prepare_data_leaves_nothing_behind(tmp_path, sig):
+    """Interrupted while it tokenizes (its hidden staging folder exists): one line, exit 130, and
+    neither --out nor the staging folder is left."""
+    import signal
+    import subprocess
+    import time
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"f{i}.txt").write_text(f"line {i} of some text to tokenize\n" * 60000)
+    out = tmp_path / "prepared"
+    cmd = [sys.executable, str(EXAMPLES / "prepare_data.py"), "--data", str(corpus), "--out", str(out),
+           "--workers", "1", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".prepared.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare_data.py finished before it could be interrupted"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [f"prepare_data.py: interrupted; nothing was written to {out}"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]

@@ -58,7 +58,7 @@ def test_run_averages_each_window_validates_and_checkpoints():
     """A fake step whose loss is the step number: each record's train_loss is its window's mean."""
     saved, log = [], _Log()
     result = loop.run(log, lambda b: jnp.asarray(b, jnp.float32), lambda i: float(i), 2, 13, log_every=4,
-                      eval_every=6, evaluate=lambda: {"val_loss": -1.0}, checkpoint=lambda s, w: saved.append(s),
+                      eval_every=6, evaluate=lambda: {"val_loss": -1.0}, checkpoint=lambda s, w, f: saved.append(s),
                       throughput=lambda s: {"tokens_per_s": 8 / s}, wall_before=5.0)  # fmt: skip
     steps = [r["step"] for r in result.records]
     assert steps == [4, 6, 8, 12, 13]  # every 4, and the validations at 6, 12 and the end
@@ -110,3 +110,33 @@ def test_how_often_the_host_looks_changes_no_result(tmp_path):
     assert (tmp_path / "h.md").read_text() == host_overhead.render(saved)
     with pytest.raises(SystemExit):
         host_overhead.main(["--steps", "120"])
+
+
+def test_a_ctrl_c_stops_between_steps_with_a_forced_checkpoint():
+    """The first SIGINT only asks the loop to stop: the step it came in finishes, its checkpoint is forced."""
+    import os
+    import signal
+
+    saved = []
+
+    def step(b):
+        if b == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step 5 runs
+        return jnp.asarray(b, jnp.float32)
+
+    with pytest.raises(loop.StoppedError) as stopped:
+        loop.run(_Log(), step, lambda i: i, 0, 20, log_every=100, eval_every=100, evaluate=dict,
+                 checkpoint=lambda s, w, force: saved.append((s, force)))  # fmt: skip
+    assert stopped.value.done == 6  # step 5 is the sixth step
+    assert saved[-2:] == [(6, False), (6, True)] and [s for s, _ in saved[:-1]] == list(range(1, 7))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_a_stopped_run_says_where_in_one_line(capsys):
+    assert loop.stopped(6, "runs/x", 2) == 130
+    assert (
+        capsys.readouterr().err
+        == "stopped by Ctrl-C after step 6: its checkpoint is in runs/x/checkpoints (resume with --resume)\n"
+    )
+    loop.stopped(6, "runs/x", 0)
+    assert capsys.readouterr().err == "stopped by Ctrl-C after step 6: no checkpoint (--checkpoint-every 0)\n"

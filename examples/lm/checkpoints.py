@@ -179,8 +179,8 @@ def save(checkpoints: Any, step: int, every: int, model: nnx.Module, optimizer: 
     Raises:
       CheckpointError: this save, or the previous one still being written, failed (e.g. a full disk).
     """
-    if checkpoints is None or not every or step % every:
-        return
+    if checkpoints is None or not every or step % every or checkpoints.latest_step() == step:
+        return  # (the last: saved already, a Ctrl-C right after a regular save)
     import orbax.checkpoint as ocp
 
     state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}

@@ -16,8 +16,11 @@ step, is reported but not counted in :attr:`Result.median_step_s`. A non-finite 
 the end of its window, and stops the run there.
 """
 
+import contextlib
 import dataclasses
 import queue
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +31,48 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import runlog
+
+
+class StoppedError(Exception):
+    """Ctrl-C (SIGINT) stopped the run after step ``done``, whose checkpoint was saved."""
+
+    def __init__(self, done: int) -> None:
+        super().__init__(done)
+        self.done = done
+
+
+def stopped(done: int | None, out: str, checkpoint_every: int) -> int:
+    """Says in one line (stderr) where a Ctrl-C left the run, and returns the exit status 130."""
+    if done is None:
+        said = "stopped by Ctrl-C before the first step"
+    elif checkpoint_every:
+        said = f"stopped by Ctrl-C after step {done}: its checkpoint is in {out}/checkpoints (resume with --resume)"
+    else:
+        said = f"stopped by Ctrl-C after step {done}: no checkpoint (--checkpoint-every 0)"
+    print(said, file=sys.stderr, flush=True)
+    return 130
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """Within the block, a first Ctrl-C (SIGINT) only sets a flag that the returned function reads,
+    so the loop stops between steps with a consistent state; a second one interrupts at once. Off the
+    main thread (where no handler can be set) the function always says no."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Prefetch:
@@ -117,7 +162,7 @@ def run(
     log_every: int,
     eval_every: int,
     evaluate: Callable[[], dict[str, float]],
-    checkpoint: Callable[[int, float], None] = lambda step, wall: None,
+    checkpoint: Callable[[int, float, bool], None] = lambda step, wall, force: None,
     throughput: Callable[[float], dict[str, Any]] = lambda step_s: {},
     wall_before: float = 0.0,
     prefetch: int = 2,
@@ -132,7 +177,8 @@ def run(
       log_every: fetch and record the mean training loss every this many steps.
       eval_every: also validate every this many steps (and at the last step).
       evaluate: the validation's fields (e.g. ``{"val_loss": ...}``); ``val_loss`` is printed.
-      checkpoint: ``checkpoint(steps_done, wall_s)`` after every step (it decides when to save).
+      checkpoint: ``checkpoint(steps_done, wall_s, force)`` after every step (it decides when to
+        save, unless ``force``: after a Ctrl-C, which then raises :class:`StoppedError`).
       throughput: extra fields of a record from its window's seconds per step (tokens/s, MFU).
       wall_before: the seconds of a resumed run's earlier parts.
       prefetch: batches made ahead.
@@ -145,7 +191,7 @@ def run(
     losses: list[jax.Array] = []
     t_start = time.perf_counter()
     t_window, first_window, first_step_s, stopped = t_start, True, float("nan"), None
-    with Prefetch(batch, range(start, stop), prefetch) as batches:
+    with stop_requests() as stop_requested, Prefetch(batch, range(start, stop), prefetch) as batches:
         for i, data in batches:
             losses.append(step(data))
             done, last = i + 1, i + 1 == stop
@@ -170,7 +216,10 @@ def run(
                     stopped = done
                     break
             log.advance()
-            checkpoint(done, wall_before + time.perf_counter() - t_start)
+            checkpoint(done, wall_before + time.perf_counter() - t_start, False)
+            if stop_requested():
+                checkpoint(done, wall_before + time.perf_counter() - t_start, True)
+                raise StoppedError(done)
             if not losses:
                 t_window = time.perf_counter()  # the next window starts after validation and checkpoint
     median = float(np.median(windows)) if windows else first_step_s

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import signal
 import sysconfig
 import tempfile
 from collections.abc import Iterator
@@ -203,8 +204,11 @@ def split_items(root: pathlib.Path, files: list[pathlib.Path], val_fraction: flo
 _WORKER_TOKENIZER = None
 
 
-def _init_worker(spec: str) -> None:
+def _init_worker(spec: str, pool: bool = False) -> None:
+    """Loads the tokenizer; a pool's worker leaves Ctrl-C to its parent, which stops the pool."""
     global _WORKER_TOKENIZER
+    if pool:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_TOKENIZER = tokenizer_lib.load(spec)
 
 
@@ -277,7 +281,7 @@ def _write_splits(staging: pathlib.Path, items: list, tok: Any, dtype: Any, work
         handles = {"train": f_train, "val": f_val}
         if workers > 1:
             pool = multiprocessing.get_context("spawn").Pool(
-                workers, _init_worker, (tok.name if tok.name != "bytes" else "bytes",)
+                workers, _init_worker, (tok.name if tok.name != "bytes" else "bytes", True)
             )
             results = pool.imap(_encode_chunk, _chunks(items))
         else:

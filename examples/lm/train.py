@@ -265,16 +265,20 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         local = data.batches(step, feed.train_rows).reshape(*feed.train_shape[:-2], -1, cfg.seq_len + 1)
         return _global_batch(local, feed.train_sharding, feed.train_shape)
 
-    def checkpoint(step: int, wall: float) -> None:
-        checkpoints.save(manager, step, cfg.checkpoint_every, model, optimizer, run_config, wall)
+    def checkpoint(step: int, wall: float, force: bool) -> None:  # force: after a Ctrl-C
+        checkpoints.save(manager, step, 1 if force else cfg.checkpoint_every, model, optimizer, run_config, wall)
 
-    with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log) as run:  # 3. the loop
-        result = loop.run(
-            run, lambda b: step_lib.run_step(train_step, model, optimizer, b), batch, start_step, cfg.steps,
-            log_every=cfg.log_every, eval_every=cfg.eval_every, evaluate=validation, checkpoint=checkpoint,
-            throughput=lambda step_s: throughput(cfg, vocab, step_s, devices), wall_before=wall_before,
-        )  # fmt: skip
-        records = run.earlier + result.records  # a resumed run's records continue its first part's
+    try:
+        with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log) as run:  # 3. the loop
+            result = loop.run(
+                run, lambda b: step_lib.run_step(train_step, model, optimizer, b), batch, start_step, cfg.steps,
+                log_every=cfg.log_every, eval_every=cfg.eval_every, evaluate=validation, checkpoint=checkpoint,
+                throughput=lambda step_s: throughput(cfg, vocab, step_s, devices), wall_before=wall_before,
+            )  # fmt: skip
+            records = run.earlier + result.records  # a resumed run's records continue its first part's
+    except loop.StoppedError:
+        checkpoints.close(manager)  # the Ctrl-C's checkpoint, written
+        raise
     checkpoints.close(manager)
     if cfg.export:
         export(model, cfg.export, fallback=out / "export")
