@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = pathlib.Path(cfg.out).expanduser() / "summary.json"
         return json.loads(summary.read_text()) if summary.exists() else {}
     except (data_lib.DataError, tokenizer_lib.TokenizerError, files.OutputError, checkpoints.CheckpointError,
-            sharding_lib.MeshError) as e:  # fmt: skip
+            sharding_lib.MeshError, config_lib.TooLargeError) as e:  # fmt: skip
         parser.error(str(e))  # a one-line usage error, not a traceback
     if jax.process_index() != 0:
         return result

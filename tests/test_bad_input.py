@@ -649,3 +649,25 @@ def test_an_interrupted_prepare_data_leaves_nothing_behind(tmp_path, sig):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == [f"prepare_data.py: interrupted; nothing was written to {out}"], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_rank_and_seq_len_mistakes_are_refused_before_anything_compiles(tmp_path, capsys):
+    argv = [*MICRO, "--out", str(tmp_path / "run")]
+    message = usage_error(train_lm.main, [*argv, "--rank", "64"], capsys)
+    assert message == (
+        "--rank 64 is not below the smaller side of the micro preset's q/o 32 x 32, k/v 32 x 32, gate/up 32 x 88, "
+        "down 88 x 32: those would train full-rank; pass a rank below 32"
+    )
+    message = usage_error(train_lm.main, [*argv, "--seq-len", "100000"], capsys)
+    assert message.startswith("--seq-len 100000: one step needs at least ") and message.endswith(
+        ": pass a shorter --seq-len or a smaller --batch-size"
+    )
+    assert "attention scores 2 x 2 heads x 100000² and logits 2 x 100000 x 256, float32" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_says_at_least_the_trained_context(tmp_path):
+    out = tmp_path / "run"
+    argv = [*MICRO[:6], "--seq-len", "1040", *MICRO[8:], "--out", str(out), "--export", str(tmp_path / "hf")]
+    train_lm.main(argv)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 1040

@@ -284,8 +284,54 @@ def check(cfg: TrainConfig) -> None:
             "accumulate gradients (--grad-accum) or clip their global norm (--grad-clip, --ablation grad-clip; "
             "--grad-clip 0 drops a recipe's clip)"
         )
+    _check_rank(cfg)
     multi = (cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     if any(x is not None for x in multi) and not all(x is not None for x in multi):
         raise ValueError("--coordinator-address, --num-processes and --process-id go together")
     if cfg.num_processes is not None and not 0 <= cfg.process_id < cfg.num_processes:
         raise ValueError(f"--process-id {cfg.process_id} must be in [0, --num-processes {cfg.num_processes})")
+
+
+def projected_shapes(preset: str) -> dict[str, tuple[int, int]]:
+    """The matrices (per layer) the example projects: the attention and MLP kernels, by name."""
+    m = model_lib.PRESETS[preset]
+    h, kv = m.hidden, m.num_kv_heads * m.head_dim
+    return {"q/o": (h, h), "k/v": (h, kv), "gate/up": (h, m.intermediate), "down": (m.intermediate, h)}
+
+
+def _check_rank(cfg: TrainConfig) -> None:
+    """A rank at or above a projected matrix's smaller side leaves it full-rank (a state as large as
+    AdamW's for it): on the command line that is a mistake."""
+    if cfg.optimizer in ("adamw", "apollo-mini"):  # no rank, or rank 1
+        return
+    rank, shapes = cfg.resolved_rank(), projected_shapes(cfg.preset)
+    met = {name: shape for name, shape in shapes.items() if min(shape) <= rank}
+    if met:
+        said = ", ".join(f"{name} {a} x {b}" for name, (a, b) in met.items())
+        smallest = min(min(shape) for shape in shapes.values())
+        raise ValueError(
+            f"--rank {rank} is not below the smaller side of the {cfg.preset} preset's {said}: those would train "
+            f"full-rank; pass a rank below {smallest}"
+        )
+
+
+class TooLargeError(ValueError):
+    """A step that cannot fit in the devices' memory, found before anything is allocated."""
+
+
+def check_fits(cfg: TrainConfig, vocab: int, rows_per_device: int, available: int | None, where: str) -> None:
+    """Refuses, in one line with the estimate, a step whose activations alone exceed ``available``
+    bytes per device: a lower bound, one float32 copy of the attention scores of one layer
+    (rows x heads x seq_len²) and of the logits (rows x seq_len x vocabulary); what fits stays allowed."""
+    if available is None:
+        return
+    m = model_lib.PRESETS[cfg.preset]
+    rows = rows_per_device
+    scores, logits = rows * m.heads * cfg.seq_len**2 * 4, rows * cfg.seq_len * vocab * 4
+    if scores + logits > available:
+        raise TooLargeError(
+            f"--seq-len {cfg.seq_len}: one step needs at least {(scores + logits) / 2**30:,.1f} GiB per device "
+            f"(attention scores {rows} x {m.heads} heads x {cfg.seq_len}² and logits {rows} x {cfg.seq_len} x "
+            f"{vocab}, float32), more than the {available / 2**30:,.1f} GiB {where}: pass a shorter --seq-len or a "
+            "smaller --batch-size"
+        )

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from lm import checkpoints, files, loop, optim, runlog
+from lm import config as config_lib
 from lm import data as data_lib
 from lm import model as model_lib
 from lm import prepare as prepare_lib
@@ -61,7 +62,9 @@ def state_mib(tree: Any) -> float:
 
 def model_config(cfg: TrainConfig, vocab_size: int, eos_token_id: int | None = None) -> model_lib.ModelConfig:
     """The preset with the tokenizer's vocabulary (rounded up to a multiple of 128) and end-of-text id."""
-    return dataclasses.replace(model_lib.PRESETS[cfg.preset], vocab_size=vocab_size, eos_token_id=eos_token_id)
+    preset = model_lib.PRESETS[cfg.preset]
+    max_seq_len = max(preset.max_seq_len, cfg.seq_len)  # an export says at least what was trained
+    return dataclasses.replace(preset, vocab_size=vocab_size, eos_token_id=eos_token_id, max_seq_len=max_seq_len)
 
 
 def build(cfg: TrainConfig, vocab_size: int = 256, eos_token_id: int | None = None,
@@ -195,6 +198,18 @@ def make_model_and_optimizer(cfg: TrainConfig, meta: dict, mesh: jax.sharding.Me
     return model, optimizer, train_step
 
 
+def device_memory(devices: list) -> tuple[int | None, str]:
+    """(bytes one device may use, what that is): an accelerator's limit, or the host's memory shared
+    by its CPU devices; None where unknown."""
+    if devices[0].platform != "cpu":
+        return (devices[0].memory_stats() or {}).get("bytes_limit"), f"of one {devices[0].device_kind}"
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None, ""
+    return total // len(jax.local_devices()), "of this machine's memory per CPU device"
+
+
 def check_room(cfg: TrainConfig, out: pathlib.Path, model: Any, optimizer: Any) -> None:
     """Room for the checkpoints kept, and for an export (the parameters once), before the first step."""
     ckpt_bytes = checkpoints.kept_bytes(model, optimizer) if cfg.checkpoint_every else 0
@@ -238,6 +253,8 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
     devices = jax.devices()
     mesh = sharding_lib.make_mesh(sharding_lib.parse_mesh(cfg.mesh, len(devices)), devices)
     feed = make_feed(cfg, mesh)
+    rows = cfg.batch_size // cfg.grad_accum // sharding_lib.batch_rows(mesh.shape)
+    config_lib.check_fits(cfg, data.corpus.meta["model_vocab_size"], rows, *device_memory(devices))
     model, optimizer, train_step = make_model_and_optimizer(cfg, data.corpus.meta, mesh)  # 2. model, optimizer, step
     if lead:
         check_room(cfg, out, model, optimizer)
