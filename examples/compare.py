@@ -117,7 +117,7 @@ def rank_sweep(args: argparse.Namespace, base: config_lib.TrainConfig, out: path
     page = sweep.render(numbers)
     files.write_text(out / "rank_sweep.md", page)
     files.write_text(out / "rank_sweep.json", json.dumps(numbers, indent=1))
-    sweep.plot(cells, ranks, args.seeds, out / "rank_sweep.png", f"{base.preset}, {base.steps} steps: loss vs rank")
+    sweep.plot(numbers, out / "rank_sweep.png", f"{base.preset}, {base.steps} steps: loss vs rank")
     return page
 
 

@@ -4,7 +4,9 @@
   pyproject.toml): ``core`` (the library, with jax, optax, chex and hypothesis), ``examples`` (the
   Flax example and its scripts), ``parity`` (against the authors' PyTorch code), ``slow`` (long
   runs). ``pytest -m core`` runs the library's tests; CI's lowest-versions job runs
-  ``-m "core and not slow"``. A module missing from ``MARKERS`` is an error.
+  ``-m "core and not slow"``. A module missing from ``MARKERS`` is an error. ``slow`` may also
+  mark single tests. README's test command leaves the slow tests out (pyproject.toml's addopts),
+  and says so in a banner; ``python -m pytest -m slow`` runs them, and CI runs both.
 - ``variant``: a fixture that runs a test's function with and without ``jax.jit``.
 - Skipped tests are loud: a banner at the end of the run lists every skip and its reason.
 - JAX's persistent compilation cache points at a fresh temporary folder for the session (and,
@@ -76,15 +78,20 @@ MARKERS = {
 }
 
 
+MARKER_NAMES = ("core", "examples", "parity", "slow")
+
+
 def pytest_ignore_collect(collection_path: pathlib.Path, config: pytest.Config) -> bool | None:
     """With ``-m EXPR``, a module whose markers cannot match is not even imported (the lowest-versions
     job has no example dependencies)."""
     expr = config.getoption("markexpr")
     if not expr or collection_path.suffix != ".py" or collection_path.stem not in MARKERS:
         return None
-    names = {"core", "examples", "parity", "slow"}
+    names = {"core", "examples", "parity"}
     present = {name: name in MARKERS[collection_path.stem] for name in names}
-    return not eval(expr, {"__builtins__": {}}, present)  # "and", "or", "not", parentheses: Python's own
+    # "slow" may also mark single tests of a module: the module is collected if some value of it matches.
+    slow = [True] if "slow" in MARKERS[collection_path.stem] else [True, False]
+    return not any(eval(expr, {"__builtins__": {}}, present | {"slow": s}) for s in slow)  # Python's and/or/not
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -110,6 +117,19 @@ def variant(request: pytest.FixtureRequest):
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    slow = [item for item in terminalreporter.stats.get("deselected", []) if item.get_closest_marker("slow")]
+    expr = terminalreporter.config.getoption("markexpr")
+    left_out = [
+        module
+        for module, names in MARKERS.items()
+        if "slow" in names and expr and not eval(expr, {"__builtins__": {}}, {n: n in names for n in MARKER_NAMES})
+    ]
+    if slow or left_out:
+        modules = f" and the module(s) {', '.join(sorted(left_out))}" if left_out else ""
+        terminalreporter.write_sep(
+            "!", f"{len(slow)} SLOW TEST(S){modules} NOT RUN here (multi-device and end-to-end runs): "
+            "python -m pytest -m slow runs them", yellow=True,
+        )  # fmt: skip
     skipped = terminalreporter.stats.get("skipped", [])
     if not skipped:
         return

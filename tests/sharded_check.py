@@ -67,7 +67,7 @@ def main():
     params, grads = problem()
     failures = 0
     for kind in ("fira", "galore"):
-        for rank in (6, 8):
+        for rank in (6, 8) if kind == "fira" else (6,):  # 6 divides no mesh axis, 8 every one; GaLore shares the code
             factory = fira_jax.fira if kind == "fira" else fira_jax.galore
             tx = factory(1e-2, rank=rank, update_proj_gap=2, weight_decay=0.1, axes=fira_jax.MatrixAxes())
             reference, _ = run(tx, params, grads)

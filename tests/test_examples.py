@@ -187,6 +187,7 @@ for spec in sys.argv[2:]:
 """
 
 
+@pytest.mark.slow  # 8 simulated devices in a subprocess
 def test_meshes_train_alike_on_8_simulated_devices(tmp_path):
     """The example on meshes (data, fsdp, tensor) = (8,1,1), (2,4,1) and (2,2,2) (with per-layer
     updates: the ordinary step's sharding is the same) gives the losses of one device, step by step
@@ -243,6 +244,7 @@ print("EAGER_ULPS", ulps)
 """
 
 
+@pytest.mark.slow  # 8 simulated devices in a subprocess
 def test_sharded_initialization_holds_one_shard_per_device(tmp_path):
     """The 7b preset's layers initialized on 8 simulated devices (benchmarks/init_memory.py; 4 of
     its 32 layers, to compile in seconds: results/init_memory_7b_cpu.json has all 32, 24 GiB, with
@@ -325,6 +327,7 @@ def test_weight_decay_goes_to_kernels_only():
     assert not any(v for k, v in flat.items() if "embed" in k or "norm" in k)
 
 
+@pytest.mark.slow  # several training runs end to end
 def test_rank_sweep_tables_and_reuse(tmp_path, monkeypatch):
     """1 rank x 2 seeds x 5 steps on micro: the page's structure, then a rerun that trains nothing."""
     import compare
@@ -382,6 +385,7 @@ def test_rank_sweep_tables_and_reuse(tmp_path, monkeypatch):
     assert "| APOLLO-Mini | 1 (h/32) |" in (tmp_path / "family_sweep.md").read_text()
 
 
+@pytest.mark.slow  # several training runs end to end
 def test_compare_page_is_rendered_from_its_json(tmp_path):
     """compare.md is a function of compare.json, which records where it came from."""
     import compare
@@ -451,6 +455,7 @@ def test_a_non_finite_loss_stops_pre_training(tmp_path, capsys):
     assert f"step {len(losses)}: non-finite training loss" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two 40-step training runs
 def test_bf16_training_reaches_the_float32_loss(tmp_path):
     """The tiny preset in bfloat16 (parameters, compute, float32 Adam moments by default, gradients
     summed in float32 over 2 micro-batches) ends within drift of the float32 run's validation loss."""
@@ -464,3 +469,31 @@ def test_bf16_training_reaches_the_float32_loss(tmp_path):
     drift = abs(bf16["final_val_loss"] - f32["final_val_loss"]) / f32["final_val_loss"]
     print(f"bf16 {bf16['final_val_loss']:.4f}, float32 {f32['final_val_loss']:.4f}: drift {drift:.2%}")
     assert drift < 0.03
+
+
+def test_tensorboard_scalars_and_a_profile_of_chosen_steps(tmp_path):
+    """--profile 1:3 traces steps 1 and 2 for XProf; the logged records go to TensorBoard as scalars."""
+    import struct
+
+    pytest.importorskip("tensorboardX", reason="tensorboardX is not installed: TensorBoard scalars NOT checked")
+    from tensorboardX.proto import event_pb2
+
+    out = tmp_path / "run"
+    train_lm.main(["--preset", "micro", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-every", "4",
+                   "--eval-batches", "1", "--log-every", "1", "--no-progress", "--profile", "1:3",
+                   "--out", str(out)])  # fmt: skip
+    scalars = {}
+    for events in (out / "tensorboard").glob("events.out.tfevents.*"):
+        data = events.read_bytes()
+        while data:  # TFRecord: length (8 bytes), its CRC (4), the record, its CRC (4)
+            (length,) = struct.unpack("<Q", data[:8])
+            event = event_pb2.Event.FromString(data[12 : 12 + length])
+            data = data[16 + length :]
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(scalars["train_loss"]) == [1, 2, 3, 4]
+    assert scalars["train_loss"][4] == pytest.approx(records[-1]["train_loss"])
+    assert scalars["val_loss"] == {4: pytest.approx(records[-1]["val_loss"])}
+    traces = list((out / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0

@@ -61,6 +61,7 @@ def test_largest_buffers_are_listed():
     assert 0 < len(live) <= 3 and all(size > 0 and count >= 1 for size, count, _, _ in live)
 
 
+@pytest.mark.slow  # compiles every optimizer's step, timed
 def test_compile_time_benchmark_times_each_optimizers_block_update(capsys, tmp_path):
     """benchmarks/compile_time.py compiles each optimizer's update of N blocks and prints one row each."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -78,6 +79,7 @@ def test_compile_time_benchmark_times_each_optimizers_block_update(capsys, tmp_p
     assert "--blocks must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # compiles every optimizer's step, timed
 def test_compile_time_step_times_the_whole_step_at_each_depth(capsys, tmp_path):
     """--step compiles the whole train step (ordinary and per-layer) of the model with N layers."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -16,5 +16,5 @@ def test_sharded_updates_match_single_device():
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") >= 23
+    assert proc.stdout.count(" ok") >= 19
     assert "no mesh context, make_mesh explicit" in proc.stdout

@@ -104,6 +104,12 @@ class TrainConfig:
     resume: bool = _field(False, "continue from the latest checkpoint in --out")
     mesh: str = _field("fsdp", MESH_HELP)
     progress: bool = _field(True, "show a progress bar")
+    tensorboard: bool = _field(True, "also write the logged scalars for TensorBoard to --out/tensorboard (where "
+                               "tensorboardX is installed)")  # fmt: skip
+    profile: str | None = _field(
+        None, "START:STOP: capture a jax.profiler trace of steps START to STOP - 1 into --out/profile (open it "
+        "with XProf or TensorBoard's profiler)", metavar="START:STOP"
+    )  # fmt: skip
     # several processes (multi-host); auto-detected under SLURM / Open MPI
     coordinator_address: str | None = _field(None, "HOST:PORT of process 0, for jax.distributed.initialize")
     num_processes: int | None = _field(None, "number of processes (with --coordinator-address)")
@@ -285,6 +291,7 @@ def check(cfg: TrainConfig) -> None:
             "--grad-clip 0 drops a recipe's clip)"
         )
     _check_rank(cfg)
+    profile_window(cfg)
     multi = (cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     if any(x is not None for x in multi) and not all(x is not None for x in multi):
         raise ValueError("--coordinator-address, --num-processes and --process-id go together")
@@ -335,3 +342,16 @@ def check_fits(cfg: TrainConfig, vocab: int, rows_per_device: int, available: in
             f"{vocab}, float32), more than the {available / 2**30:,.1f} GiB {where}: pass a shorter --seq-len or a "
             "smaller --batch-size"
         )
+
+
+def profile_window(cfg: TrainConfig) -> tuple[int, int] | None:
+    """``--profile START:STOP`` as the steps to trace, ``START <= step < STOP``; ValueError names a bad one."""
+    if cfg.profile is None:
+        return None
+    try:
+        start, stop = (int(x) for x in cfg.profile.split(":"))
+    except ValueError:
+        raise ValueError(f"--profile must be START:STOP (two step numbers), got {cfg.profile!r}") from None
+    if not 0 <= start < stop <= cfg.steps:
+        raise ValueError(f"--profile {cfg.profile}: need 0 <= START < STOP <= --steps {cfg.steps}")
+    return start, stop

@@ -75,6 +75,33 @@ def stop_requests() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+class Trace:
+    """A ``jax.profiler`` trace of the steps ``window = (start, stop)`` (none when ``window`` is None),
+    stopped when the block is left, whatever happens."""
+
+    def __init__(self, window: tuple[int, int] | None, folder: str | None) -> None:
+        self.window, self.folder, self.on = window, folder, False
+
+    def before(self, i: int) -> None:
+        if self.window is not None and i == self.window[0]:
+            jax.profiler.start_trace(self.folder)
+            self.on = True
+
+    def after(self, i: int, loss: jax.Array) -> None:
+        if self.on and i + 1 == self.window[1]:
+            loss.block_until_ready()  # the traced steps have run on the device
+            jax.profiler.stop_trace()
+            self.on = False
+
+    def __enter__(self) -> "Trace":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            jax.profiler.stop_trace()
+            self.on = False
+
+
 class Prefetch:
     """``make(step)`` for each step of ``steps``, in order, made ``depth`` steps ahead by a thread.
 
@@ -166,6 +193,8 @@ def run(
     throughput: Callable[[float], dict[str, Any]] = lambda step_s: {},
     wall_before: float = 0.0,
     prefetch: int = 2,
+    profile: tuple[int, int] | None = None,
+    profile_dir: str | None = None,
 ) -> Result:
     """Runs steps ``start`` to ``stop - 1``.
 
@@ -182,6 +211,8 @@ def run(
       throughput: extra fields of a record from its window's seconds per step (tokens/s, MFU).
       wall_before: the seconds of a resumed run's earlier parts.
       prefetch: batches made ahead.
+      profile: ``(start, stop)``: a ``jax.profiler`` trace of steps ``start`` to ``stop - 1`` into
+        ``profile_dir`` (the trace ends once the last traced step has finished on the device).
 
     Returns:
       The :class:`Result`.
@@ -191,9 +222,12 @@ def run(
     losses: list[jax.Array] = []
     t_start = time.perf_counter()
     t_window, first_window, first_step_s, stopped = t_start, True, float("nan"), None
-    with stop_requests() as stop_requested, Prefetch(batch, range(start, stop), prefetch) as batches:
+    trace = Trace(profile, profile_dir)
+    with stop_requests() as stop_requested, trace, Prefetch(batch, range(start, stop), prefetch) as batches:
         for i, data in batches:
+            trace.before(i)
             losses.append(step(data))
+            trace.after(i, losses[-1])
             done, last = i + 1, i + 1 == stop
             validate = done % eval_every == 0 or last
             if done % log_every == 0 or validate:

@@ -1,8 +1,10 @@
 """What a training run reports as it goes, the same for pre-training and fine-tuning.
 
-:class:`RunLog` writes ``metrics.jsonl`` (one JSON object per logged step, flushed as it goes),
-keeps a progress bar, prints messages without breaking the bar, and says when a non-finite loss
-stops the run. Only the process that writes (process 0) gets a folder; the others pass None.
+:class:`RunLog` writes ``metrics.jsonl`` (one JSON object per logged step, flushed as it goes)
+and, when ``tensorboardX`` is installed, the same scalars as TensorBoard event files in
+``tensorboard/`` (``tensorboard --logdir <out>/tensorboard``); it keeps a progress bar, prints
+messages without breaking the bar, and says when a non-finite loss stops the run. Only the
+process that writes (process 0) gets a folder; the others pass None.
 """
 
 import json
@@ -25,11 +27,14 @@ class RunLog:
         (in :attr:`earlier`; those of steps replayed after the checkpoint are dropped) and appends.
       progress: show a tqdm bar.
       log: where messages go without a bar.
+      tensorboard: also write the records' numbers as TensorBoard scalars (where ``tensorboardX``
+        is installed; no TensorFlow needed).
     """
 
     def __init__(self, out: pathlib.Path | None, total: int, initial: int = 0, progress: bool = True,
-                 log: Callable[[str], None] = print) -> None:  # fmt: skip
+                 log: Callable[[str], None] = print, tensorboard: bool = True) -> None:  # fmt: skip
         self.log = log
+        self.board = _board(out / "tensorboard") if out is not None and tensorboard else None
         self.earlier: list[dict[str, Any]] = []
         self.file = None
         if out is not None:
@@ -51,6 +56,8 @@ class RunLog:
     def __exit__(self, kind: type | None, error: BaseException | None, tb: TracebackType | None) -> None:
         if self.file is not None:
             self.file.close()
+        if self.board is not None:
+            self.board.close()
         if self.bar is not None:
             self.bar.close()
 
@@ -63,6 +70,11 @@ class RunLog:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.board.add_scalar(key, value, record["step"])
+            self.board.flush()
         if self.bar is not None and postfix:
             self.bar.set_postfix(**postfix)
 
@@ -76,3 +88,12 @@ class RunLog:
             return True
         self.say(f"step {step}: non-finite training loss {loss}; stopping")
         return False
+
+
+def _board(folder: pathlib.Path) -> Any:
+    """A TensorBoard writer into ``folder``, or None when ``tensorboardX`` is not installed."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))

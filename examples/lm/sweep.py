@@ -145,25 +145,35 @@ def render(numbers: dict) -> str:
         for name in LOW_RANK:
             grid = numbers["ranks"][str(rank)][name]["grid"]
             lines.append(f"| {name} | {rank} | " + " | ".join(f"{grid[str(x)]:.4f}" for x in lrs) + " |")
-    lines.append("| adamw | full | " + " | ".join(f"{adamw['grid'][str(x)]:.4f}" for x in adamw_lrs) + " |")
+    lines += [
+        "",
+        "| optimizer | " + " | ".join(f"lr {x:g}" for x in adamw_lrs) + " |",
+        "|---|" + "---|" * len(adamw_lrs),
+    ]
+    lines.append("| adamw (full rank) | " + " | ".join(f"{adamw['grid'][str(x)]:.4f}" for x in adamw_lrs) + " |")
     if setup["wall_s"] is not None:
         lines += ["", f"Wall time of the runs this invocation trained: {setup['wall_s'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
-def plot(cells: dict, ranks: list[int], seeds: list[int], path: pathlib.Path, title: str) -> None:
-    """Validation loss vs rank (log-x): one line per optimizer, the seeds' range as a band."""
+def plot(numbers: dict, path: pathlib.Path, title: str) -> None:
+    """Validation loss vs rank (log-x) from the sweep's JSON: per optimizer and rank, the seeds' mean
+    with their min-max range as an error bar (the ranks are separate measurements: no line joins
+    them); AdamW, full rank, as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ranks = numbers["setup"]["ranks"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, name in enumerate(LOW_RANK):
-        losses = np.array([[cells[(name, r)]["losses"][s] for s in seeds] for r in ranks])
-        ax.plot(ranks, losses.mean(axis=1), "o-", color=f"C{i}", label=f"{name} (mean over {len(seeds)} seeds)")
-        ax.fill_between(ranks, losses.min(axis=1), losses.max(axis=1), color=f"C{i}", alpha=0.2)
-    adamw = np.array(list(cells[("adamw", None)]["losses"].values()))
+        losses = np.array([list(numbers["ranks"][str(r)][name]["losses"].values()) for r in ranks])
+        mean = losses.mean(axis=1)
+        x = np.array(ranks, float) * (1.06 if i else 1 / 1.06)  # side by side, not on top of each other
+        ax.errorbar(x, mean, yerr=[mean - losses.min(axis=1), losses.max(axis=1) - mean], fmt="o", capsize=4,
+                    color=f"C{i}", label=f"{name} (mean over {losses.shape[1]} seeds)")  # fmt: skip
+    adamw = np.array(list(numbers["adamw"]["losses"].values()))
     ax.axhline(adamw.mean(), color="C2", ls="--", label="AdamW, full rank (mean)")
     ax.axhspan(adamw.min(), adamw.max(), color="C2", alpha=0.15)
     ax.set_xscale("log", base=2)
@@ -171,7 +181,7 @@ def plot(cells: dict, ranks: list[int], seeds: list[int], path: pathlib.Path, ti
     ax.set_xlabel("rank of the optimizer state's subspace")
     ax.set_ylabel("final validation loss (nats/byte)")
     ax.set_title(title)
-    ax.legend(title="bands: min–max over seeds")
+    ax.legend(title="bars and band: min–max over seeds")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

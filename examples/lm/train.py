@@ -286,11 +286,12 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         checkpoints.save(manager, step, 1 if force else cfg.checkpoint_every, model, optimizer, run_config, wall)
 
     try:
-        with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log) as run:  # 3. the loop
-            result = loop.run(
+        with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log, cfg.tensorboard) as run:
+            result = loop.run(  # 3. the loop
                 run, lambda b: step_lib.run_step(train_step, model, optimizer, b), batch, start_step, cfg.steps,
                 log_every=cfg.log_every, eval_every=cfg.eval_every, evaluate=validation, checkpoint=checkpoint,
                 throughput=lambda step_s: throughput(cfg, vocab, step_s, devices), wall_before=wall_before,
+                profile=config_lib.profile_window(cfg), profile_dir=str(out / "profile"),
             )  # fmt: skip
             records = run.earlier + result.records  # a resumed run's records continue its first part's
     except loop.StoppedError:
@@ -343,7 +344,8 @@ def summary(
 
 # Settings a resumed run may change: where it writes and reads, how often it reports, its devices.
 RESUMABLE_CHANGES = ("out", "export", "data", "eval_every", "eval_batches", "log_every", "checkpoint_every", "resume",
-                     "remat", "mesh", "progress", "coordinator_address", "num_processes", "process_id")  # fmt: skip
+                     "remat", "mesh", "progress", "tensorboard", "profile", "coordinator_address", "num_processes",
+                     "process_id")  # fmt: skip
 
 
 def resume_record(cfg: TrainConfig, meta: dict) -> dict[str, Any]:
