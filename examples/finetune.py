@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         return finetune(args)
     except loop.StoppedError as e:
         sys.exit(loop.stopped(e.done, args.out, args.checkpoint_every))
-    except KeyboardInterrupt:  # before the loop (loading, compilation)
+    except KeyboardInterrupt:  # before the loop (loading, compilation), or a second Ctrl-C
         sys.exit(loop.stopped(None, args.out, args.checkpoint_every))
     except checkpoints.FinishedError as e:
         print(e)

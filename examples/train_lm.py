@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = train(cfg)
     except loop.StoppedError as e:
         sys.exit(loop.stopped(e.done, cfg.out, cfg.checkpoint_every))
-    except KeyboardInterrupt:  # before the loop (data, compilation)
+    except KeyboardInterrupt:  # before the loop (data, compilation), or a second Ctrl-C
         sys.exit(loop.stopped(None, cfg.out, cfg.checkpoint_every))
     except checkpoints.FinishedError as e:
         print(e)

@@ -4,7 +4,7 @@
   pyproject.toml): ``core`` (the library, with jax, optax, chex and hypothesis), ``examples`` (the
   Flax example and its scripts), ``parity`` (against the authors' PyTorch code), ``slow`` (long
   runs). ``pytest -m core`` runs the library's tests; CI's lowest-versions job runs
-  ``-m "core and not slow"``. A module missing from ``MARKERS`` is an error. ``slow`` may also
+  ``-m core``. A module missing from ``MARKERS`` is an error. ``slow`` may also
   mark single tests. README's test command leaves the slow tests out (pyproject.toml's addopts),
   and says so in a banner; ``python -m pytest -m slow`` runs them, and CI runs both.
 - ``variant``: a fixture that runs a test's function with and without ``jax.jit``.
@@ -124,10 +124,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         for module, names in MARKERS.items()
         if "slow" in names and expr and not eval(expr, {"__builtins__": {}}, {n: n in names for n in MARKER_NAMES})
     ]
-    if slow or left_out:
-        modules = f" and the module(s) {', '.join(sorted(left_out))}" if left_out else ""
+    if slow or left_out or (expr and "not slow" in expr):
+        modules = f", the modules {' and '.join(sorted(left_out))} among them" if left_out else ""
         terminalreporter.write_sep(
-            "!", f"{len(slow)} SLOW TEST(S){modules} NOT RUN here (multi-device and end-to-end runs): "
+            "!", f"The tests marked slow (multi-device and end-to-end runs{modules}) were NOT RUN here: "
             "python -m pytest -m slow runs them", yellow=True,
         )  # fmt: skip
     skipped = terminalreporter.stats.get("skipped", [])

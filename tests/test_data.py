@@ -180,6 +180,7 @@ def test_raw_source_is_cached_by_path_size_mtime_and_tokenizer(tmp_path, bpe):
         prepare_lib.load(str(tmp_path / "prep"), str(bpe))
 
 
+@pytest.mark.slow  # several training runs
 def test_gradient_accumulation_matches_one_batch(tmp_path):
     import train_lm
 

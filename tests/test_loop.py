@@ -82,6 +82,7 @@ def test_run_stops_at_the_window_of_a_non_finite_loss():
     assert any("non-finite" in m for m in log.messages)
 
 
+@pytest.mark.slow  # two training runs
 def test_how_often_the_host_looks_changes_no_result(tmp_path):
     """benchmarks/host_overhead.py on the micro preset: --log-every 1 and 50 train the same run to
     the same final validation loss, bit for bit, and its page renders from its JSON."""

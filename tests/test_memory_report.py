@@ -14,6 +14,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 
+@pytest.mark.slow  # compiles the step of every optimizer
 def test_state_column_is_what_init_allocates():
     """The report's optimizer-state column equals the bytes `init` really allocates (micro preset)."""
     import memory_report
@@ -115,6 +116,7 @@ def test_grad_clip_row_is_the_ordinary_step_with_a_global_clip(capsys):
     assert "per-layer updates cannot clip globally" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # compiles the step of every optimizer
 def test_stacked_blocks_project_exactly_the_kernels():
     """compile_time.py --stacked: as a scanned model holds them, each parameter a (L, ...) stack. The
     example's optimizer declares the kernels' matrices: L bases per kernel, and the stacked norm

@@ -9,7 +9,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # two minutes of 8-device compiles; the lowest-versions job runs it too
 def test_sharded_updates_match_single_device():
     script = pathlib.Path(__file__).with_name("sharded_check.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")

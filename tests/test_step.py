@@ -55,7 +55,15 @@ _STACKED = fira_jax.axes_by_path(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["adamw", "galore", "fira", "apollo", "apollo-mini", "adamw+limiter"])
+# fira and galore in the default run; the others (30 s each on 2 cores) with the slow tests.
+@pytest.mark.parametrize(
+    "name",
+    [
+        "galore",
+        "fira",
+        *(pytest.param(n, marks=pytest.mark.slow) for n in ("adamw", "apollo", "apollo-mini", "adamw+limiter")),
+    ],
+)
 def test_per_layer_updates_train_as_the_whole_model_step(name):
     """Five steps, refreshes at 0, 2 and 4: the same losses and parameters as one nnx.Optimizer."""
     batches = jax.random.randint(jax.random.key(1), (5, 2, 17), 0, CFG.vocab_size)

@@ -44,7 +44,7 @@ class StoppedError(Exception):
 def stopped(done: int | None, out: str, checkpoint_every: int) -> int:
     """Says in one line (stderr) where a Ctrl-C left the run, and returns the exit status 130."""
     if done is None:
-        said = "stopped by Ctrl-C before the first step"
+        said = "stopped by Ctrl-C; no checkpoint was written at this point"
     elif checkpoint_every:
         said = f"stopped by Ctrl-C after step {done}: its checkpoint is in {out}/checkpoints (resume with --resume)"
     else:
