@@ -213,9 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:  # before the loop (loading, compilation), or a second Ctrl-C
         sys.exit(loop.stopped(None, args.out, args.checkpoint_every))
     except checkpoints.FinishedError as e:
-        print(e)
-        summary = pathlib.Path(args.out).expanduser() / "summary.json"
-        return json.loads(summary.read_text()) if summary.exists() else {}
+        return checkpoints.finished(e, args.out)
     except ERRORS as e:
         p.error(str(e))
 

@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:  # before the loop (data, compilation), or a second Ctrl-C
         sys.exit(loop.stopped(None, cfg.out, cfg.checkpoint_every))
     except checkpoints.FinishedError as e:
-        print(e)
-        summary = pathlib.Path(cfg.out).expanduser() / "summary.json"
-        return json.loads(summary.read_text()) if summary.exists() else {}
+        return checkpoints.finished(e, cfg.out)
     except (data_lib.DataError, tokenizer_lib.TokenizerError, files.OutputError, checkpoints.CheckpointError,
             sharding_lib.MeshError, config_lib.TooLargeError) as e:  # fmt: skip
         parser.error(str(e))  # a one-line usage error, not a traceback

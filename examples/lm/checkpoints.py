@@ -10,6 +10,7 @@ configuration with the resuming run's before it loads a single array and says in
 differs (:class:`CheckpointError`); so does every failure to read or write a checkpoint.
 """
 
+import json
 import logging
 import pathlib
 import shutil
@@ -93,6 +94,13 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 class FinishedError(Exception):
     """``--resume`` on a run whose latest checkpoint is its last step: nothing to do."""
+
+
+def finished(error: FinishedError, out: str) -> dict:
+    """Says ``error``'s one line and returns the finished run's summary (``out/summary.json``, or {})."""
+    print(error)
+    summary = pathlib.Path(out).expanduser() / "summary.json"
+    return json.loads(summary.read_text()) if summary.exists() else {}
 
 
 def restore(checkpoints: Any, model: nnx.Module, optimizer: nnx.Pytree, config: dict[str, Any],

@@ -53,14 +53,25 @@ def _adamw_tail(
     return tail
 
 
-def _method(refresh_method: str, svd: str | None) -> str:
-    """``refresh_method``, or the deprecated ``svd`` keyword's value (with a DeprecationWarning)."""
-    if svd is None:
-        return refresh_method
-    warnings.warn("the `svd` keyword is deprecated: use `refresh_method`", DeprecationWarning, stacklevel=3)
-    if refresh_method not in (Refresh.method, svd):
-        raise ValueError(f"`svd` {svd!r} and `refresh_method` {refresh_method!r} disagree; pass `refresh_method` only.")
-    return svd
+def _refresh(refresh_method: str, svd: str | None, **fields: Any) -> Refresh:
+    """The :class:`Refresh` the flat keywords describe; ``svd`` is the deprecated name of
+    ``refresh_method`` (a DeprecationWarning pointing at the optimizer's caller)."""
+    if svd is not None:
+        warnings.warn("the `svd` keyword is deprecated: use `refresh_method`", DeprecationWarning, stacklevel=3)
+        if refresh_method not in (Refresh.method, svd):
+            raise ValueError(
+                f"`svd` {svd!r} and `refresh_method` {refresh_method!r} disagree; pass `refresh_method` only."
+            )
+        refresh_method = svd
+    return Refresh(method=refresh_method, **fields)
+
+
+def _inner(base_optimizer: optax.GradientTransformation | None, b1: float, b2: float, eps: float, mu_dtype: Any,
+           nu_dtype: Any) -> optax.GradientTransformation:  # fmt: skip
+    """The optimizer in the subspace: ``base_optimizer``, or the reference's Adam."""
+    if base_optimizer is not None:
+        return base_optimizer
+    return scale_by_torch_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
 
 def _check_common(b1: float, b2: float, eps: float, weight_decay: float) -> None:
@@ -189,14 +200,11 @@ def fira(
       Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024.
     """
     _check_common(b1, b2, eps, weight_decay)
-    inner = (
-        scale_by_torch_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-        if base_optimizer is None
-        else base_optimizer
-    )
-    refresh = Refresh(
+    inner = _inner(base_optimizer, b1, b2, eps, mu_dtype, nu_dtype)
+    refresh = _refresh(
+        refresh_method,
+        svd,
         update_proj_gap=update_proj_gap,
-        method=_method(refresh_method, svd),
         stagger=stagger,
         by_shape=refresh_by_shape,
         canonical_signs=canonical_signs,
@@ -296,14 +304,11 @@ def galore(
       Projection <https://arxiv.org/abs/2403.03507>`_, 2024.
     """
     _check_common(b1, b2, eps, weight_decay)
-    inner = (
-        scale_by_torch_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-        if base_optimizer is None
-        else base_optimizer
-    )
-    refresh = Refresh(
+    inner = _inner(base_optimizer, b1, b2, eps, mu_dtype, nu_dtype)
+    refresh = _refresh(
+        refresh_method,
+        svd,
         update_proj_gap=update_proj_gap,
-        method=_method(refresh_method, svd),
         stagger=stagger,
         by_shape=refresh_by_shape,
         canonical_signs=canonical_signs,
@@ -428,14 +433,11 @@ def apollo(
       <https://arxiv.org/abs/2412.05270>`_, MLSys 2025.
     """
     _check_common(b1, b2, eps, weight_decay)
-    inner = (
-        scale_by_torch_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-        if base_optimizer is None
-        else base_optimizer
-    )
-    refresh = Refresh(
+    inner = _inner(base_optimizer, b1, b2, eps, mu_dtype, nu_dtype)
+    refresh = _refresh(
+        refresh_method,
+        svd,
         update_proj_gap=update_proj_gap,
-        method=_method(refresh_method, svd),
         stagger=stagger,
         by_shape=refresh_by_shape,
         canonical_signs=canonical_signs,
