@@ -138,3 +138,73 @@ def test_transposed_gradient_is_an_error_naming_the_leaf(variant):
     state = tx.init(params)
     with pytest.raises(ValueError, match=r"leaf 'w' has shape \(4, 6\)"):
         variant(tx.update)({"w": jnp.ones((4, 6)), "b": jnp.ones(4)}, state)
+
+
+CHUNK_MAKERS = {
+    "fira": lambda ch: fira_jax.scale_by_fira(
+        2, refresh=fira_jax.Refresh(update_proj_gap=2), axes=fira_jax.MatrixAxes(), chunk_bytes=ch
+    ),
+    "fira_s1": lambda ch: fira_jax.scale_by_fira(  # residual_scale 1: the norm's cancellation branch
+        2,
+        refresh=fira_jax.Refresh(update_proj_gap=2),
+        residual=fira_jax.Residual(residual_scale=1.0),
+        axes=fira_jax.MatrixAxes(),
+        chunk_bytes=ch,
+    ),
+    "galore": lambda ch: fira_jax.scale_by_galore(
+        2, refresh=fira_jax.Refresh(update_proj_gap=2), axes=fira_jax.MatrixAxes(), chunk_bytes=ch
+    ),
+    "apollo": lambda ch: fira_jax.scale_by_apollo(
+        2, refresh=fira_jax.Refresh(update_proj_gap=2), axes=fira_jax.MatrixAxes(), chunk_bytes=ch
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHUNK_MAKERS))
+@pytest.mark.parametrize("matrices", [1, 2, 4])  # per chunk: 4 fit, but 3 divides the stack of 6
+def test_chunked_update_equals_the_whole_stack(variant, name, matrices):
+    """A stack compensated a chunk at a time gives the updates and the limiter's norms of the whole
+    stack at once, over steps with and without a refresh; a (2, 3) stack, left and right sides."""
+    rng = np.random.default_rng(1)
+    params = {"tall": jnp.ones((2, 3, 8, 5)), "wide": jnp.ones((2, 3, 5, 8)), "b": jnp.zeros(3)}
+    one = 8 * 5 * 4  # bytes of one float32 matrix
+    whole, chunked = CHUNK_MAKERS[name](float("inf")), CHUNK_MAKERS[name](matrices * one)
+    s_whole, s_chunked = whole.init(params), chunked.init(params)
+    for step in range(4):
+        grads = {k: jnp.asarray(rng.standard_normal(x.shape) * (1 + step), jnp.float32) for k, x in params.items()}
+        u_whole, s_whole = jax.jit(whole.update)(grads, s_whole, params)
+        u_chunked, s_chunked = variant(chunked.update)(grads, s_chunked, params)
+        chex.assert_trees_all_close(u_chunked, u_whole, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(s_chunked, s_whole, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_size_fits_the_budget_and_divides_the_stack():
+    lay = fira_jax.Layout("w", (24, 8, 5), (0, 1, 2), 1, (24,), 8, 5, 2, "right")
+    one = 8 * 5 * 4
+    from fira_jax._src.subspace import chunk_size
+
+    assert [chunk_size(lay, 4, b) for b in (one, 4 * one, 5 * one, 24 * one, float("inf"))] == [1, 4, 4, 24, 24]
+    assert chunk_size(lay, 4, one // 2) == 1  # at least one matrix
+    assert chunk_size(lay, 4, None) == 24  # the default budget (128 MiB) holds this stack
+
+
+@pytest.mark.parametrize("name", ["fira", "apollo"])
+def test_chunked_update_holds_one_chunks_temporaries(name):
+    """The compiled update of a stack of 8 matrices (its gradient donated, as in a train step): a
+    chunk at a time it holds at most 0.6 x the temporaries of the whole stack at once (measured:
+    Fira 4.2 against 9.0 matrices, APOLLO 3.3 against 9.0; the SVD's workspace is part of both)."""
+    params = {"w": jnp.ones((8, 256, 512)), "b": jnp.zeros(4)}
+    grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(0), a.shape), params)
+    temps = {}
+    for ch in (float("inf"), 256 * 512 * 4):
+        tx = CHUNK_MAKERS[name](ch)
+        compiled = jax.jit(tx.update, donate_argnums=(0,)).lower(grads, tx.init(params), params).compile()
+        temps[ch] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[256 * 512 * 4] <= 0.6 * temps[float("inf")], temps
+
+
+def test_chunk_bytes_is_checked_at_build():
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        fira_jax.scale_by_fira(2, chunk_bytes=0)
+    with pytest.raises(TypeError, match="chunk_bytes"):
+        fira_jax.scale_by_galore(2, chunk_bytes=1.5)

@@ -128,6 +128,7 @@ def scale_by_galore(
     mask: masks.Mask = None,
     axes: Any = None,
     basis_dtype: Any = None,
+    chunk_bytes: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GaLore's update: the inner optimizer in the top-``rank`` singular subspace of each gradient.
 
@@ -168,6 +169,9 @@ def scale_by_galore(
         leading axes, as ``nnx.scan`` makes them).
       basis_dtype: dtype of the stored bases; default the leaf's dtype, as in the reference
         (which casts the float32 SVD to the gradient's dtype).
+      chunk_bytes: a stacked leaf's update runs in chunks of at most this much gradient, to stay
+        at the step's memory floor (:func:`fira_jax.scale_by_subspace`; None: 128 MiB,
+        ``float("inf")``: whole stacks at once).
       refresh: when and how the bases are recomputed (:class:`fira_jax.Refresh`: the gap, the
         method, staggering, refreshing by shape, canonical signs, what the moments become).
 
@@ -194,7 +198,7 @@ def scale_by_galore(
     """
     return scale_by_subspace(
         galore_update(scale), rank, refresh=refresh, inner=base_optimizer, proj_type=proj_type, mask=mask, axes=axes,
-        basis_dtype=basis_dtype,
+        basis_dtype=basis_dtype, chunk_bytes=chunk_bytes,
     )  # fmt: skip
 
 
@@ -209,6 +213,7 @@ def scale_by_fira(
     mask: masks.Mask = None,
     axes: Any = None,
     basis_dtype: Any = None,
+    chunk_bytes: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Fira's update: GaLore's, plus the residual outside the subspace, scaled and limited.
 
@@ -263,7 +268,7 @@ def scale_by_fira(
         )
     return scale_by_subspace(
         fira_residual(scale, residual), rank, refresh=refresh, inner=base_optimizer, gamma=residual.gamma,
-        proj_type=proj_type, mask=mask, axes=axes, basis_dtype=basis_dtype,
+        proj_type=proj_type, mask=mask, axes=axes, basis_dtype=basis_dtype, chunk_bytes=chunk_bytes,
     )  # fmt: skip
 
 
@@ -280,6 +285,7 @@ def scale_by_apollo(
     mask: masks.Mask = None,
     axes: Any = None,
     basis_dtype: Any = None,
+    chunk_bytes: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""APOLLO's update: the whole gradient, scaled by factors measured in a random subspace, limited.
 
@@ -350,5 +356,5 @@ def scale_by_apollo(
         raise ValueError("`proj` 'svd' takes its bases from an SVD method, and `refresh.method` is 'random'.")
     return scale_by_subspace(
         apollo_scaling(scale, granularity), rank, refresh=refresh, inner=base_optimizer, gamma=gamma,
-        proj_type=proj_type, mask=mask, axes=axes, basis_dtype=basis_dtype,
+        proj_type=proj_type, mask=mask, axes=axes, basis_dtype=basis_dtype, chunk_bytes=chunk_bytes,
     )  # fmt: skip

@@ -34,7 +34,7 @@ from fira_jax._src.adam import scale_by_torch_adam
 from fira_jax._src.basis import RANDOM_METHODS, Basis, default_basis
 from fira_jax._src.layout import PROJ_TYPES, Layout, ProjType, describe, layouts, selection
 from fira_jax._src.limiter import limit_norm_growth
-from fira_jax._src.options import PROJ_TYPE, RANK, Refresh
+from fira_jax._src.options import CHUNK_BYTES, PROJ_TYPE, RANK, Refresh
 from fira_jax._src.projection import refresh_bases
 from fira_jax._src.validation import check_choice, check_float, check_int
 
@@ -151,6 +151,7 @@ def scale_by_subspace(
     mask: masks.Mask = None,
     axes: Any = None,
     basis_dtype: Any = None,
+    chunk_bytes: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Any subspace optimizer: a basis, an optimizer inside it, a compensation outside it, a limiter.
 
@@ -191,6 +192,11 @@ def scale_by_subspace(
         a pytree of them (None: undeclared), a callable from the params to one,
         :func:`fira_jax.axes_by_path` or :func:`fira_jax.axes_from_logical`.
       basis_dtype: dtype of the stored bases; default the leaf's dtype, as in the references.
+      chunk_bytes: a stacked leaf whose gradient is larger is compensated (steps 3-4) a chunk of
+        matrices of at most this many bytes at a time (at least one matrix), in a loop that writes
+        each chunk's update over its gradient, so that the update stays at the step's memory
+        floor; None: 128 MiB (``fira_jax._src.options.CHUNK_BYTES``); ``float("inf")``: every
+        stack at once (no loop; more temporaries). The numbers are the same either way.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`LowRankState`; extra arguments
@@ -209,7 +215,7 @@ def scale_by_subspace(
       >>> state.right["w"].shape, state.inner.mu["w"].shape  # P is 2 x 4; Adam's moments 6 x 2
       ((2, 4), (6, 2))
     """
-    _check_seam(compensation, rank, refresh, gamma, proj_type)
+    _check_seam(compensation, rank, refresh, gamma, proj_type, chunk_bytes)
     inner = optax.with_extra_args_support(scale_by_torch_adam() if inner is None else inner)
     limited, drawn = gamma is not None, refresh.method in RANDOM_METHODS
 
@@ -251,8 +257,8 @@ def scale_by_subspace(
         norms = treedef.flatten_up_to(state.norms) if limited else [None] * len(leaves)
         for i in picked:
             x = Subspace(grads[i], lows[i], out[i], bases[i])
-            ell, norms[i] = _limit(compensation, x, norms[i], gamma, state.count == 0)
-            out[i] = lays[i].restore(compensation.update(x, ell).astype(grads[i].dtype))
+            update, norms[i] = _compensate(compensation, x, norms[i], gamma, state.count == 0, chunk_bytes)
+            out[i] = lays[i].restore(update)
 
         new_state = LowRankState(
             count=optax.safe_int32_increment(state.count),
@@ -267,6 +273,67 @@ def scale_by_subspace(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def chunk_size(layout: Layout, itemsize: int, chunk_bytes: float | None) -> int:
+    """How many matrices of a stack are compensated at once: as many as fit in ``chunk_bytes`` of
+    gradient (None: ``CHUNK_BYTES``), at least one, rounded down to a divisor of the stack's size."""
+    size = math.prod(layout.batch)
+    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    if budget == float("inf"):
+        return max(size, 1)
+    fit = max(1, int(budget) // (layout.m * layout.n * itemsize))
+    return size if fit >= size else max(d for d in range(1, fit + 1) if size % d == 0)
+
+
+def _compensate(
+    compensation: Compensation, x: Subspace, previous: Any, gamma: Any, first: Any, chunk_bytes: float | None
+) -> tuple[jax.Array, Any]:
+    """Steps 3-4 for one leaf: its update (G's dtype) and the limiter's norm to keep.
+
+    A stack larger than ``chunk_bytes`` is compensated a chunk of matrices at a time
+    (:func:`chunk_size`): a first loop takes each matrix's norm for the limiter, a second writes each
+    chunk's update over that chunk of the gradient, so the update's temporaries are one chunk's,
+    not the stack's (the update of a stack of ``L`` matrices otherwise holds several ``L``-matrix
+    temporaries, above the step's floor). A stack sharded along its stacking axes: at once.
+    """
+    lay = x.basis.layout
+    size, k = math.prod(lay.batch), chunk_size(lay, x.grad.dtype.itemsize, chunk_bytes)
+    spec = sharding.explicit_spec(x.grad)
+    if k >= size or (spec is not None and any(a is not None for a in tuple(spec)[: len(lay.batch)])):
+        ell, kept = _limit(compensation, x, previous, gamma, first)
+        return compensation.update(x, ell).astype(x.grad.dtype), kept
+    chunks = _chunked(x, size // k, k)
+    if gamma is None:
+        ell, kept = jnp.ones((size,), jnp.float32), previous
+    else:
+        norm = jax.lax.map(compensation.norm, chunks).reshape(lay.batch)
+        ell, kept = limit_norm_growth(norm, previous, gamma, first)
+    ells = ell.reshape(size // k, *chunks.basis.layout.batch)
+
+    def body(c: jax.Array, g: jax.Array) -> jax.Array:
+        # The chunk's gradient is read from the loop's own buffer, which its update then overwrites.
+        x_c = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, c, keepdims=False), chunks._replace(grad=None))
+        x_c = x_c._replace(
+            grad=jax.lax.dynamic_slice_in_dim(g, c * k, k, 0).reshape(x_c.basis.layout.batch + g.shape[1:])
+        )
+        u = compensation.update(x_c, jax.lax.dynamic_index_in_dim(ells, c, keepdims=False)).astype(g.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(g, u.reshape(k, *g.shape[1:]), c * k, 0)
+
+    update = jax.lax.fori_loop(0, size // k, body, x.grad.reshape(size, *x.grad.shape[-2:]))
+    return update.reshape(x.grad.shape), kept
+
+
+def _chunked(x: Subspace, n: int, k: int) -> Subspace:
+    """``x`` with its stacking axes as ``(n, k)``: ``n`` chunks of ``k`` matrices (layout batch ``(k,)``,
+    or ``()`` for chunks of one matrix: no unit axis, which the CPU compiler would copy the stacks for)."""
+    nb, batch = len(x.basis.layout.batch), (k,) if k > 1 else ()
+
+    def split(a: jax.Array | None) -> jax.Array | None:
+        return None if a is None else a.reshape(n, *batch, *a.shape[nb:])
+
+    basis = Basis(split(x.basis.left), split(x.basis.right), x.basis.layout._replace(batch=batch))
+    return Subspace(split(x.grad), split(x.low), split(x.inner), basis)
+
+
 def _limit(compensation: Compensation, x: Subspace, previous: Any, gamma: Any, first: Any) -> tuple[jax.Array, Any]:
     """Step 3: the limiter's divisor for ``compensation.norm(x)`` and the norm to keep (ones and None
     without a limiter)."""
@@ -275,8 +342,10 @@ def _limit(compensation: Compensation, x: Subspace, previous: Any, gamma: Any, f
     return limit_norm_growth(compensation.norm(x), previous, gamma, first)
 
 
-def _check_seam(compensation: Any, rank: Any, refresh: Any, gamma: Any, proj_type: Any) -> None:
+def _check_seam(compensation: Any, rank: Any, refresh: Any, gamma: Any, proj_type: Any, chunk_bytes: Any) -> None:
     """The seam's arguments, checked where the transformation is built (each named)."""
+    if chunk_bytes is not None and chunk_bytes != float("inf"):
+        check_int("chunk_bytes", chunk_bytes, 1, static=True)
     if not isinstance(compensation, Compensation):
         raise TypeError(f"`compensation` must be a fira_jax.Compensation, got {compensation!r}.")
     check_int("rank", rank, 1, static=True)
