@@ -324,6 +324,7 @@ def top_singular_bases(
     oversample: int = 8,
     power_iters: int = 2,
     first: Any = True,
+    spread: bool = True,
 ) -> list[Basis]:
     """Top-r singular vectors of canonical gradients of one matrix shape, in float32.
 
@@ -348,6 +349,8 @@ def top_singular_bases(
       power_iters: power iterations of the randomized SVD and the subspace iteration.
       first: whether no basis has been computed yet (a traced bool): the subspace iteration
         then starts from Gaussian probes instead of the previous basis.
+      spread: under a mesh of several devices set with ``jax.set_mesh``, spread the matrices
+        over its devices, each decomposing its share whole (``Refresh(spread=...)``).
 
     Returns:
       The new bases, in order.
@@ -367,6 +370,10 @@ def top_singular_bases(
     item_keys = None
     if keys is not None:
         item_keys = jnp.concatenate([k.reshape(-1) for k in keys])
+    mesh = sharding.spread_mesh() if spread and spec is None and sum(sizes) > 1 else None
+    if mesh is not None:
+        u, vh = _spread_top_vectors(flats, olds, item_keys, mesh, signs, svd, oversample, power_iters, first)
+        return _split(grads, olds, sizes, u, vh)
     takes = _indexers(flats)
     prevs = [_previous_columns(o) for o in olds] if warm else []
     prev_takes = _indexers([p.reshape(-1, *p.shape[-2:]) for p in prevs])
@@ -392,11 +399,51 @@ def top_singular_bases(
         leaf_ids = jnp.concatenate([jnp.full(k, i, jnp.int32) for i, k in enumerate(sizes)])
         matrix_ids = jnp.concatenate([jnp.arange(k, dtype=jnp.int32) for k in sizes])
         u, vh = jax.lax.map(one, (leaf_ids, matrix_ids, item_keys))
+    return _split(grads, olds, sizes, u, vh)
+
+
+def _split(
+    grads: list[jax.Array], olds: list[Basis], sizes: list[int], u: jax.Array | None, vh: jax.Array | None
+) -> list[Basis]:
+    """The stacked new vectors of a group back to one basis per leaf (finite ones only)."""
     out, start = [], 0
     for g, old, k in zip(grads, olds, sizes, strict=True):
         out.append(_keep_finite(g, _rows(u, start, k, g), _rows(vh, start, k, g), old))
         start += k
     return out
+
+
+def _spread_top_vectors(
+    flats: list[jax.Array], olds: list[Basis], keys: jax.Array | None, mesh: Any, signs: bool, svd: str,
+    oversample: int, power_iters: int, first: Any,
+) -> tuple[jax.Array | None, jax.Array | None]:  # fmt: skip
+    """The group's matrices decomposed across ``mesh``: each device takes its share of the stacked
+    matrices whole (:func:`fira_jax._src.sharding.spread_map`) instead of every matrix."""
+    layout = olds[0].layout
+    warm = svd == "subspace"
+    items = {"g": jnp.concatenate(flats) if len(flats) > 1 else flats[0]}
+    if keys is not None:
+        items["key"] = keys
+    if warm:
+        items["prev"] = jnp.concatenate(
+            [_previous_columns(o).reshape(-1, *_previous_columns(o).shape[-2:]) for o in olds]
+        )
+    wants_u, wants_vh = layout.side in ("left", "full"), layout.side in ("right", "full")
+    u_dtype = olds[0].left.dtype if wants_u else None
+    vh_dtype = olds[0].right.dtype if wants_vh else None
+
+    def one(item: dict[str, jax.Array], first: jax.Array) -> dict[str, jax.Array]:
+        u, vh = _top_vectors(item["g"].astype(jnp.float32), layout, signs, svd, item.get("key"), oversample,
+                             power_iters, item.get("prev"), first)  # fmt: skip
+        out = {}
+        if wants_u:
+            out["u"] = u.astype(u_dtype)
+        if wants_vh:
+            out["vh"] = vh.astype(vh_dtype)
+        return out
+
+    out = sharding.spread_map(one, items, jnp.asarray(first), mesh)
+    return out.get("u"), out.get("vh")
 
 
 def _rows(x: jax.Array | None, start: int, k: int, g: jax.Array) -> jax.Array | None:

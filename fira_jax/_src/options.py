@@ -77,6 +77,12 @@ class Refresh:
         function of the seed, the refresh's step, the leaf's path and the matrix's index in its
         stack (:func:`fira_jax.projections.matrix_keys`), so a layer draws the same numbers in the
         whole-model step and in the per-layer step.
+      spread: under a mesh of several devices with automatic axes set by ``jax.set_mesh``
+        (``with jax.set_mesh(mesh):`` around the jitted step), spread the matrices of each
+        refresh over the mesh's devices: each device decomposes its share of them whole (the
+        compiler moves them with an all-to-all) instead of gathering and decomposing every
+        matrix itself, and the bases come back to where the step needs them. Without a mesh
+        in context, or ``False``, every device decomposes every matrix. The bases are the same.
 
     Example:
       >>> import fira_jax
@@ -93,6 +99,7 @@ class Refresh:
     canonical_signs: bool = True
     moments: MomentPolicy = "keep"
     seed: int = 0
+    spread: bool = True
 
     def __post_init__(self) -> None:
         check_int("update_proj_gap", self.update_proj_gap, 1)

@@ -90,7 +90,7 @@ def refresh_bases(
       keys: for the methods that draw random numbers (the randomized SVD, the subspace
         iteration's probes, APOLLO's projection), per gradient one key per matrix (shape
         ``batch``: :func:`fira_jax.projections.matrix_keys`).
-      **svd_options: ``signs``, ``svd``, ``oversample``, ``power_iters`` of
+      **svd_options: ``signs``, ``svd``, ``oversample``, ``power_iters``, ``spread`` of
         :func:`fira_jax.projections.top_singular_bases`.
 
     Returns:

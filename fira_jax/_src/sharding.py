@@ -177,3 +177,35 @@ def gather_matrix(x: jax.Array) -> jax.Array:
         return x
     spec = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
     return jax.sharding.reshard(x, NamedSharding(jax.typeof(x).sharding.mesh, P(*spec[:-2], None, None)))
+
+
+def spread_mesh() -> Any:
+    """The mesh set with ``jax.set_mesh`` when it has more than one device and automatic axes, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size <= 1:
+        return None
+    if any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        return None
+    return mesh
+
+
+def spread_map(fn: Any, items: Any, shared: jax.Array, mesh: Any) -> Any:
+    """``fn(item, shared)`` for each item along the leading axes of ``items``, spread over ``mesh``.
+
+    The items are padded (with copies of the first ones) to a multiple of the mesh's size and
+    sharded along their leading axis over every mesh axis, so each device maps ``fn`` over its
+    share only, each item whole (the compiler moves the items there, an all-to-all from however
+    they were sharded); the results come back stacked, in order. ``shared`` is replicated.
+    """
+    n = jax.tree.leaves(items)[0].shape[0]
+    total = -(-n // mesh.size) * mesh.size
+    if total != n:
+        idx = jax.numpy.arange(total) % n
+        items = jax.tree.map(lambda a: a[idx], items)
+    spec = P(tuple(mesh.axis_names))
+
+    def local(xs: Any, shared: jax.Array) -> Any:
+        return jax.lax.map(lambda x: fn(x, shared), xs)
+
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec)(items, shared)
+    return jax.tree.map(lambda a: a[:n], out)

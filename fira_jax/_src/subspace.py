@@ -426,7 +426,7 @@ def _refreshed(
     new, dues = refresh_bases(
         [grads[i] for i in picked], old, state.count, update_proj_gap=refresh.update_proj_gap,
         stagger=refresh.stagger, refresh_by_shape=refresh.by_shape, keys=keys, signs=refresh.canonical_signs,
-        svd=refresh.method, oversample=refresh.oversample, power_iters=refresh.iterations,
+        svd=refresh.method, oversample=refresh.oversample, power_iters=refresh.iterations, spread=refresh.spread,
     )  # fmt: skip
     return (
         dict(zip(picked, old, strict=True)),
