@@ -6,6 +6,7 @@ single-device ones, and the state is sharded sensibly (no m x n buffer, moments 
 Prints one line per case and exits non-zero on the first failure.
 """
 
+import re
 import sys
 
 import jax
@@ -89,6 +90,44 @@ def main():
                     print(f"{kind} rank {rank} {layout} {mode}: max rel err {err:.1e} {status}", flush=True)
     failures += check_nnx(params, grads)
     failures += check_no_mesh_context()
+    failures += check_spread()
+    return failures
+
+
+def decaying_stack(rng, shape):
+    """A stack of matrices with singular values 0.8^k: distinct at the rank cutoff, as gradients' are."""
+    b, m, n = shape
+    u = np.linalg.qr(rng.standard_normal((b, m, n)))[0]
+    v = np.linalg.qr(rng.standard_normal((b, n, n)))[0]
+    return jnp.asarray(np.einsum("bmk,k,bnk->bmn", u, 0.8 ** np.arange(n), v), jnp.float32)
+
+
+def check_spread():
+    """The distributed refresh: a 16-matrix stack sharded over its rows (FSDP) on 8 devices. With the
+    mesh set (Refresh(spread=True), the default), each device's compiled program runs the
+    decomposition loop 16 / 8 = 2 times (16 without spreading) and the update equals one device's."""
+    rng = np.random.default_rng(2)
+    params, grads = decaying_stack(rng, (16, 64, 48)), decaying_stack(rng, (16, 64, 48))
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = NamedSharding(mesh, P(None, "fsdp"))
+    failures = 0
+    for method in ("exact", "gram", "subspace"):
+        for spread in (True, False):
+            refresh = fira_jax.Refresh(update_proj_gap=2, method=method, spread=spread)
+            tx = fira_jax.scale_by_fira(8, refresh=refresh, axes=fira_jax.MatrixAxes())
+            one = jax.jit(tx.update)({"s": grads}, tx.init({"s": params}), {"s": params})
+            p, g = {"s": jax.device_put(params, shard)}, {"s": jax.device_put(grads, shard)}
+            with jax.set_mesh(mesh):
+                update = jax.jit(tx.update)
+                text = update.lower(g, tx.init(p), p).compile().as_text()
+                out = update(g, tx.init(p), p)
+            loops = sorted(int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', text))
+            per_device = 2 if spread else 16  # the loop over the stack's matrices
+            err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(one), strict=True))
+            ok = per_device in loops and not any(n in loops for n in (4, 8, 16) if n != per_device) and err <= 1e-5
+            failures += 0 if ok else 1
+            print(f"spread={spread} {method}: decomposition loops per device {loops}, max rel err vs one device "
+                  f"{err:.1e} {'ok' if ok else 'FAILED'}", flush=True)  # fmt: skip
     return failures
 
 

@@ -286,7 +286,9 @@ def train(cfg: TrainConfig, log: Any = print) -> dict:
         checkpoints.save(manager, step, 1 if force else cfg.checkpoint_every, model, optimizer, run_config, wall)
 
     try:
-        with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log, cfg.tensorboard) as run:
+        # The mesh in context: the optimizer's refresh spreads each group's matrices over its devices.
+        with runlog.RunLog(out if lead else None, cfg.steps, start_step, cfg.progress, log, cfg.tensorboard) as run, \
+                jax.set_mesh(mesh):  # fmt: skip
             result = loop.run(  # 3. the loop
                 run, lambda b: step_lib.run_step(train_step, model, optimizer, b), batch, start_step, cfg.steps,
                 log_every=cfg.log_every, eval_every=cfg.eval_every, evaluate=validation, checkpoint=checkpoint,
