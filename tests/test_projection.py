@@ -444,9 +444,9 @@ def test_subspace_first_refresh_starts_from_its_gaussian_probes():
     tx = fira_jax.scale_by_galore(3, refresh=refresh)
     _, state = tx.update({"w": g}, tx.init({"w": jnp.zeros((40, 30))}))
     key = matrix_keys(4, "w", jnp.int32(0), jnp.int32(0))
-    _, cold = randomized_svd(g, 3, "right", key, 8, 0)
+    _, cold = randomized_svd(g, 3, "right", key, 8, 0, both=False)  # the refresh computes the basis side only
     np.testing.assert_allclose(np.asarray(state.right["w"]), np.asarray(cold), atol=1e-5)
-    _, warm = subspace_iteration(g, jnp.eye(30, 3), 3, "right", key, 8, 0)  # from the default basis
+    _, warm = subspace_iteration(g, jnp.eye(30, 3), 3, "right", key, 8, 0, both=False)  # from the default basis
     overlap = np.abs(np.asarray(state.right["w"]) @ np.asarray(warm).T).max(axis=1)
     assert overlap.min() < 0.9, overlap  # another subspace, not the same one up to signs
 
@@ -532,3 +532,22 @@ def test_logical_axis_names_declare_the_stacked_matrices():
     assert isinstance(state.left["layers"]["norm"], optax.MaskedNode)
     clip = fira_jax.clip_by_norm_growth(axes=fira_jax.axes_from_logical({"w": P("embed", "layers", "mlp")}))
     assert clip.init({"w": jnp.zeros((4, 3, 5))}).norms["w"].shape == (3,)  # one norm per layer
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_one_sided_rayleigh_ritz_spans_the_svds_subspace(side):
+    """``both=False`` (what a one-sided refresh runs: the eigenvectors of ``B B^T``) gives the basis
+    side of ``both=True`` (the SVD of ``B``) up to signs, and no other side."""
+    from fira_jax.projections import randomized_svd
+
+    g = jnp.asarray(decaying((48, 30), 5))
+    key = jax.random.key(3)
+    u, vh = randomized_svd(g, 5, side, key, 8, 1)
+    u1, vh1 = randomized_svd(g, 5, side, key, 8, 1, both=False)
+    if side == "left":
+        assert vh1 is None
+        overlap = np.abs(np.asarray(u1).T @ np.asarray(u))
+    else:
+        assert u1 is None
+        overlap = np.abs(np.asarray(vh1) @ np.asarray(vh).T)
+    np.testing.assert_allclose(np.diag(overlap), 1.0, atol=1e-4)  # the same vectors, in the same order

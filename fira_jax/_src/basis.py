@@ -119,7 +119,8 @@ def randomized_svd(
     oversample: int,
     power_iters: int,
     start: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    both: bool = True,
+) -> tuple[jax.Array | None, jax.Array | None]:
     """Top-``rank`` singular vectors by a randomized range finder (Halko et al., 2011).
 
     Finds an orthonormal basis Q of the range of ``A G``-products with ``rank + oversample``
@@ -132,6 +133,11 @@ def randomized_svd(
     iteration starts from that subspace plus ``oversample`` Gaussian probes instead of
     ``rank + oversample`` probes: a warm-started subspace iteration, which needs fewer power
     iterations when the gradient's top subspace moves slowly between refreshes.
+
+    ``both=False`` computes only the side that forms the basis (``vh`` on the right side, ``u``
+    otherwise; the other comes back None), from the eigenvectors of ``B B^T`` with ``B = Q^T A``
+    instead of the SVD of ``B``: a ``(rank + oversample)``-square eigendecomposition in place of
+    the SVD of a ``(rank + oversample) x q`` matrix, about 3 x cheaper at 7B shapes on a CPU.
     """
     a = jnp.swapaxes(g, -1, -2) if side == "right" else g  # range finder on the basis side
     p, q = a.shape[-2:]
@@ -145,16 +151,21 @@ def randomized_svd(
     for _ in range(power_iters):
         z, _ = jnp.linalg.qr(jnp.swapaxes(a, -1, -2) @ basis)
         basis, _ = jnp.linalg.qr(a @ z)
-    ub, _, vhb = jnp.linalg.svd(jnp.swapaxes(basis, -1, -2) @ a, full_matrices=False)
-    u_a, vh_a = basis @ ub[..., :, :rank], vhb[..., :rank, :]
+    small = jnp.swapaxes(basis, -1, -2) @ a  # Q^T A: (rank + oversample) x q
+    if both:
+        ub, _, vhb = jnp.linalg.svd(small, full_matrices=False)
+        u_a, vh_a = basis @ ub[..., :, :rank], vhb[..., :rank, :]
+    else:  # only the basis side: the top eigenvectors of the small Gram matrix, cheaper than its SVD
+        u_a, vh_a = basis @ _top_eigenvectors(small @ jnp.swapaxes(small, -1, -2), rank), None
     if side == "right":
-        return jnp.swapaxes(vh_a, -1, -2), jnp.swapaxes(u_a, -1, -2)
+        return (None if vh_a is None else jnp.swapaxes(vh_a, -1, -2)), jnp.swapaxes(u_a, -1, -2)
     return u_a, vh_a
 
 
 def subspace_iteration(
-    g: jax.Array, previous: jax.Array, rank: int, side: str, key: jax.Array, oversample: int, power_iters: int
-) -> tuple[jax.Array, jax.Array]:
+    g: jax.Array, previous: jax.Array, rank: int, side: str, key: jax.Array, oversample: int, power_iters: int,
+    both: bool = True,
+) -> tuple[jax.Array | None, jax.Array | None]:  # fmt: skip
     r"""Top-``rank`` singular vectors by a subspace iteration warm-started from the previous basis.
 
     With :math:`A = G^\top` (right side) or :math:`G` (left side) and :math:`Q_0` an orthonormal
@@ -177,6 +188,8 @@ def subspace_iteration(
       key: the Gaussian probes' key.
       oversample: how many Gaussian probes join the previous basis.
       power_iters: how many iterations (≥ 0).
+      both: False: only the side that forms the basis (the other None), by a cheaper Rayleigh-Ritz
+        step (:func:`randomized_svd`).
 
     Returns:
       ``(u, vh)`` shaped like ``svd(g)[0][..., :rank]`` and ``svd(g)[2][..., :rank, :]``.
@@ -190,7 +203,7 @@ def subspace_iteration(
       >>> float(jnp.abs(vh @ vh_exact.T).max(axis=1).min()) > 0.999  # started at the answer: stays
       True
     """
-    return randomized_svd(g, rank, side, key, oversample, power_iters, start=previous)
+    return randomized_svd(g, rank, side, key, oversample, power_iters, start=previous, both=both)
 
 
 def random_projection(key: jax.Array, layout: Layout, dtype: Any = jnp.float32) -> Basis:
@@ -250,17 +263,22 @@ def gram_top_vectors(g: jax.Array, rank: int, side: str) -> tuple[jax.Array | No
     ``(None, Vh[..., :r, :])`` (right) or both (full), largest first.
     """
 
-    def eigh(a: jax.Array) -> jax.Array:
-        def jacobi(a: jax.Array) -> jax.Array:
-            return jax.lax.linalg.eigh(a, implementation=jax.lax.linalg.EighImplementation.JACOBI)[0]
-
-        vecs = jax.lax.platform_dependent(a, tpu=jacobi, default=lambda a: jax.lax.linalg.eigh(a)[0])
-        return vecs[..., ::-1][..., :rank]  # ascending eigenvalues: the last ones, largest first
-
     gt = jnp.swapaxes(g, -1, -2)
-    u = eigh(g @ gt) if side in ("left", "full") else None
-    vh = jnp.swapaxes(eigh(gt @ g), -1, -2) if side in ("right", "full") else None
+    u = _top_eigenvectors(g @ gt, rank) if side in ("left", "full") else None
+    vh = jnp.swapaxes(_top_eigenvectors(gt @ g, rank), -1, -2) if side in ("right", "full") else None
     return u, vh
+
+
+def _top_eigenvectors(a: jax.Array, rank: int) -> jax.Array:
+    """The ``rank`` eigenvectors of the symmetric ``a`` with the largest eigenvalues, largest first, as
+    columns (one-sided Jacobi on TPU, whose default eigendecomposition compiles slowly; LAPACK / cuSOLVER
+    elsewhere)."""
+
+    def jacobi(a: jax.Array) -> jax.Array:
+        return jax.lax.linalg.eigh(a, implementation=jax.lax.linalg.EighImplementation.JACOBI)[0]
+
+    vecs = jax.lax.platform_dependent(a, tpu=jacobi, default=lambda a: jax.lax.linalg.eigh(a)[0])
+    return vecs[..., ::-1][..., :rank]  # ascending eigenvalues: the last ones, largest first
 
 
 def _previous_columns(old: Basis) -> jax.Array:
@@ -296,13 +314,14 @@ def _top_vectors(
     if svd == "random":
         b = random_projection(key, layout._replace(batch=tuple(g32.shape[:-2])))
         return b.left, b.right
+    both = layout.side == "full"  # one-sided bases need one side's vectors only
     if svd == "randomized":
-        u, vh = randomized_svd(g32, r, layout.side, key, oversample, power_iters)
+        u, vh = randomized_svd(g32, r, layout.side, key, oversample, power_iters, both=both)
     elif svd == "subspace":
         u, vh = jax.lax.cond(
             first,
-            lambda: randomized_svd(g32, r, layout.side, key, oversample, power_iters),
-            lambda: subspace_iteration(g32, previous, r, layout.side, key, oversample, power_iters),
+            lambda: randomized_svd(g32, r, layout.side, key, oversample, power_iters, both=both),
+            lambda: subspace_iteration(g32, previous, r, layout.side, key, oversample, power_iters, both=both),
         )
     elif svd == "gram":
         u, vh = gram_top_vectors(g32, r, layout.side)
