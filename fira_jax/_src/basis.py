@@ -124,10 +124,15 @@ def randomized_svd(
     """Top-``rank`` singular vectors by a randomized range finder (Halko et al., 2011).
 
     Finds an orthonormal basis Q of the range of ``A G``-products with ``rank + oversample``
-    Gaussian probes and ``power_iters`` QR-stabilized power iterations, then takes the SVD of
-    the small ``Q^T A``. The side that forms the basis comes out orthonormal (a product of
-    orthonormal factors). Returns ``(u, vh)`` shaped like ``svd(g)[0][..., :rank]`` and
-    ``svd(g)[2][..., :rank, :]``. ``key``: one key, or one per matrix (shape ``g.shape[:-2]``).
+    Gaussian probes and ``power_iters`` power iterations ``Q = qr(A A^T Q)``, then takes the SVD
+    of the small ``Q^T A``. Each iteration orthonormalizes once, on the basis side, not also after
+    ``A^T Q`` (the other side, the longer one under ``proj_type="std"``): that costs the squared
+    condition number within an iteration, which in float32 blurs only directions whose singular
+    values are below about ``3e-4`` of the largest, whose share of the energy is below ``1e-7``;
+    and it saves the largest QR (at 4096 x 11008, rank 1024, on a CPU: 5.5 s -> 3.9 s). The side
+    that forms the basis comes out orthonormal (a product of orthonormal factors). Returns
+    ``(u, vh)`` shaped like ``svd(g)[0][..., :rank]`` and ``svd(g)[2][..., :rank, :]``. ``key``:
+    one key, or one per matrix (shape ``g.shape[:-2]``).
 
     With ``start`` (the previous basis's vectors, ``p × rank`` with ``p`` their length), the
     iteration starts from that subspace plus ``oversample`` Gaussian probes instead of
@@ -148,9 +153,8 @@ def randomized_svd(
     else:
         probes = matrix_normal(key, a.shape[:-2], (q, k - start.shape[-1]), a.dtype)
         basis, _ = jnp.linalg.qr(jnp.concatenate([start.astype(a.dtype), a @ probes], axis=-1))
-    for _ in range(power_iters):
-        z, _ = jnp.linalg.qr(jnp.swapaxes(a, -1, -2) @ basis)
-        basis, _ = jnp.linalg.qr(a @ z)
+    for _ in range(power_iters):  # one QR per iteration, on the basis side (see above)
+        basis, _ = jnp.linalg.qr(a @ (jnp.swapaxes(a, -1, -2) @ basis))
     small = jnp.swapaxes(basis, -1, -2) @ a  # Q^T A: (rank + oversample) x q
     if both:
         ub, _, vhb = jnp.linalg.svd(small, full_matrices=False)
@@ -172,7 +176,7 @@ def subspace_iteration(
     basis of the previous basis's span and ``oversample`` Gaussian directions of :math:`A`'s range,
 
     .. math::
-      Q_{i+1} = \operatorname{qr}(A \operatorname{qr}(A^\top Q_i)), \quad i < \text{power\_iters},
+      Q_{i+1} = \operatorname{qr}(A A^\top Q_i), \quad i < \text{power\_iters},
       \qquad U_r \Sigma_r V_r^\top \approx \operatorname{svd}(Q^\top A)
 
     (Rayleigh-Ritz). Each iteration costs two products with G, ``O(m n (r + oversample))``, against
