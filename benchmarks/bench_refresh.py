@@ -99,9 +99,12 @@ def part_svd(args: argparse.Namespace) -> list[dict]:
         exact_u = {label: (exact(prev), exact(g)) for label, (prev, g) in mats.items()}
         for r in args.ranks or [default_rank]:
             key = jax.random.key(0)
-            rand = jax.jit(lambda g, key, r=r: _randomized_svd(g, r, "left", key, args.oversample, args.power_iters)[0])
+            # both=False: the one-sided refresh's path (a fira / galore refresh of a left or right basis)
+            rand = jax.jit(lambda g, key, r=r: _randomized_svd(g, r, "left", key, args.oversample, args.power_iters,
+                                                               both=False)[0])  # fmt: skip
             gram = jax.jit(lambda g, r=r: _gram_top_vectors(g, r, "left")[0])
-            sub = jax.jit(lambda g, prev, key, r=r: _subspace_iteration(g, prev, r, "left", key, args.oversample, 1)[0])
+            sub = jax.jit(lambda g, prev, key, r=r: _subspace_iteration(g, prev, r, "left", key, args.oversample, 1,
+                                                                        both=False)[0])  # fmt: skip
             start = exact_u["gaussian"][0][:, :r]  # timing does not depend on the start
             t_exact = timed(exact, gauss, repeats=args.repeats)
             t_rand = timed(rand, gauss, key, repeats=args.repeats)
