@@ -41,7 +41,7 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
       rm -rf results/runs/family_sweep
       python examples/compare.py --family-sweep --ranks 4 64 ;;
     refresh)  # the refresh's cost at the 7B MLP shape: exact SVD vs randomized, gram, subspace (results/refresh_7b.json)
-      python benchmarks/bench_refresh.py --part svd --shapes 4096x11008 --ranks 1024 64 --repeats 1 --no-lm \
+      python benchmarks/bench_refresh.py --part svd --shapes 4096x11008 --ranks 1024 64 --repeats 1 \
         --json results/refresh_7b.json ;;
     similarity)  # the paper's scaling-factor observation (results/similarity.*)
       python examples/similarity.py ;;
