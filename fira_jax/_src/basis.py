@@ -398,23 +398,15 @@ def top_singular_bases(
         u, vh = _spread_top_vectors(flats, olds, item_keys, mesh, signs, svd, oversample, power_iters, first)
         return _split(grads, olds, sizes, u, vh)
     takes = _indexers(flats)
-    prevs = [_previous_columns(o) for o in olds] if warm else []
-    prev_takes = _indexers([p.reshape(-1, *p.shape[-2:]) for p in prevs])
-    wants_u, wants_vh = layout.side in ("left", "full"), layout.side in ("right", "full")
-    # The stacked vectors are stored in the bases' dtype: a bf16 basis needs no float32 stack.
-    u_dtype = olds[0].left.dtype if wants_u else None
-    vh_dtype = olds[0].right.dtype if wants_vh else None
+    prev_takes = _indexers(_stacked_previous(olds)) if warm else []
+    decompose = _decomposer(olds, signs, svd, oversample, power_iters)
 
     def pick(fns: list, leaf: jax.Array, j: jax.Array) -> jax.Array:
         return jax.lax.switch(leaf, fns, j) if len(fns) > 1 else fns[0](j)
 
     def one(item: tuple[jax.Array, jax.Array, Any]) -> tuple[jax.Array | None, jax.Array | None]:
         leaf, j, key = item
-        x = pick(takes, leaf, j)
-        prev = pick(prev_takes, leaf, j) if warm else None
-        u, vh = _top_vectors(x.astype(jnp.float32), layout, signs, svd, key, oversample, power_iters, prev, first)
-        # Non-finite vectors stay non-finite in the basis dtype (and are then rejected below).
-        return (u.astype(u_dtype) if wants_u else None), (vh.astype(vh_dtype) if wants_vh else None)
+        return decompose(pick(takes, leaf, j), key, pick(prev_takes, leaf, j) if warm else None, first)
 
     if len(grads) == 1 and grads[0].ndim == 2:  # one matrix: no loop
         u, vh = jax.tree.map(lambda x: x[None], one((0, 0, None if item_keys is None else item_keys[0])))
@@ -436,37 +428,41 @@ def _split(
     return out
 
 
+def _stacked_previous(olds: list[Basis]) -> list[jax.Array]:
+    """Per leaf, its matrices' previous vectors as columns, one ``(p, r)`` matrix per stacked matrix."""
+    return [c.reshape(-1, *c.shape[-2:]) for c in map(_previous_columns, olds)]
+
+
+def _decomposer(olds: list[Basis], signs: bool, svd: str, oversample: int, power_iters: int) -> Any:
+    """``(x, key, prev, first) -> (u, vh)``: one matrix's new vectors in its group's bases' dtypes
+    (None for a side the bases do not have): a bf16 basis needs no float32 stack. Non-finite
+    vectors stay non-finite in the basis dtype (and are then rejected by ``_keep_finite``)."""
+    layout = olds[0].layout
+    u_dtype = olds[0].left.dtype if layout.side in ("left", "full") else None
+    vh_dtype = olds[0].right.dtype if layout.side in ("right", "full") else None
+
+    def decompose(x: jax.Array, key: Any, prev: Any, first: Any) -> tuple[jax.Array | None, jax.Array | None]:
+        u, vh = _top_vectors(x.astype(jnp.float32), layout, signs, svd, key, oversample, power_iters, prev, first)
+        return (None if u_dtype is None else u.astype(u_dtype)), (None if vh_dtype is None else vh.astype(vh_dtype))
+
+    return decompose
+
+
 def _spread_top_vectors(
     flats: list[jax.Array], olds: list[Basis], keys: jax.Array | None, mesh: Any, signs: bool, svd: str,
     oversample: int, power_iters: int, first: Any,
 ) -> tuple[jax.Array | None, jax.Array | None]:  # fmt: skip
     """The group's matrices decomposed across ``mesh``: each device takes its share of the stacked
     matrices whole (:func:`fira_jax._src.sharding.spread_map`) instead of every matrix."""
-    layout = olds[0].layout
     warm = svd == "subspace"
-    items = {"g": jnp.concatenate(flats) if len(flats) > 1 else flats[0]}
-    if keys is not None:
-        items["key"] = keys
-    if warm:
-        items["prev"] = jnp.concatenate(
-            [_previous_columns(o).reshape(-1, *_previous_columns(o).shape[-2:]) for o in olds]
-        )
-    wants_u, wants_vh = layout.side in ("left", "full"), layout.side in ("right", "full")
-    u_dtype = olds[0].left.dtype if wants_u else None
-    vh_dtype = olds[0].right.dtype if wants_vh else None
+    items = {"g": jnp.concatenate(flats) if len(flats) > 1 else flats[0], "key": keys,
+             "prev": jnp.concatenate(_stacked_previous(olds)) if warm else None}  # fmt: skip
+    decompose = _decomposer(olds, signs, svd, oversample, power_iters)
 
-    def one(item: dict[str, jax.Array], first: jax.Array) -> dict[str, jax.Array]:
-        u, vh = _top_vectors(item["g"].astype(jnp.float32), layout, signs, svd, item.get("key"), oversample,
-                             power_iters, item.get("prev"), first)  # fmt: skip
-        out = {}
-        if wants_u:
-            out["u"] = u.astype(u_dtype)
-        if wants_vh:
-            out["vh"] = vh.astype(vh_dtype)
-        return out
+    def one(item: dict[str, Any], first: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
+        return decompose(item["g"], item["key"], item["prev"], first)
 
-    out = sharding.spread_map(one, items, jnp.asarray(first), mesh)
-    return out.get("u"), out.get("vh")
+    return sharding.spread_map(one, items, jnp.asarray(first), mesh)
 
 
 def _rows(x: jax.Array | None, start: int, k: int, g: jax.Array) -> jax.Array | None:
