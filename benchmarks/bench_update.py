@@ -10,16 +10,19 @@ one that does not, for:
   are installed.
 
 It prints times, ratios to optax.contrib.galore, to optax.adamw and to torch FiraAdamW, the
-optimizer state in MiB, and the temporary bytes XLA reports for the compiled update
-(``memory_analysis``).
+optimizer state in MiB, the temporary bytes XLA reports for the compiled update
+(``memory_analysis``), and the seconds the update took to compile (the JAX rows).
 
   python benchmarks/bench_update.py                       # 60m, one layer's matrices
   python benchmarks/bench_update.py --preset 130m 350m --layers 1
+  python benchmarks/bench_update.py --preset 60m --layers 8 --json results/bench_update_60m_cpu.json
 """
 
 import argparse
 import importlib
 import importlib.util
+import json
+import pathlib
 import statistics
 import sys
 import time
@@ -33,7 +36,7 @@ from optax import contrib
 
 import fira_jax
 
-PRESETS = {"60m": (512, 1376, 128), "130m": (768, 2048, 256), "350m": (1024, 2736, 256)}
+PRESETS = {"60m": (512, 1376, 128), "130m": (768, 2048, 256), "350m": (1024, 2736, 256), "1b": (2048, 5461, 512)}
 LR, GAP = 1e-2, 200
 
 
@@ -58,8 +61,12 @@ def bench_jax(tx: optax.GradientTransformation, params: dict, grads: dict) -> di
     update = jax.jit(tx.update)
     state0 = tx.init(params)
     _, state1 = update(grads, state0, params)  # count 1: not a refresh step (gap 200)
-    analysis = update.lower(grads, state0, params).compile().memory_analysis()
+    lowered = update.lower(grads, state0, params)
+    start = time.perf_counter()
+    analysis = lowered.compile().memory_analysis()
+    compile_s = time.perf_counter() - start
     return {
+        "compile_s": compile_s,
         "step": lambda: update(grads, state1, params),
         "refresh": lambda: update(grads, state0, params),
         "state_mib": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state1)) / 2**20,
@@ -111,7 +118,8 @@ def bench_torch(torch_mod: types.ModuleType, cls: type, params: dict, grads: dic
         for s in opt.state.values()
         for v in [s["exp_avg"], s["exp_avg_sq"], s["projector"].ortho_matrix]
     )
-    return {"step": opt.step, "refresh": opt_refresh.step, "state_mib": state / 2**20, "temp_mib": float("nan")}
+    return {"step": opt.step, "refresh": opt_refresh.step, "state_mib": state / 2**20, "temp_mib": float("nan"),
+            "compile_s": float("nan")}  # fmt: skip
 
 
 def main() -> None:
@@ -122,7 +130,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the best median is kept)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--only", nargs="+", default=None, help="subset of optimizers to run")
+    p.add_argument("--json", metavar="FILE", help="also write the figures and their provenance to FILE")
     args = p.parse_args()
+    saved = {}
     references = {} if args.no_torch else {
         "torch FiraAdamW": (load_torch_reference("fira", "fira_adamw"), {"alpha": 0.25, "proj_type": "std"}),
         "torch APOLLOAdamW": (load_torch_reference("apollo_torch", "apollo"),
@@ -157,7 +167,8 @@ def main() -> None:
             if loaded is not None and (not args.only or name in args.only):
                 runners[name] = bench_torch(*loaded, params, grads, rank, group)
         # Interleaved rounds: every optimizer is timed in every round, the best round counts.
-        results = {name: {"step_s": np.inf, "refresh_s": np.inf, **{k: r[k] for k in ("state_mib", "temp_mib")}}
+        results = {name: {"step_s": np.inf, "refresh_s": np.inf,
+                          **{k: r[k] for k in ("state_mib", "temp_mib", "compile_s")}}
                    for name, r in runners.items()}  # fmt: skip
         for _ in range(args.rounds):
             for name, r in runners.items():
@@ -170,14 +181,23 @@ def main() -> None:
         adamw = results.get("optax.adamw", {}).get("step_s")
         ref = results.get("torch FiraAdamW", {}).get("step_s")
         header = f"{'optimizer':<22}{'step ms':>9}{'refresh ms':>11}{'/ optax galore':>15}{'/ optax adamw':>14}"
-        print(header + f"{'/ torch Fira':>13}{'state MiB':>10}{'temp MiB':>10}")
+        print(header + f"{'/ torch Fira':>13}{'state MiB':>10}{'temp MiB':>10}{'compile s':>10}")
         for name, r in results.items():
             ratios = "".join(f"{r['step_s'] / x:.2f}x".rjust(w) if x else "-".rjust(w)
                              for x, w in ((base, 15), (adamw, 14), (ref, 13)))  # fmt: skip
             print(
                 f"{name:<22}{1e3 * r['step_s']:9.2f}{1e3 * r['refresh_s']:11.1f}{ratios}"
-                f"{r['state_mib']:10.2f}{r['temp_mib']:10.2f}"
+                f"{r['state_mib']:10.2f}{r['temp_mib']:10.2f}{r['compile_s']:10.2f}"
             )
+        saved[preset] = {"layers": args.layers, "rank": rank, "weights": int(n),
+                         "rows": {k: {f: float(v) for f, v in r.items()} for k, r in results.items()}}  # fmt: skip
+    if args.json:
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+        from lm import provenance
+
+        record = {"provenance": provenance.record(sys.argv[1:], __file__), "repeats": args.repeats,
+                  "rounds": args.rounds, "presets": saved}  # fmt: skip
+        pathlib.Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -287,6 +287,33 @@ def test_svd_call_sites_per_leaf_or_per_shape(variant, by_shape):
         assert_same_subspace(np.asarray(got), want, side)
 
 
+@pytest.mark.parametrize("method", ["gram", "randomized", "subspace"])
+def test_one_site_per_vector_length_for_gram_and_range_finders(variant, method):
+    """By shape, the Gram, randomized and subspace refreshes of one-sided bases share one compiled
+    eigendecomposition per length of the basis's vectors: (6, 4) and (3, 6, 4) on the right side,
+    (4, 6) on the left and (4, 4) all have vectors of length 4. Each leaf's bases are those it
+    gets refreshed alone, and its subspace that of its own SVD."""
+    rng = np.random.default_rng(0)
+    shapes = {"a": (6, 4), "b": (6, 4), "stack": (3, 6, 4), "c": (4, 6), "d": (4, 6), "e": (5, 5), "f": (4, 4)}
+    grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+    states = {}
+    for by_shape in (False, True):
+        tx = project(2, update_proj_gap=4, refresh_by_shape=by_shape, axes=fira_jax.MatrixAxes(), method=method,
+                     power_iters=1)  # fmt: skip
+        state = tx.init(grads)
+        hlo = jax.jit(tx.update).lower(grads, state).compile().as_text()  # LAPACK's syevd on CPU
+        assert hlo.count('custom_call_target="lapack_ssyevd') == (2 if by_shape else 7)  # length 4 and 5
+        _, states[by_shape] = variant(tx.update)(grads, state)
+    for k, g in grads.items():
+        u, _, vh = np.linalg.svd(np.asarray(g), full_matrices=False)
+        side = "left" if g.shape[-2] < g.shape[-1] else "right"
+        got = {b: np.asarray(s.left[k] if side == "left" else s.right[k]) for b, s in states.items()}
+        np.testing.assert_allclose(got[True], got[False], atol=1e-5, err_msg=k)
+        if method != "randomized" or min(g.shape[-2:]) <= 10:  # rank + oversample covers these
+            want = u[..., :, :2] if side == "left" else vh[..., :2, :]
+            assert_same_subspace(got[True], want, side)
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
 @pytest.mark.parametrize("shape", [(48, 30), (30, 48), (2, 30, 20)])
 @pytest.mark.parametrize("signs", [False, True])

@@ -9,8 +9,10 @@ the basis is the first r coordinate vectors.
 """
 
 import dataclasses
+import functools
 import math
-from typing import Any, Literal, get_args
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -144,26 +146,73 @@ def randomized_svd(
     instead of the SVD of ``B``: a ``(rank + oversample)``-square eigendecomposition in place of
     the SVD of a ``(rank + oversample) x q`` matrix, about 3 x cheaper at 7B shapes on a CPU.
     """
-    a = jnp.swapaxes(g, -1, -2) if side == "right" else g  # range finder on the basis side
+    a = _oriented(g, side)  # range finder on the basis side
     p, q = a.shape[-2:]
     k = min(rank + oversample, p, q)
-    if start is None:
-        omega = matrix_normal(key, a.shape[:-2], (q, k), a.dtype)
-        basis, _ = jnp.linalg.qr(a @ omega)
-    else:
-        probes = matrix_normal(key, a.shape[:-2], (q, k - start.shape[-1]), a.dtype)
-        basis, _ = jnp.linalg.qr(jnp.concatenate([start.astype(a.dtype), a @ probes], axis=-1))
-    for _ in range(power_iters):  # one QR per iteration, on the basis side (see above)
-        basis, _ = jnp.linalg.qr(a @ (jnp.swapaxes(a, -1, -2) @ basis))
-    small = jnp.swapaxes(basis, -1, -2) @ a  # Q^T A: (rank + oversample) x q
+    ops = _products(a)
+    basis = _range_basis(ops, _start_block(ops, k, key, None if start is None else start.astype(a.dtype)), power_iters)
     if both:
-        ub, _, vhb = jnp.linalg.svd(small, full_matrices=False)
+        ub, _, vhb = jnp.linalg.svd(jnp.swapaxes(basis, -1, -2) @ a, full_matrices=False)  # of Q^T A
         u_a, vh_a = basis @ ub[..., :, :rank], vhb[..., :rank, :]
     else:  # only the basis side: the top eigenvectors of the small Gram matrix, cheaper than its SVD
-        u_a, vh_a = basis @ _top_eigenvectors(small @ jnp.swapaxes(small, -1, -2), rank), None
+        u_a, vh_a = _ritz_columns(ops, basis, rank), None
     if side == "right":
         return (None if vh_a is None else jnp.swapaxes(vh_a, -1, -2)), jnp.swapaxes(u_a, -1, -2)
     return u_a, vh_a
+
+
+def _oriented(g: jax.Array, side: str) -> jax.Array:
+    """``A``, the matrix whose columns' span the basis describes: ``G^T`` on the right side, else
+    ``G``. Its top left singular vectors are the basis's vectors, as columns."""
+    return jnp.swapaxes(g, -1, -2) if side == "right" else g
+
+
+class _Products(NamedTuple):
+    """The products with ``A`` (``p x q``, :func:`_oriented`) that a refresh by the Gram matrix,
+    the range finder or the subspace iteration needs: the only places those methods touch the
+    gradient. A refresh that serves leaves of several shapes with one compiled decomposition
+    picks each product by leaf (:func:`_picked_products`); everything else is ``p``-sized."""
+
+    gram: Callable[[], jax.Array]  # A A^T                      (p x p)
+    probes: Callable[[jax.Array, int], jax.Array]  # A Omega, Omega q x k Gaussian from the key   (p x k)
+    power: Callable[[jax.Array], jax.Array]  # A A^T Q           (p x k)
+    small_gram: Callable[[jax.Array], jax.Array]  # (Q^T A)(Q^T A)^T   (k x k)
+
+
+def _products(a: jax.Array) -> _Products:
+    """:class:`_Products` of the array ``a`` (batch dimensions allowed)."""
+    at = jnp.swapaxes(a, -1, -2)
+
+    def small_gram(basis: jax.Array) -> jax.Array:
+        b = jnp.swapaxes(basis, -1, -2) @ a
+        return b @ jnp.swapaxes(b, -1, -2)
+
+    def probes(key: jax.Array, k: int) -> jax.Array:
+        return a @ matrix_normal(key, a.shape[:-2], (a.shape[-1], k), a.dtype)
+
+    return _Products(lambda: a @ at, probes, lambda basis: a @ (at @ basis), small_gram)
+
+
+def _start_block(ops: _Products, k: int, key: jax.Array, start: jax.Array | None) -> jax.Array:
+    """The range finder's ``p x k`` start: ``A`` times ``k`` Gaussian probes, or ``start`` (the
+    previous basis's vectors) beside ``A`` times ``k - start.shape[-1]`` probes."""
+    if start is None:
+        return ops.probes(key, k)
+    return jnp.concatenate([start, ops.probes(key, k - start.shape[-1])], axis=-1)
+
+
+def _range_basis(ops: _Products, block: jax.Array, power_iters: int) -> jax.Array:
+    """An orthonormal basis of ``A``'s dominant range from a start ``block`` (:func:`_start_block`):
+    its QR, then ``power_iters`` iterations ``Q = qr(A A^T Q)``."""
+    basis, _ = jnp.linalg.qr(block)
+    for _ in range(power_iters):  # one QR per iteration, on the basis side (randomized_svd)
+        basis, _ = jnp.linalg.qr(ops.power(basis))
+    return basis
+
+
+def _ritz_columns(ops: _Products, basis: jax.Array, rank: int) -> jax.Array:
+    """Rayleigh-Ritz on the basis side: ``Q`` times the top eigenvectors of ``(Q^T A)(Q^T A)^T``."""
+    return basis @ _top_eigenvectors(ops.small_gram(basis), rank)
 
 
 def subspace_iteration(
@@ -267,9 +316,10 @@ def gram_top_vectors(g: jax.Array, rank: int, side: str) -> tuple[jax.Array | No
     ``(None, Vh[..., :r, :])`` (right) or both (full), largest first.
     """
 
-    gt = jnp.swapaxes(g, -1, -2)
-    u = _top_eigenvectors(g @ gt, rank) if side in ("left", "full") else None
-    vh = jnp.swapaxes(_top_eigenvectors(gt @ g, rank), -1, -2) if side in ("right", "full") else None
+    u = _top_eigenvectors(_products(g).gram(), rank) if side in ("left", "full") else None
+    vh = None
+    if side in ("right", "full"):
+        vh = jnp.swapaxes(_top_eigenvectors(_products(_oriented(g, "right")).gram(), rank), -1, -2)
     return u, vh
 
 
@@ -349,15 +399,22 @@ def top_singular_bases(
     first: Any = True,
     spread: bool = True,
 ) -> list[Basis]:
-    """Top-r singular vectors of canonical gradients of one matrix shape, in float32.
+    """Top-r singular vectors of canonical gradients, in float32, with as few compiled decompositions
+    as their shapes allow.
 
-    ``grads[i]`` (``batch + (m, n)``, the same ``m``, ``n``, rank and side for all) gets a new
-    basis from ``olds[i]``. Every matrix, of every leaf and of every stacked leaf, goes through
-    one ``lax.map`` body, one after another: the SVD is compiled once for the shape (the TPU
-    compiler expands every SVD call site into its own program) and its float32 workspace is one
-    matrix's. Explicitly sharded leaves are decomposed where they live, one leaf at a time, as
-    one batch. Matrices whose gradient or new basis is not finite (a NaN/Inf gradient, or an SVD
-    that failed) keep their previous basis.
+    ``grads[i]`` (``batch + (m, n)``) gets a new basis from ``olds[i]``. The leaves are split into
+    *sites* (:func:`site_key`), and every matrix of a site, of every leaf and of every stacked
+    leaf, goes through one ``lax.map`` body, one after another: the decomposition is compiled
+    once per site (the TPU compiler expands every SVD or eigendecomposition call site into its own
+    program) and its float32 workspace is one matrix's. The exact SVD and APOLLO's projection have
+    one site per matrix shape and side. The Gram, randomized and subspace refreshes of one-sided
+    bases have one per length of the basis's vectors (and rank): they decompose ``A = G^T``
+    (right side) or ``G`` (left side), whose products with the gradient are the only steps that
+    depend on the matrix's other dimension and are picked per leaf, so at LLaMA's shapes the
+    ``d x d``, ``d x f`` (left side) and ``f x d`` (right side) matrices share one Gram
+    eigendecomposition. Explicitly sharded leaves are decomposed where they live, one leaf at a
+    time, as one batch. Matrices whose gradient or new basis is not finite (a NaN/Inf gradient,
+    or an SVD that failed) keep their previous basis.
 
     Args:
       grads: the gradients, canonical layout.
@@ -378,6 +435,13 @@ def top_singular_bases(
     Returns:
       The new bases, in order.
     """
+    options = {"signs": signs, "svd": svd, "oversample": oversample, "power_iters": power_iters, "first": first,
+               "spread": spread}  # fmt: skip
+    sites: dict[Any, list[int]] = {}
+    for i, (g, old) in enumerate(zip(grads, olds, strict=True)):
+        sites.setdefault(site_key(g, old, svd, oversample), []).append(i)
+    if len(sites) > 1:  # one call per site
+        return _per_group(list(sites.values()), grads, olds, keys, options)
     layout = olds[0].layout
     warm = svd == "subspace"
     spec = sharding.explicit_spec(grads[0])
@@ -388,25 +452,30 @@ def top_singular_bases(
                              None if keys is None else keys[0], oversample, power_iters,
                              _previous_columns(olds[0]) if warm else None, first)  # fmt: skip
         return [_keep_finite(grads[0], u, vh, olds[0])]
-    flats = [sharding.gather_matrix(g).reshape(-1, layout.m, layout.n) for g in grads]
+    flats = [sharding.gather_matrix(g).reshape(-1, *g.shape[-2:]) for g in grads]
     sizes = [f.shape[0] for f in flats]
     item_keys = None
     if keys is not None:
         item_keys = jnp.concatenate([k.reshape(-1) for k in keys])
     mesh = sharding.spread_mesh() if spread and spec is None and sum(sizes) > 1 else None
     if mesh is not None:
+        shapes: dict[Any, list[int]] = {}
+        for i, old in enumerate(olds):
+            shapes.setdefault((old.layout.m, old.layout.n, old.layout.side), []).append(i)
+        if len(shapes) > 1:  # the spread stacks a site's matrices: one spread per matrix shape
+            return _per_group(list(shapes.values()), grads, olds, keys, options)
         u, vh = _spread_top_vectors(flats, olds, item_keys, mesh, signs, svd, oversample, power_iters, first)
         return _split(grads, olds, sizes, u, vh)
-    takes = _indexers(flats)
-    prev_takes = _indexers(_stacked_previous(olds)) if warm else []
-    decompose = _decomposer(olds, signs, svd, oversample, power_iters)
+    if _by_vectors(layout, svd):
+        one = _columns_body(flats, olds, signs, svd, oversample, power_iters, first)
+    else:
+        takes = _indexers(flats)
+        prev_takes = _indexers(_stacked_previous(olds)) if warm else []
+        decompose = _decomposer(olds, signs, svd, oversample, power_iters)
 
-    def pick(fns: list, leaf: jax.Array, j: jax.Array) -> jax.Array:
-        return jax.lax.switch(leaf, fns, j) if len(fns) > 1 else fns[0](j)
-
-    def one(item: tuple[jax.Array, jax.Array, Any]) -> tuple[jax.Array | None, jax.Array | None]:
-        leaf, j, key = item
-        return decompose(pick(takes, leaf, j), key, pick(prev_takes, leaf, j) if warm else None, first)
+        def one(item: tuple[jax.Array, jax.Array, Any]) -> tuple[jax.Array | None, jax.Array | None]:
+            leaf, j, key = item
+            return decompose(_pick(takes, leaf, j), key, _pick(prev_takes, leaf, j) if warm else None, first)
 
     if len(grads) == 1 and grads[0].ndim == 2:  # one matrix: no loop
         u, vh = jax.tree.map(lambda x: x[None], one((0, 0, None if item_keys is None else item_keys[0])))
@@ -417,13 +486,112 @@ def top_singular_bases(
     return _split(grads, olds, sizes, u, vh)
 
 
+def _per_group(
+    groups: list[list[int]], grads: list[jax.Array], olds: list[Basis], keys: list[jax.Array] | None,
+    options: dict[str, Any],
+) -> list[Basis]:  # fmt: skip
+    """:func:`top_singular_bases` called once per group of indices, the bases put back in order."""
+    out: list[Any] = [None] * len(grads)
+    for members in groups:
+        picked = None if keys is None else [keys[i] for i in members]
+        new = top_singular_bases([grads[i] for i in members], [olds[i] for i in members], keys=picked, **options)
+        for i, b in zip(members, new, strict=True):
+            out[i] = b
+    return out
+
+
+def _by_vectors(layout: Layout, svd: str) -> bool:
+    """Whether a refresh's site is keyed by the basis's vectors (:func:`site_key`)."""
+    return svd in ("gram", "randomized", "subspace") and layout.side in ("left", "right")
+
+
+def site_key(g: jax.Array, old: Basis, svd: str, oversample: int) -> Any:
+    """What one compiled decomposition of ``svd`` can serve (hashable): leaves with equal keys are
+    refreshed through one ``lax.map`` body (:func:`top_singular_bases`).
+
+    The Gram, randomized and subspace refreshes of a one-sided basis: the length ``p`` of its
+    vectors, the rank, the number of range-finder columns and the basis's dtype (any matrix shape
+    and side). Otherwise the matrix shape, rank, side, and the gradient's and bases' dtypes. A
+    leaf sharded explicitly along its stacking axes is its own site.
+    """
+    lay = old.layout
+    spec = sharding.explicit_spec(g)
+    if spec is not None and any(a is not None for a in tuple(spec)[: len(lay.batch)]):
+        return ("explicit", id(g))
+    if _by_vectors(lay, svd):
+        p, q = (lay.n, lay.m) if lay.side == "right" else (lay.m, lay.n)
+        dtype = (old.right if lay.side == "right" else old.left).dtype
+        return ("vectors", p, lay.rank, min(lay.rank + oversample, p, q), dtype)
+    dtypes = (None if old.left is None else old.left.dtype, None if old.right is None else old.right.dtype)
+    return ("matrix", lay.m, lay.n, lay.rank, lay.side, g.dtype, dtypes)
+
+
+def _pick(fns: list, leaf: Any, j: Any, *args: Any) -> Any:
+    """``fns[leaf](j, *args)``: a ``lax.switch`` over the leaves of a site (a call when there is one)."""
+    return jax.lax.switch(leaf, fns, j, *args) if len(fns) > 1 else fns[0](j, *args)
+
+
+def _picked_products(flats: list[jax.Array], olds: list[Basis], leaf: Any, j: Any) -> _Products:
+    """The :class:`_Products` of matrix ``j`` of leaf ``leaf``, oriented and in float32, each
+    product picked per leaf: the leaves of a site may differ in shape and side, not in ``p``."""
+
+    def branches(name: str) -> list:
+        def branch(j: Any, *args: Any, f: jax.Array, side: str, **kw: Any) -> jax.Array:
+            a = _oriented(jax.lax.dynamic_index_in_dim(f, j, keepdims=False).astype(jnp.float32), side)
+            return getattr(_products(a), name)(*args, **kw)
+
+        return [functools.partial(branch, f=f, side=o.layout.side) for f, o in zip(flats, olds, strict=True)]
+
+    gram, probes, power, small_gram = (branches(name) for name in _Products._fields)
+    return _Products(
+        lambda: _pick(gram, leaf, j),
+        lambda key, k: _pick([functools.partial(b, k=k) for b in probes], leaf, j, key),
+        lambda basis: _pick(power, leaf, j, basis),
+        lambda basis: _pick(small_gram, leaf, j, basis),
+    )
+
+
+def _columns_body(
+    flats: list[jax.Array], olds: list[Basis], signs: bool, svd: str, oversample: int, power_iters: int, first: Any
+) -> Any:
+    """The ``lax.map`` body of a site keyed by the basis's vectors: ``(leaf, j, key) -> (u, vh)``
+    for matrix ``j`` of leaf ``leaf``, stacked as the basis's vectors as columns ``(p, r)``, in
+    ``u`` (``vh`` None); :func:`_split` turns them back into each leaf's side."""
+    lay = olds[0].layout
+    k = site_key(flats[0], olds[0], svd, oversample)[3]  # the range finder's columns
+    dtype = (olds[0].left if lay.side == "left" else olds[0].right).dtype
+    prev_takes = _indexers(_stacked_previous(olds)) if svd == "subspace" else []
+
+    def one(item: tuple[jax.Array, jax.Array, Any]) -> tuple[jax.Array, None]:
+        leaf, j, key = item
+        ops = _picked_products(flats, olds, leaf, j)
+        if svd == "gram":
+            cols = _top_eigenvectors(ops.gram(), lay.rank)
+        else:  # the subspace iteration's first refresh starts from probes only; one QR site either way
+
+            def warm() -> jax.Array:
+                prev = _pick(prev_takes, leaf, j).astype(jnp.float32)
+                return jnp.concatenate([prev, ops.probes(key, k - lay.rank)], axis=-1)
+
+            block = ops.probes(key, k) if svd == "randomized" else jax.lax.cond(first, lambda: ops.probes(key, k), warm)
+            cols = _ritz_columns(ops, _range_basis(ops, block, power_iters), lay.rank)
+        if signs:
+            cols = cols * _signs(cols, -2)[..., None, :]
+        return cols.astype(dtype), None
+
+    return one
+
+
 def _split(
     grads: list[jax.Array], olds: list[Basis], sizes: list[int], u: jax.Array | None, vh: jax.Array | None
 ) -> list[Basis]:
     """The stacked new vectors of a group back to one basis per leaf (finite ones only)."""
     out, start = [], 0
     for g, old, k in zip(grads, olds, sizes, strict=True):
-        out.append(_keep_finite(g, _rows(u, start, k, g), _rows(vh, start, k, g), old))
+        left, right = _rows(u, start, k, g), _rows(vh, start, k, g)
+        if vh is None and old.left is None:  # a site keyed by the vectors: columns, here a right basis
+            left, right = None, jnp.swapaxes(left, -1, -2)
+        out.append(_keep_finite(g, left, right, old))
         start += k
     return out
 

@@ -58,10 +58,14 @@ class Refresh:
       stagger: spread the leaves' refreshes over the gap
         (:func:`fira_jax.projections.refresh_groups`), so that no later step computes every SVD.
         Off by default, as in the reference.
-      by_shape: refresh same-shaped matrices together, one compiled SVD per shape, for the TPU
-        compiler (whose SVD takes minutes to compile per call site); it costs memory, since the
-        step then keeps every gradient of that shape alive until the refresh. By default each
-        leaf has its own refresh, which waits only for that leaf's gradient.
+      by_shape: refresh together the leaves one compiled decomposition can serve, for the TPU
+        compiler (which expands every SVD or eigendecomposition call site into its own program):
+        for ``"exact"``, the matrices of one shape; for ``"gram"``, ``"randomized"`` and
+        ``"subspace"`` with one-sided bases, every matrix whose basis vectors have the same
+        length, whatever its shape and side (LLaMA's ``d x d``, ``d x f`` and ``f x d`` kernels:
+        one eigendecomposition; :func:`fira_jax.projections.top_singular_bases`). It can cost
+        memory, since the step then keeps every gradient of the group alive until the refresh.
+        By default each leaf has its own refresh, which waits only for that leaf's gradient.
       canonical_signs: fix each singular vector's sign so that its largest entry is positive.
         SVD signs are implementation-defined (LAPACK, cuSOLVER and TPU differ), and because the
         moments are kept across refreshes the signs shape the trajectory: with the reference's

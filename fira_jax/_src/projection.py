@@ -15,8 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fira_jax._src import sharding
-from fira_jax._src.basis import Basis, top_singular_bases
+from fira_jax._src.basis import Basis, site_key, top_singular_bases
 from fira_jax._src.options import Refresh
 
 
@@ -38,20 +37,19 @@ def refresh_groups(n_leaves: int, update_proj_gap: Any, stagger: bool) -> list[t
     return list(groups.items())
 
 
-def shape_groups(members: list[int], grads: list[jax.Array], bases: list[Basis]) -> list[list[int]]:
-    """``members`` grouped by what one compiled SVD can serve: matrix shape, rank, side and dtypes.
-
-    A leaf under explicit sharding forms its own group (it is decomposed where it lives).
+def shape_groups(
+    members: list[int], grads: list[jax.Array], bases: list[Basis], svd: str = Refresh.method,
+    oversample: int = Refresh.oversample,
+) -> list[list[int]]:  # fmt: skip
+    """``members`` grouped by what one compiled decomposition can serve
+    (:func:`fira_jax._src.basis.site_key`): for the exact SVD, matrix shape, rank, side and dtypes;
+    for the Gram, randomized and subspace refreshes of one-sided bases, the length of the basis's
+    vectors and the rank, whatever the matrix's shape and side. A leaf under explicit sharding
+    along its stacking axes forms its own group (it is decomposed where it lives).
     """
     groups: dict[Any, list[int]] = {}
     for j in members:
-        g, b = grads[j], bases[j]
-        if sharding.explicit_spec(g) is not None:
-            key: Any = ("explicit", j)
-        else:
-            dtypes = (g.dtype, None if b.left is None else b.left.dtype, None if b.right is None else b.right.dtype)
-            key = (b.layout.m, b.layout.n, b.layout.rank, b.layout.side, dtypes)
-        groups.setdefault(key, []).append(j)
+        groups.setdefault(site_key(grads[j], bases[j], svd, oversample), []).append(j)
     return list(groups.values())
 
 
@@ -109,7 +107,10 @@ def refresh_bases(
         due = refresh_due(count, offset, update_proj_gap)
         for j in members:
             dues[j] = due
-        groups = shape_groups(members, grads, old) if refresh_by_shape else [[j] for j in members]
+        groups = [[j] for j in members]
+        if refresh_by_shape:
+            groups = shape_groups(members, grads, old, svd_options.get("svd", Refresh.method),
+                                  svd_options.get("oversample", Refresh.oversample))  # fmt: skip
         for group in groups:
             bases = jax.lax.cond(due, lambda g=group: decompose(g), lambda g=group: [old[j] for j in g])
             for j, b in zip(group, bases, strict=True):
