@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/regenerate_results.sh            # everything (about 2.5 hours on 2 CPU cores)
 #   bash benchmarks/regenerate_results.sh compare    # one part: compare seed1 sweep family similarity finetune memory refresh memory-tpu
-#                                                    memory-tpu-per-layer
+#                                                    memory-tpu-per-layer update
 #
 # On CPU a run is bit-for-bit reproducible for one commit, software stack and machine; another
 # processor or core count changes the rounding, and the final losses then differ in the third
@@ -80,9 +80,16 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
       python examples/memory_report.py --platform tpu-v5p --preset 7b --dtype bfloat16 --svd gram \
         --refresh-by-shape --per-layer --save results/memory_tpu_v5p_bfloat16_per_layer.json
       python benchmarks/compile_time.py --step --platform tpu-v5p --preset 7b --blocks 2 32 --svd gram \
-        --refresh-by-shape --optimizer sgd adamw galore fira --json results/compile_time_7b_step.json ;;
+        --refresh-by-shape --optimizer sgd adamw galore fira --json results/compile_time_7b_step.json
+      python benchmarks/compile_time.py --step --platform tpu-v5p --preset 7b --blocks 32 --svd gram \
+        --optimizer adamw fira --json results/compile_time_7b_step_per_leaf.json ;;
+    update)  # the CPU's update times and compile seconds (on an idle machine)
+      python benchmarks/bench_update.py --preset 60m --layers 8 --no-torch \
+        --only fira_jax.fira optax.contrib.galore optax.adamw --json results/bench_update_60m_cpu.json
+      python benchmarks/bench_update.py --preset 1b --layers 1 --rounds 1 --repeats 5 --no-torch \
+        --only fira_jax.fira optax.contrib.galore optax.adamw --json results/bench_update_1b_cpu.json ;;
     *)
-      echo "regenerate_results.sh: unknown part '$part' (compare seed1 sweep family similarity finetune memory refresh memory-tpu memory-tpu-per-layer)" >&2
+      echo "regenerate_results.sh: unknown part '$part' (compare seed1 sweep family similarity finetune memory refresh memory-tpu memory-tpu-per-layer update)" >&2
       exit 2 ;;
   esac
 done
