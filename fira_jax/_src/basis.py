@@ -403,7 +403,7 @@ def top_singular_bases(
     as their shapes allow.
 
     ``grads[i]`` (``batch + (m, n)``) gets a new basis from ``olds[i]``. The leaves are split into
-    *sites* (:func:`site_key`), and every matrix of a site, of every leaf and of every stacked
+    *sites* (``site_key``), and every matrix of a site, of every leaf and of every stacked
     leaf, goes through one ``lax.map`` body, one after another: the decomposition is compiled
     once per site (the TPU compiler expands every SVD or eigendecomposition call site into its own
     program) and its float32 workspace is one matrix's. The exact SVD and APOLLO's projection have
@@ -501,7 +501,7 @@ def _per_group(
 
 
 def _by_vectors(layout: Layout, svd: str) -> bool:
-    """Whether a refresh's site is keyed by the basis's vectors (:func:`site_key`)."""
+    """Whether a refresh's site is keyed by the basis's vectors (``site_key``)."""
     return svd in ("gram", "randomized", "subspace") and layout.side in ("left", "right")
 
 

@@ -42,7 +42,7 @@ def shape_groups(
     oversample: int = Refresh.oversample,
 ) -> list[list[int]]:  # fmt: skip
     """``members`` grouped by what one compiled decomposition can serve
-    (:func:`fira_jax._src.basis.site_key`): for the exact SVD, matrix shape, rank, side and dtypes;
+    (``fira_jax._src.basis.site_key``): for the exact SVD, matrix shape, rank, side and dtypes;
     for the Gram, randomized and subspace refreshes of one-sided bases, the length of the basis's
     vectors and the rank, whatever the matrix's shape and side. A leaf under explicit sharding
     along its stacking axes forms its own group (it is decomposed where it lives).
