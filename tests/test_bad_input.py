@@ -194,6 +194,7 @@ def test_finetune_mesh_that_does_not_fit_the_devices(tmp_path, checkpoint, capsy
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # an end-to-end example run (README's command stays short)
 def test_finetune_val_size_as_a_fraction(tmp_path, checkpoint, capsys):
     (tmp_path / "good.json").write_text(json.dumps(RECORDS))
     argv = ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "good.json"), "--val-size", "0.25",
@@ -283,6 +284,7 @@ def test_train_lm_warmup_longer_than_the_run(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow  # an end-to-end example run (README's command stays short)
 def test_a_good_prepared_folder_still_trains(tmp_path, capsys):
     """The control for the damaged folders above: the undamaged one trains."""
     folder = prepared(tmp_path, "none")
@@ -426,6 +428,7 @@ def test_failed_export_keeps_the_model(tmp_path, capsys, monkeypatch, checkpoint
     assert hf.load(out / "export").cfg.hidden == model_lib.PRESETS["micro"].hidden  # a complete checkpoint
 
 
+@pytest.mark.slow  # an end-to-end example run (README's command stays short)
 def test_failed_checkpoint_write_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys, monkeypatch):
     """A real small file system that fills up during the run (the free-space check is told the disk is
     large, as when something else fills it meanwhile): one line, the last good checkpoint named."""
@@ -469,6 +472,7 @@ def test_file_writes_are_whole(tmp_path, monkeypatch):
 # --- resume ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # an end-to-end example run (README's command stays short)
 def test_resume_errors(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*MICRO, "--checkpoint-every", "2", "--out", str(out)]
@@ -603,6 +607,7 @@ def test_resume_past_a_damaged_latest_checkpoint_uses_the_one_before(tmp_path):
     assert said[0].endswith("; resuming from the checkpoint of step 1 instead") and said[1] == "resumed from step 1"
 
 
+@pytest.mark.slow  # an end-to-end example run (README's command stays short)
 def test_ctrl_c_in_training_checkpoints_the_last_step_and_exits_130(tmp_path, capsys, monkeypatch):
     """A Ctrl-C (here: the loop's stop request, answered yes) ends train_lm.py in one line with exit
     status 130, after a checkpoint of the last completed step; --resume goes on from it."""
@@ -666,6 +671,7 @@ def test_rank_and_seq_len_mistakes_are_refused_before_anything_compiles(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # an end-to-end example run (README's command stays short)
 def test_export_says_at_least_the_trained_context(tmp_path):
     out = tmp_path / "run"
     argv = [*MICRO[:6], "--seq-len", "1040", *MICRO[8:], "--out", str(out), "--export", str(tmp_path / "hf")]

@@ -71,7 +71,7 @@ def test_tokenizers_load_and_round_to_128(bpe, spm_model):
         tokenizer_lib.load("/nonexistent/tokenizer.json")
 
 
-@pytest.mark.parametrize("kind", ["bpe", "spm"])
+@pytest.mark.parametrize("kind", ["bpe", pytest.param("spm", marks=pytest.mark.slow)])  # spm with the slow tests
 def test_prepare_then_train_round_trip(tmp_path, kind, bpe, spm_model):
     import train_lm
 

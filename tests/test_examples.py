@@ -21,7 +21,11 @@ from lm import data as data_lib  # noqa: E402
 from lm import prepare as prepare_lib  # noqa: E402
 
 
-@pytest.mark.parametrize("optimizer", ["fira", "galore", "apollo", "apollo-mini", "adamw"])
+# fira and galore in README's command; the other three with the slow tests (README's command stays short)
+@pytest.mark.parametrize(
+    "optimizer",
+    ["fira", "galore", *(pytest.param(o, marks=pytest.mark.slow) for o in ("apollo", "apollo-mini", "adamw"))],
+)
 def test_train_lm_micro_one_step(tmp_path, optimizer):
     out = tmp_path / optimizer
     result = train_lm.main(
@@ -87,6 +91,7 @@ def test_command_line_mistakes_are_one_line_usage_errors(script, flags, message,
     assert ": error: " in last and message in last, err
 
 
+@pytest.mark.slow  # an end-to-end example run (README's command stays short)
 @pytest.mark.parametrize("per_layer", [False, True], ids=["whole-model-step", "per-layer-updates"])
 def test_resume_continues_identically(tmp_path, per_layer):
     """Checkpoints hold the whole optimizer state (one per stage with per-layer updates): resuming at

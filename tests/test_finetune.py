@@ -29,7 +29,11 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("method", finetune.METHODS)
+# lora-fira and full-adamw with the slow tests (README's command stays short)
+@pytest.mark.parametrize(
+    "method",
+    [m if m not in ("lora-fira", "full-adamw") else pytest.param(m, marks=pytest.mark.slow) for m in finetune.METHODS],
+)
 def test_each_method_trains_only_what_it_should(tmp_path, checkpoint, method):
     (tmp_path / "train.json").write_text(json.dumps(RECORDS))
     model_before = hf.load(checkpoint)
@@ -56,6 +60,7 @@ def test_each_method_trains_only_what_it_should(tmp_path, checkpoint, method):
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
 
 
+@pytest.mark.slow  # an end-to-end example run (README's command stays short)
 def test_resume_continues_identically(tmp_path, checkpoint):
     """Fine-tuning checkpoints (shared with pre-training, lm/checkpoints.py) hold the model, the LoRA
     dropout's RNG and the optimizer: resuming at step 2 reproduces steps 3-4 and the data order."""

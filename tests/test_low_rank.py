@@ -161,8 +161,8 @@ CHUNK_MAKERS = {
 
 
 @pytest.mark.parametrize("name", sorted(CHUNK_MAKERS))
-# per chunk: 4 fit, but 3 divides the stack of 6; chunks of 2 with the slow tests (README's command stays short)
-@pytest.mark.parametrize("matrices", [1, pytest.param(2, marks=pytest.mark.slow), 4])
+# per chunk: 4 fit, but 3 divides the stack of 6; chunks of 2 and 4 with the slow tests (README's command stays short)
+@pytest.mark.parametrize("matrices", [1, *(pytest.param(k, marks=pytest.mark.slow) for k in (2, 4))])
 def test_chunked_update_equals_the_whole_stack(variant, name, matrices):
     """A stack compensated a chunk at a time gives the updates and the limiter's norms of the whole
     stack at once, over steps with and without a refresh; a (2, 3) stack, left and right sides."""
