@@ -189,10 +189,14 @@ def _jax_runners(compiled: Any, compile_s: float, state0: Any, params: dict, gra
         jax.block_until_ready(compiled(*args, grads))
         return time.perf_counter() - t0
 
+    from hlo_bytes import plain_step_bytes
+
     mem = compiled.memory_analysis()
+    moved = plain_step_bytes(compiled.as_text())  # the step's bytes outside its refresh, from the compiled program
     return {"plain": plain, "sync": jax.block_until_ready, "refresh": refresh, "compile_s": compile_s,
             "state_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state0)),
-            "temp_bytes": mem.temp_size_in_bytes if mem is not None else None}  # fmt: skip
+            "temp_bytes": mem.temp_size_in_bytes if mem is not None else None,
+            "plain_bytes": None if moved.loops else moved.plain}  # fmt: skip
 
 
 def _torch_runners(torch: Any, make: Callable[[list, int], Any], params: dict, grads: dict, device: str) -> dict:
@@ -315,7 +319,7 @@ def part_update(smoke: bool, emit: Callable[[dict], None]) -> None:
                     return torch.optim.AdamW(tensors, lr=lr, foreach=True)
 
             runners["torch AdamW fused"] = _torch_runners(torch, fused, params, grads, device)
-        keep = ("compile_s", "state_bytes", "temp_bytes", "state_counts_objects")
+        keep = ("compile_s", "state_bytes", "temp_bytes", "state_counts_objects", "plain_bytes")
         rows = {name: {"plain_s": float("inf"), "refresh_s": float("inf")} | {k: r[k] for k in keep if k in r}
                 for name, r in runners.items()}  # fmt: skip
         record = {"hidden": h, "intermediate": inter, "rank": rank, "layers": layers, "params": n_params,
@@ -626,12 +630,20 @@ def render(saved: dict) -> str:
                   f"TB/s{sheet}."]  # fmt: skip
     for preset, rec in parts.get("update", {}).get("figures", {}).get("shapes", {}).items():
         rows = rec["rows"]
-        lines += ["", f"## Update step, {preset} shapes: {rec['layers']} layer(s) of q, k, v, o, gate, up, down "
-                  f"({rec['params'] / 1e6:.1f}M float32 weights), rank {rec['rank']}", "",
-                  "One whole step (update and apply, donated); plain: best of "
-                  f"{rec['rounds']} rounds of {rec['repeats']} back-to-back steps; refresh: one step from count 0.", "",
-                  "| optimizer | plain ms | refresh ms | plain / optax.adamw | plain / torch FiraAdamW | state MiB |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Update step, {preset} shapes: {rec['layers']} layer(s) of q, k, v, o, gate, up, down "
+            f"({rec['params'] / 1e6:.1f}M float32 weights), rank {rec['rank']}",
+            "",
+            "One whole step (update and apply, donated); plain: best of "
+            f"{rec['rounds']} rounds of {rec['repeats']} back-to-back steps; refresh: one step from count 0.",
+            "",
+            "| optimizer | plain ms | refresh ms | plain / optax.adamw | plain / torch FiraAdamW | state MiB |",
+        ]
+        moved_rows = any(r.get("plain_bytes") for r in rows.values())  # runs before hlo_bytes have none
+        if moved_rows:
+            lines[-1] += " compiled B / weight | bandwidth bound ms | bound / plain |"
+        lines.append("|---|---|---|---|---|---|" + "---|---|---|" * moved_rows)
         adamw = rows.get("optax.adamw", {}).get("plain_s")
         torch_fira = rows.get("torch FiraAdamW", {}).get("plain_s")
         for name, r in rows.items():
@@ -639,12 +651,23 @@ def render(saved: dict) -> str:
             # The first run counted a torch optimizer's state tensors but not its projector's basis: not shown.
             counted = "AdamW" not in name or "fused" in name or r.get("state_counts_objects")
             state = f"{r['state_bytes'] / 2**20:.1f}" if counted else "n/a"
-            lines.append(f"| {name} | {_ms(r['plain_s'])} | {_ms(r['refresh_s'])} | {ratio(adamw)} | "
-                         f"{ratio(torch_fira)} | {state} |")  # fmt: skip
+            line = f"| {name} | {_ms(r['plain_s'])} | {_ms(r['refresh_s'])} | {ratio(adamw)} | {ratio(torch_fira)} | "
+            line += f"{state} |"
+            if moved_rows:
+                moved, bound = r.get("plain_bytes"), "- | -"
+                if moved and bw and r["plain_s"] != float("inf"):  # the compiled bytes at the copy bandwidth
+                    bound = f"{_ms(moved / bw['bytes_per_s'])} | {moved / bw['bytes_per_s'] / r['plain_s']:.0%}"
+                line += f" {moved / rec['params']:.1f} | {bound} |" if moved else f" - | {bound} |"
+            lines.append(line)
         if adamw and adamw != float("inf"):
             eff = 28 * rec["params"] / adamw
             share = f", {eff / bw['bytes_per_s']:.0%} of the measured copy bandwidth" if bw else ""
             lines += ["", f"optax.adamw moves 28 bytes per weight: {eff / 1e12:.2f} TB/s effective{share}."]
+        if moved_rows:
+            lines += ["", "*Compiled B / weight*: the bytes the compiled step (update and apply) moves outside its "
+                      "refresh, counted instruction by instruction in its HLO (`benchmarks/hlo_bytes.py`), per "
+                      "weight; *bandwidth bound*: those bytes at the measured copy bandwidth; *bound / plain*: the "
+                      "share of that bound the step reaches."]  # fmt: skip
     mem = parts.get("memory", {}).get("figures", {})
     if mem.get("rows"):
         first = mem["rows"][0]

@@ -11,7 +11,8 @@ one that does not, for:
 
 It prints times, ratios to optax.contrib.galore, to optax.adamw and to torch FiraAdamW, the
 optimizer state in MiB, the temporary bytes XLA reports for the compiled update
-(``memory_analysis``), and the seconds the update took to compile (the JAX rows).
+(``memory_analysis``), the seconds the update took to compile, and the bytes per weight the
+compiled update moves outside its refresh (``hlo_bytes.plain_step_bytes``; the JAX rows).
 
   python benchmarks/bench_update.py                       # 60m, one layer's matrices
   python benchmarks/bench_update.py --preset 130m 350m --layers 1
@@ -32,6 +33,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 import optax
+from hlo_bytes import plain_step_bytes
 from optax import contrib
 
 import fira_jax
@@ -62,8 +64,10 @@ def bench_jax(tx: optax.GradientTransformation, params: dict, grads: dict) -> di
     state0 = tx.init(params)
     lowered = update.lower(grads, state0, params)
     start = time.perf_counter()  # the first compilation of this update (later calls reuse it)
-    analysis = lowered.compile().memory_analysis()
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    analysis = compiled.memory_analysis()
+    moved = plain_step_bytes(compiled.as_text())
     _, state1 = update(grads, state0, params)  # count 1: not a refresh step (gap 200)
     return {
         "compile_s": compile_s,
@@ -71,6 +75,7 @@ def bench_jax(tx: optax.GradientTransformation, params: dict, grads: dict) -> di
         "refresh": lambda: update(grads, state0, params),
         "state_mib": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state1)) / 2**20,
         "temp_mib": analysis.temp_size_in_bytes / 2**20 if analysis else float("nan"),
+        "plain_bytes": float("nan") if moved.loops else moved.plain,
     }
 
 
@@ -168,7 +173,7 @@ def main() -> None:
                 runners[name] = bench_torch(*loaded, params, grads, rank, group)
         # Interleaved rounds: every optimizer is timed in every round, the best round counts.
         results = {name: {"step_s": np.inf, "refresh_s": np.inf,
-                          **{k: r[k] for k in ("state_mib", "temp_mib", "compile_s")}}
+                          **{k: r.get(k, float("nan")) for k in ("state_mib", "temp_mib", "compile_s", "plain_bytes")}}
                    for name, r in runners.items()}  # fmt: skip
         for _ in range(args.rounds):
             for name, r in runners.items():
@@ -181,13 +186,13 @@ def main() -> None:
         adamw = results.get("optax.adamw", {}).get("step_s")
         ref = results.get("torch FiraAdamW", {}).get("step_s")
         header = f"{'optimizer':<22}{'step ms':>9}{'refresh ms':>11}{'/ optax galore':>15}{'/ optax adamw':>14}"
-        print(header + f"{'/ torch Fira':>13}{'state MiB':>10}{'temp MiB':>10}{'compile s':>10}")
+        print(header + f"{'/ torch Fira':>13}{'state MiB':>10}{'temp MiB':>10}{'compile s':>10}{'B/weight':>9}")
         for name, r in results.items():
             ratios = "".join(f"{r['step_s'] / x:.2f}x".rjust(w) if x else "-".rjust(w)
                              for x, w in ((base, 15), (adamw, 14), (ref, 13)))  # fmt: skip
             print(
                 f"{name:<22}{1e3 * r['step_s']:9.2f}{1e3 * r['refresh_s']:11.1f}{ratios}"
-                f"{r['state_mib']:10.2f}{r['temp_mib']:10.2f}{r['compile_s']:10.2f}"
+                f"{r['state_mib']:10.2f}{r['temp_mib']:10.2f}{r['compile_s']:10.2f}{r['plain_bytes'] / n:9.1f}"
             )
         saved[preset] = {"layers": args.layers, "rank": rank, "weights": int(n),
                          "rows": {k: {f: float(v) for f, v in r.items()} for k, r in results.items()}}  # fmt: skip

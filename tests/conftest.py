@@ -68,6 +68,7 @@ MARKERS = {
     "test_examples": ("examples",),
     "test_finetune": ("examples",),
     "test_hf": ("examples", "parity"),
+    "test_hlo_bytes": ("examples",),
     "test_lora": ("examples",),
     "test_loop": ("examples",),
     "test_memory_report": ("examples",),
