@@ -485,6 +485,30 @@ def test_subspace_first_refresh_starts_from_its_gaussian_probes():
     assert overlap.min() < 0.9, overlap  # another subspace, not the same one up to signs
 
 
+def test_the_keys_of_all_leaves_are_derived_once():
+    """APOLLO's per-matrix keys: every leaf's keys are those ``matrix_keys`` gives it alone, and the
+    update derives them in one vectorized computation: its Threefry call sites do not grow with
+    the number of leaves (a derivation per leaf compiled three per leaf, and 20 s of APOLLO's
+    compile at 56 leaves)."""
+    from fira_jax._src.subspace import leaves_matrix_keys
+    from fira_jax.projections import matrix_keys
+
+    indices = [jnp.arange(6, dtype=jnp.int32).reshape(2, 3), jnp.int32(4), jnp.arange(3, dtype=jnp.int32)]
+    paths = ["layers/attn/kernel", "embed", "layers/mlp/kernel"]
+    together = leaves_matrix_keys(7, paths, indices, jnp.int32(200))
+    for path, index, got in zip(paths, indices, together, strict=True):
+        alone = matrix_keys(7, path, index, jnp.int32(200))
+        assert got.shape == jnp.shape(index)
+        np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(alone))
+    sites = {}
+    for n in (2, 6):
+        params = {f"w{i}": jnp.zeros((16, 24)) for i in range(n)}
+        tx = fira_jax.apollo(1e-2, rank=4)
+        text = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
+        sites[n] = (text.count("call @threefry"), text.count("call @_threefry_fold_in"))
+    assert sites[2] == sites[6] and sites[2][1] <= 3, sites
+
+
 def test_default_selection_reads_a_scanned_model(caplog):
     """No declaration: a (16, 64) norm stack beside (16, 64, 64) kernels in a scanned module is a
     stack of vectors, not a matrix; the stacked kernels stay full-rank and the log says, once,

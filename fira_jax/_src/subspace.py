@@ -19,6 +19,7 @@ output. Every value passes from one step to the next as an argument: the state i
 :class:`LowRankState` of arrays, and nothing is carried beside it.
 """
 
+import itertools
 import logging
 import math
 import zlib
@@ -134,10 +135,21 @@ def matrix_keys(seed: int, path: str, index: jax.Array, count: jax.Array) -> jax
       >>> bool((jax.random.key_data(stack[1]) == jax.random.key_data(alone)).all())
       True
     """
-    leaf = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
-    flat = jnp.reshape(index, -1)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(leaf, i), count))(flat)
-    return keys.reshape(jnp.shape(index))
+    return leaves_matrix_keys(seed, [path], [index], count)[0]
+
+
+def leaves_matrix_keys(seed: int, paths: list[str], indices: list[jax.Array], count: jax.Array) -> list[jax.Array]:
+    """:func:`matrix_keys` of several leaves at once: the same keys, derived in one vectorized
+    computation (a PRNG derivation per leaf would compile its own Threefry rounds, three per leaf)."""
+    tags = [zlib.crc32(path.encode()) & 0x7FFFFFFF for path in paths]
+    sizes = [math.prod(jnp.shape(index)) for index in indices]
+    leaf_tags = jnp.concatenate([jnp.full(n, t, jnp.uint32) for t, n in zip(tags, sizes, strict=True)])
+    flat = jnp.concatenate([jnp.reshape(index, -1).astype(jnp.uint32) for index in indices])
+    root = jax.random.key(seed)
+    fold = jax.random.fold_in
+    keys = jax.vmap(lambda tag, i: fold(fold(fold(root, tag), i), count))(leaf_tags, flat)
+    ends = itertools.accumulate(sizes)
+    return [keys[e - n : e].reshape(jnp.shape(index)) for e, n, index in zip(ends, sizes, indices, strict=True)]
 
 
 def scale_by_subspace(
@@ -422,7 +434,7 @@ def _refreshed(
                 "this state has no matrix indices (`index`): it was not made by this transformation's init"
             )
         index = treedef.flatten_up_to(state.index)
-        keys = [matrix_keys(refresh.seed, lays[i].path, index[i], state.count) for i in picked]
+        keys = leaves_matrix_keys(refresh.seed, [lays[i].path for i in picked], [index[i] for i in picked], state.count)
     new, dues = refresh_bases(
         [grads[i] for i in picked], old, state.count, update_proj_gap=refresh.update_proj_gap,
         stagger=refresh.stagger, refresh_by_shape=refresh.by_shape, keys=keys, signs=refresh.canonical_signs,
