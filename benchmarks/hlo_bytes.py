@@ -4,7 +4,8 @@ XLA's ``cost_analysis()["bytes accessed"]`` counts a ``conditional`` as its most
 branch: for an update that refreshes its bases under ``lax.cond``, that is the refresh's bytes,
 not the plain step's. :func:`plain_step_bytes` counts the entry computation instead, one
 instruction at a time (a fusion, a matmul, a copy: its output's bytes plus each operand's), and
-the ``conditional`` instructions' branches apart. It is what the step moves to and from memory
+the ``conditional`` instructions' branches apart (and a ``while`` loop's body once per trip, where
+the compiler states the trip count). It is what the step moves to and from memory
 when the compiler keeps nothing between instructions in cache: an upper bound on the traffic and,
 for matrices larger than the caches, close to it.
 
@@ -26,9 +27,10 @@ _NAME = re.compile(r"%[\w.\-]+")
 
 
 class StepBytes(NamedTuple):
-    """Bytes moved by the entry computation's instructions outside any ``conditional`` (``plain``),
-    by its ``conditional`` instructions' largest branches (``branches``), and whether the plain
-    part holds a loop whose trip count the text does not give (then ``plain`` counts one trip)."""
+    """Bytes moved by the entry computation's instructions outside any ``conditional`` (``plain``;
+    a ``while`` loop's body once per trip), by its ``conditional`` instructions' largest branches
+    (``branches``), and whether the plain part holds a loop whose trip count the compiler does not
+    state (``loops``; that loop is then not counted)."""
 
     plain: int
     branches: int
@@ -88,8 +90,16 @@ def _computation_bytes(text: str, computation: str | None) -> StepBytes:
             names = [c.strip().lstrip("%") for c in called.group(1).split(",")] if called else []
             branches += max((_computation_bytes(text, c).plain for c in names), default=0)
             continue
-        if opcode == "while":
-            loops = True
+        if opcode == "while":  # its body once per trip, where the compiler knows the trip count
+            body = re.search(r"body=%?([\w.\-]+)", rest)
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+            if body and trips:
+                inner = _computation_bytes(text, body.group(1))
+                plain, branches = plain + int(trips.group(1)) * inner.plain, branches + inner.branches
+                loops = loops or inner.loops
+            else:
+                loops = True
+            continue
         operands = dict.fromkeys(_NAME.findall(args))  # each operand once, in order
         plain += sizes[name] + sum(sizes.get(o, 0) for o in operands)
     return StepBytes(plain, branches, loops)

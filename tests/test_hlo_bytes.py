@@ -28,7 +28,7 @@ def test_type_bytes():
     assert hlo_bytes.type_bytes("f32[]") == 4
 
 
-def test_a_conditional_counts_apart_and_a_loop_is_flagged():
+def test_a_conditional_counts_apart_and_a_loop_counts_per_trip():
     x = jnp.ones(1000)
 
     def branchy(x, flag):
@@ -39,8 +39,15 @@ def test_a_conditional_counts_apart_and_a_loop_is_flagged():
     got = hlo_bytes.plain_step_bytes(compiled_text(branchy, x, True))
     assert got.branches >= 2 * 4000  # the sort reads and writes the vector
     assert got.plain > 0 and not got.loops
+    # a loop of known trip count: its body once per trip (squaring 1000 floats: at least 8 kB a trip)
     looped = hlo_bytes.plain_step_bytes(compiled_text(lambda v: jax.lax.fori_loop(0, 3, lambda i, a: a * a, v), x))
-    assert looped.loops
+    once = hlo_bytes.plain_step_bytes(compiled_text(lambda v: jax.lax.fori_loop(0, 1, lambda i, a: a * a, v), x))
+    assert not looped.loops and looped.plain >= 3 * 8000 and looped.plain > once.plain
+    # a loop whose trip count depends on the data: flagged, not counted
+    data = hlo_bytes.plain_step_bytes(
+        compiled_text(lambda v: jax.lax.while_loop(lambda a: a.sum() < 1e6, lambda a: a * 2, v), x)
+    )
+    assert data.loops
 
 
 def test_the_plain_step_does_not_depend_on_the_refresh_method():
