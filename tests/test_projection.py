@@ -500,6 +500,7 @@ def test_the_keys_of_all_leaves_are_derived_once():
         alone = matrix_keys(7, path, index, jnp.int32(200))
         assert got.shape == jnp.shape(index)
         np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(alone))
+    assert leaves_matrix_keys(7, [], [], jnp.int32(200)) == []  # no projected leaf
     sites = {}
     for n in (2, 6):
         params = {f"w{i}": jnp.zeros((16, 24)) for i in range(n)}

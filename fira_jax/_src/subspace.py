@@ -141,6 +141,8 @@ def matrix_keys(seed: int, path: str, index: jax.Array, count: jax.Array) -> jax
 def leaves_matrix_keys(seed: int, paths: list[str], indices: list[jax.Array], count: jax.Array) -> list[jax.Array]:
     """:func:`matrix_keys` of several leaves at once: the same keys, derived in one vectorized
     computation (a PRNG derivation per leaf would compile its own Threefry rounds, three per leaf)."""
+    if not paths:  # no projected leaf
+        return []
     tags = [zlib.crc32(path.encode()) & 0x7FFFFFFF for path in paths]
     sizes = [math.prod(jnp.shape(index)) for index in indices]
     leaf_tags = jnp.concatenate([jnp.full(n, t, jnp.uint32) for t, n in zip(tags, sizes, strict=True)])
