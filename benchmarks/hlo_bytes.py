@@ -16,6 +16,7 @@ for matrices larger than the caches, close to it.
 """
 
 import itertools
+import math
 import re
 from typing import NamedTuple
 
@@ -39,45 +40,48 @@ class StepBytes(NamedTuple):
 
 def type_bytes(hlo_type: str) -> int:
     """Bytes of an HLO type: ``f32[512,1376]{1,0}`` or a tuple of such types."""
-    total = 0
-    for dtype, dims in _ARRAY.findall(hlo_type):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += DTYPE_BYTES[dtype] * n
-    return total
+    return sum(
+        DTYPE_BYTES[dtype] * math.prod(int(d) for d in filter(None, dims.split(",")))
+        for dtype, dims in _ARRAY.findall(hlo_type)
+    )
 
 
-def _instructions(text: str, computation: str | None) -> list[tuple[str, str, str, str]]:
-    """``(name, type, opcode, rest)`` of each instruction of the entry (``None``) or named computation."""
-    lines, inside = [], False
+Instruction = tuple[str, str, str, str]  # (name, type, opcode, the rest of the line)
+
+
+def _instruction(head: str) -> Instruction:
+    name, _, rhs = head.removeprefix("ROOT ").partition(" = ")
+    if rhs.startswith("("):  # a tuple type: up to its closing parenthesis
+        depths = itertools.accumulate((c == "(") - (c == ")") for c in rhs)
+        end = next(i for i, depth in enumerate(depths) if depth == 0) + 1
+        hlo_type, rest = rhs[:end], rhs[end:].strip()
+    else:
+        hlo_type, _, rest = rhs.partition(" ")
+    opcode, _, rest = rest.partition("(")
+    return name, hlo_type, opcode, rest
+
+
+def _computations(text: str) -> tuple[str, dict[str, list[Instruction]]]:
+    """The entry computation's name and every computation's instructions, in one pass over the text."""
+    computations: dict[str, list[Instruction]] = {}
+    entry, current = "", None
     for line in text.splitlines():
         head = line.strip()
-        if not inside:
-            if (computation is None and head.startswith("ENTRY")) or (
-                computation is not None and re.match(rf"%?{re.escape(computation)}\s", head)
-            ):
-                inside = True
-            continue
-        if head == "}":
-            break
-        lines.append(head.removeprefix("ROOT "))
-    out = []
-    for head in lines:
-        name, _, rhs = head.partition(" = ")
-        if rhs.startswith("("):  # a tuple type: up to its closing parenthesis
-            depths = itertools.accumulate((c == "(") - (c == ")") for c in rhs)
-            end = next(i for i, depth in enumerate(depths) if depth == 0) + 1
-            hlo_type, rest = rhs[:end], rhs[end:].strip()
-        else:
-            hlo_type, _, rest = rhs.partition(" ")
-        opcode, _, rest = rest.partition("(")
-        out.append((name, hlo_type, opcode, rest))
-    return out
+        if current is None:
+            if head.endswith("{") and not head.startswith("HloModule"):
+                is_entry = head.startswith("ENTRY ")
+                name = head.removeprefix("ENTRY ").split(" ", 1)[0].lstrip("%")
+                entry = name if is_entry else entry
+                current = computations.setdefault(name, [])
+        elif head == "}":
+            current = None
+        elif head:
+            current.append(_instruction(head))
+    return entry, computations
 
 
-def _computation_bytes(text: str, computation: str | None) -> StepBytes:
-    instructions = _instructions(text, computation)
+def _computation_bytes(computations: dict[str, list[Instruction]], computation: str) -> StepBytes:
+    instructions = computations.get(computation, [])
     sizes = {name: type_bytes(t) for name, t, _, _ in instructions}
     plain = branches = 0
     loops = False
@@ -88,13 +92,13 @@ def _computation_bytes(text: str, computation: str | None) -> StepBytes:
         if opcode == "conditional":
             called = re.search(r"branch_computations=\{([^}]*)\}", rest)
             names = [c.strip().lstrip("%") for c in called.group(1).split(",")] if called else []
-            branches += max((_computation_bytes(text, c).plain for c in names), default=0)
+            branches += max((_computation_bytes(computations, c).plain for c in names), default=0)
             continue
         if opcode == "while":  # its body once per trip, where the compiler knows the trip count
             body = re.search(r"body=%?([\w.\-]+)", rest)
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
             if body and trips:
-                inner = _computation_bytes(text, body.group(1))
+                inner = _computation_bytes(computations, body.group(1))
                 plain, branches = plain + int(trips.group(1)) * inner.plain, branches + inner.branches
                 loops = loops or inner.loops
             else:
@@ -114,4 +118,5 @@ def plain_step_bytes(hlo_text: str) -> StepBytes:
     Returns:
       A :class:`StepBytes`.
     """
-    return _computation_bytes(hlo_text, None)
+    entry, computations = _computations(hlo_text)
+    return _computation_bytes(computations, entry)
