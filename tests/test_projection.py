@@ -131,6 +131,27 @@ def test_canonical_signs():
     np.testing.assert_allclose(np.asarray(state2.left["w"]), p, atol=1e-5)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_all_finite_per_matrix(jit, dtype):
+    from fira_jax._src.basis import all_finite
+
+    x = np.full((4, 3, 5), 3e38, np.float32)  # near the largest float32 and bfloat16: a sum would overflow
+    x[1, 2, 3], x[2, 0, 0], x[3, 1, 4] = np.nan, -np.inf, np.inf
+    fn = jax.jit(all_finite) if jit else all_finite
+    ok = fn(jnp.asarray(x, dtype))
+    assert ok.shape == (4, 1, 1)
+    np.testing.assert_array_equal(np.asarray(ok).ravel(), np.isfinite(x).all(axis=(1, 2)))
+
+
+def test_canonical_signs_ties_and_largest_entry():
+    from fira_jax._src.basis import canonical_signs
+
+    u = jnp.array([[-1.0, 0.5, -3.0], [1.0, -2.0, 2.0]])  # columns: a tie (kept, +1), then -2 and -3 largest
+    signed, _ = canonical_signs(u, None, "left")
+    np.testing.assert_array_equal(np.asarray(signed), [[-1.0, -0.5, 3.0], [1.0, 2.0, -2.0]])
+
+
 def test_nonfinite_gradient_keeps_previous_basis():
     tx = project(2, update_proj_gap=1)
     params = {"w": jnp.zeros((5, 4))}

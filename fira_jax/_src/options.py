@@ -66,8 +66,9 @@ class Refresh:
         one eigendecomposition; :func:`fira_jax.projections.top_singular_bases`). It can cost
         memory, since the step then keeps every gradient of the group alive until the refresh.
         By default each leaf has its own refresh, which waits only for that leaf's gradient.
-      canonical_signs: fix each singular vector's sign so that its largest entry is positive.
-        SVD signs are implementation-defined (LAPACK, cuSOLVER and TPU differ), and because the
+      canonical_signs: fix each singular vector's sign so that its largest-magnitude entry is
+        positive (where the largest positive and negative entries tie, the vector is kept). SVD
+        signs are implementation-defined (LAPACK, cuSOLVER and TPU differ), and because the
         moments are kept across refreshes the signs shape the trajectory: with the reference's
         own signs, the same seed trains differently on each backend. On by default (a deviation
         from the reference, which uses whatever its SVD returns: docs/semantics.md); ``False``
