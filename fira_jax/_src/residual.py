@@ -174,7 +174,12 @@ def residual_norm(grad: jax.Array, low: jax.Array, basis: Basis, phi: jax.Array,
     s = jnp.asarray(residual_scale, jnp.float32)
     phi_g2 = jnp.square(_like_grad(phi, grad, basis.layout).astype(jnp.float32))
     g2 = jnp.sum(phi_g2 * jnp.square(grad.astype(jnp.float32)), axis=(-2, -1))
-    r2 = jnp.sum(jnp.square(phi.astype(jnp.float32)) * jnp.square(low.astype(jnp.float32)), axis=(-2, -1))
+    # phi is constant along R's rank axis: ||phi R||^2 = sum of phi^2 ||R_j||^2 over R's other axis,
+    # whose column sums of squares are those scaling_factor took (one pass over R, not two).
+    r = low.astype(jnp.float32)
+    rank_axis = -2 if basis.layout.side == "left" else -1
+    phi2 = jnp.squeeze(jnp.square(phi.astype(jnp.float32)), rank_axis)
+    r2 = jnp.sum(phi2 * jnp.sum(r * r, axis=rank_axis), axis=-1)
     shortcut = g2 - (2 * s - s * s) * r2
 
     def formed() -> jax.Array:
