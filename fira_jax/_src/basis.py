@@ -645,10 +645,14 @@ def _rows(x: jax.Array | None, start: int, k: int, g: jax.Array) -> jax.Array | 
 def all_finite(x: jax.Array) -> jax.Array:
     """Per matrix of ``x`` (``batch + (m, n)``), whether all its entries are finite: ``batch + (1, 1)``.
 
-    ``sum(x * 0) == 0`` exactly when they are (``nan * 0`` and ``inf * 0`` are NaN, and a NaN
-    reaches the sum): one floating-point reduction, where ``all(isfinite(x))`` compiles to a
-    tree of boolean reductions (on the CPU compiler, four kernels instead of one).
+    For float32 and wider, ``sum(x * 0) == 0``, which holds exactly when they are (``nan * 0``
+    and ``inf * 0`` are NaN, and a NaN reaches the sum): one floating-point reduction, where
+    ``all(isfinite(x))`` compiles to a tree of boolean reductions (on the CPU compiler, four
+    kernels instead of one). Narrower dtypes keep ``all(isfinite(x))``: the CPU compiler sums
+    them on a float32 copy of the matrix, a larger temporary than the boolean one.
     """
+    if jnp.finfo(x.dtype).bits < 32:
+        return jnp.all(jnp.isfinite(x), axis=(-2, -1), keepdims=True)
     return jnp.sum(x * jnp.zeros((), x.dtype), axis=(-2, -1), keepdims=True) == 0
 
 
