@@ -17,6 +17,7 @@ compiled update moves outside its refresh (``hlo_bytes.plain_step_bytes``; the J
   python benchmarks/bench_update.py                       # 60m, one layer's matrices
   python benchmarks/bench_update.py --preset 130m 350m --layers 1
   python benchmarks/bench_update.py --preset 60m --layers 8 --json results/bench_update_60m_cpu.json
+  python benchmarks/bench_update.py --preset 1b --compile-rounds 5 --only fira_jax.fira optax.contrib.galore
 """
 
 import argparse
@@ -56,6 +57,14 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def compile_seconds(tx: optax.GradientTransformation, params: dict, grads: dict) -> float:
+    """Seconds to compile ``tx.update`` anew (a new ``jax.jit``, lowered first, not timed)."""
+    lowered = jax.jit(tx.update).lower(grads, tx.init(params), params)
+    start = time.perf_counter()
+    lowered.compile()
+    return time.perf_counter() - start
 
 
 def bench_jax(tx: optax.GradientTransformation, params: dict, grads: dict) -> dict:
@@ -135,8 +144,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the best median is kept)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--only", nargs="+", default=None, help="subset of optimizers to run")
+    p.add_argument("--compile-rounds", type=int, default=1, metavar="K",
+                   help="compile each JAX update K times, interleaved; the compile column is the median")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write the figures and their provenance to FILE")
     args = p.parse_args()
+    if args.compile_rounds < 1:
+        p.error(f"--compile-rounds must be at least 1, got {args.compile_rounds}")
     saved = {}
     references = {} if args.no_torch else {
         "torch FiraAdamW": (load_torch_reference("fira", "fira_adamw"), {"alpha": 0.25, "proj_type": "std"}),
@@ -175,6 +188,15 @@ def main() -> None:
         results = {name: {"step_s": np.inf, "refresh_s": np.inf,
                           **{k: r.get(k, float("nan")) for k in ("state_mib", "temp_mib", "compile_s", "plain_bytes")}}
                    for name, r in runners.items()}  # fmt: skip
+        # Compile seconds vary by tens of percent between compilations of the same update: with
+        # --compile-rounds, every JAX update compiles again in each round, and the median counts.
+        compiles = {name: [r["compile_s"]] for name, r in runners.items() if name in optimizers}
+        for _ in range(args.compile_rounds - 1):
+            for name in compiles:
+                compiles[name].append(compile_seconds(optimizers[name], params, grads))
+        for name, seconds in compiles.items():
+            results[name].update(compile_s=statistics.median(seconds), compile_min_s=min(seconds),
+                                 compile_max_s=max(seconds))  # fmt: skip
         for _ in range(args.rounds):
             for name, r in runners.items():
                 results[name]["step_s"] = min(results[name]["step_s"], median_time(r["step"], args.repeats))

@@ -86,7 +86,7 @@ print(compare.best_runs(json.load(open('results/compare.json'))['runs'])['$opt']
     update)  # the CPU's update times and compile seconds (on an idle machine)
       python benchmarks/bench_update.py --preset 60m --layers 8 --no-torch --only fira_jax.fira fira_jax.galore \
         fira_jax.apollo fira_jax.apollo_mini optax.contrib.galore optax.adamw --json results/bench_update_60m_cpu.json
-      python benchmarks/bench_update.py --preset 1b --layers 1 --rounds 1 --repeats 5 --no-torch \
+      python benchmarks/bench_update.py --preset 1b --layers 1 --rounds 1 --repeats 5 --compile-rounds 5 --no-torch \
         --only fira_jax.fira optax.contrib.galore optax.adamw --json results/bench_update_1b_cpu.json ;;
     *)
       echo "regenerate_results.sh: unknown part '$part' (compare seed1 sweep family similarity finetune memory refresh memory-tpu memory-tpu-per-layer update)" >&2
