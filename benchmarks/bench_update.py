@@ -168,14 +168,16 @@ def main() -> None:
             key, k1, k2 = jax.random.split(key, 3)
             params[name] = 0.02 * jax.random.normal(k1, s)
             grads[name] = jax.random.normal(k2, s)
-        optimizers = {
-            "fira_jax.fira": fira_jax.fira(LR, rank=rank, update_proj_gap=GAP),
-            "fira_jax.galore": fira_jax.galore(LR, rank=rank, update_proj_gap=GAP),
-            "fira_jax.apollo": fira_jax.apollo(LR, rank=rank, update_proj_gap=GAP),
-            "fira_jax.apollo_mini": fira_jax.apollo_mini(LR, update_proj_gap=GAP),
-            "optax.contrib.galore": contrib.galore(LR, rank=rank, update_proj_gap=GAP),
-            "optax.adamw": optax.adamw(LR),
+        # Factories: a new transformation traces and compiles anew (jax.jit caches per function).
+        factories = {
+            "fira_jax.fira": lambda r=rank: fira_jax.fira(LR, rank=r, update_proj_gap=GAP),
+            "fira_jax.galore": lambda r=rank: fira_jax.galore(LR, rank=r, update_proj_gap=GAP),
+            "fira_jax.apollo": lambda r=rank: fira_jax.apollo(LR, rank=r, update_proj_gap=GAP),
+            "fira_jax.apollo_mini": lambda: fira_jax.apollo_mini(LR, update_proj_gap=GAP),
+            "optax.contrib.galore": lambda r=rank: contrib.galore(LR, rank=r, update_proj_gap=GAP),
+            "optax.adamw": lambda: optax.adamw(LR),
         }
+        optimizers = {name: make() for name, make in factories.items()}
         runners = {}
         for name, tx in optimizers.items():
             if args.only and name not in args.only:
@@ -193,7 +195,7 @@ def main() -> None:
         compiles = {name: [r["compile_s"]] for name, r in runners.items() if name in optimizers}
         for _ in range(args.compile_rounds - 1):
             for name in compiles:
-                compiles[name].append(compile_seconds(optimizers[name], params, grads))
+                compiles[name].append(compile_seconds(factories[name](), params, grads))
         for name, seconds in compiles.items():
             results[name].update(compile_s=statistics.median(seconds), compile_min_s=min(seconds),
                                  compile_max_s=max(seconds))  # fmt: skip
