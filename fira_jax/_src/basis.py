@@ -642,6 +642,11 @@ def _rows(x: jax.Array | None, start: int, k: int, g: jax.Array) -> jax.Array | 
     return None if x is None else x[start : start + k].reshape(*g.shape[:-2], *x.shape[1:])
 
 
+# Whether the CPU compiler fuses ``x * 0`` into the sum that all_finite takes (JAX 0.10.2 does,
+# 0.8.1 does not; the versions between are not checked and take the older form).
+_REDUCTIONS_FUSE_THEIR_INPUT = jax.__version_info__ >= (0, 10)
+
+
 def all_finite(x: jax.Array) -> jax.Array:
     """Per matrix of ``x`` (``batch + (m, n)``), whether all its entries are finite: ``batch + (1, 1)``.
 
@@ -649,9 +654,11 @@ def all_finite(x: jax.Array) -> jax.Array:
     and ``inf * 0`` are NaN, and a NaN reaches the sum): one floating-point reduction, where
     ``all(isfinite(x))`` compiles to a tree of boolean reductions (on the CPU compiler, four
     kernels instead of one). Narrower dtypes keep ``all(isfinite(x))``: the CPU compiler sums
-    them on a float32 copy of the matrix, a larger temporary than the boolean one.
+    them on a float32 copy of the matrix, a larger temporary than the boolean one. So does JAX
+    before 0.10: its CPU compiler (checked at 0.8.1, the lowest version we support) writes
+    ``x * 0`` out whole before summing it, a float32 temporary four times the boolean one.
     """
-    if jnp.finfo(x.dtype).bits < 32:
+    if jnp.finfo(x.dtype).bits < 32 or not _REDUCTIONS_FUSE_THEIR_INPUT:
         return jnp.all(jnp.isfinite(x), axis=(-2, -1), keepdims=True)
     return jnp.sum(x * jnp.zeros((), x.dtype), axis=(-2, -1), keepdims=True) == 0
 
