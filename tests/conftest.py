@@ -128,7 +128,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if slow or left_out or (expr and "not slow" in expr):
         modules = f", the modules {' and '.join(sorted(left_out))} among them" if left_out else ""
         terminalreporter.write_sep(
-            "!", f"The tests marked slow (multi-device and end-to-end runs{modules}) were NOT RUN here: "
+            "!", f"The tests marked slow (multi-device and end-to-end runs, more optimizer variants and parity "
+            f"cases{modules}) were NOT RUN here: "
             "python -m pytest -m slow runs them", yellow=True,
         )  # fmt: skip
     skipped = terminalreporter.stats.get("skipped", [])

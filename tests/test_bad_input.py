@@ -404,7 +404,8 @@ def test_export_place_is_checked_before_training(tmp_path, capsys, monkeypatch, 
     assert not (out / "metrics.jsonl").exists()  # no step was run
 
 
-@pytest.mark.parametrize("script", ["train_lm", "finetune"])
+# finetune's export goes through the same lm/hf.py code: with the slow tests (README's command stays short)
+@pytest.mark.parametrize("script", ["train_lm", pytest.param("finetune", marks=pytest.mark.slow)])
 def test_failed_export_keeps_the_model(tmp_path, capsys, monkeypatch, checkpoint, script):
     """The export place breaks during training (here: its first write fails as on a full disk): the
     trained model goes to OUT/export, the message says so, and no partial export folder is left."""

@@ -35,7 +35,8 @@ def test_state_column_is_what_init_allocates():
     assert report["micro"]["fira"]["state_bytes"] < report["micro"]["adamw"]["state_bytes"]
 
 
-@pytest.mark.parametrize("name", ["fira", "galore"])
+# galore (the same refresh, without the residual) with the slow tests: README's command stays short
+@pytest.mark.parametrize("name", ["fira", pytest.param("galore", marks=pytest.mark.slow)])
 def test_refresh_adds_nothing_to_the_peak_but_the_state(name):
     """peak(optimizer) - state(optimizer) <= 1.05 x peak(SGD) for the step training runs (CPU compiler).
 

@@ -308,7 +308,8 @@ def test_svd_call_sites_per_leaf_or_per_shape(variant, by_shape):
         assert_same_subspace(np.asarray(got), want, side)
 
 
-@pytest.mark.parametrize("method", ["gram", "randomized", "subspace"])
+# randomized with the slow tests: the subspace refresh runs it at its first refresh (README's command stays short)
+@pytest.mark.parametrize("method", ["gram", pytest.param("randomized", marks=pytest.mark.slow), "subspace"])
 def test_one_site_per_vector_length_for_gram_and_range_finders(method):
     """By shape, the Gram, randomized and subspace refreshes of one-sided bases share one compiled
     eigendecomposition per length of the basis's vectors: (6, 4) and (3, 6, 4) on the right side,
@@ -497,11 +498,12 @@ def test_subspace_first_refresh_starts_from_its_gaussian_probes():
     g = jnp.asarray(np.random.default_rng(7).standard_normal((40, 30)), jnp.float32)  # 11 probes of 30 columns
     refresh = fira_jax.Refresh(update_proj_gap=5, method="subspace", canonical_signs=False, power_iters=0, seed=4)
     tx = fira_jax.scale_by_galore(3, refresh=refresh)
-    _, state = tx.update({"w": g}, tx.init({"w": jnp.zeros((40, 30))}))
+    _, state = jax.jit(tx.update)({"w": g}, tx.init({"w": jnp.zeros((40, 30))}))
     key = matrix_keys(4, "w", jnp.int32(0), jnp.int32(0))
-    _, cold = randomized_svd(g, 3, "right", key, 8, 0, both=False)  # the refresh computes the basis side only
+    _, cold = jax.jit(lambda g, k: randomized_svd(g, 3, "right", k, 8, 0, both=False))(g, key)  # the basis side only
     np.testing.assert_allclose(np.asarray(state.right["w"]), np.asarray(cold), atol=1e-5)
-    _, warm = subspace_iteration(g, jnp.eye(30, 3), 3, "right", key, 8, 0, both=False)  # from the default basis
+    iterate = jax.jit(lambda g, k: subspace_iteration(g, jnp.eye(30, 3), 3, "right", k, 8, 0, both=False))
+    _, warm = iterate(g, key)  # from the default basis
     overlap = np.abs(np.asarray(state.right["w"]) @ np.asarray(warm).T).max(axis=1)
     assert overlap.min() < 0.9, overlap  # another subspace, not the same one up to signs
 
