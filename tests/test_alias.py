@@ -146,6 +146,7 @@ def assert_traj_close(ours, ref, w0, rtol):
 
 def test_fira_and_galore(variant):
     params, grad_fn = make_problem()
+    steps = 10 if variant is jax.jit else 6  # refreshes at 0, 4 (and 8 jitted): eager steps are slow
     for kind in ("fira", "galore"):
         for proj_type, scale, wd in [("std", 0.25, 0.0), ("reverse_std", 1.0, 0.1), ("left", 0.25, 0.1)]:
             factory = fira_jax.fira if kind == "fira" else fira_jax.galore
@@ -157,7 +158,6 @@ def test_fira_and_galore(variant):
             state = tx.init(p)
             update = variant(tx.update)
             ours = []
-            steps = 10 if variant is jax.jit else 6  # refreshes at 0, 4 (and 8 jitted): eager steps are slow
             for _ in range(steps):
                 g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grad_fn(jax.tree.map(np.asarray, p)))
                 u, state = update(g, state, p)

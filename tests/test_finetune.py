@@ -29,13 +29,14 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-# lora-fira and full-adamw with the slow tests (README's command stays short)
+# lora-fira, full-adamw and galore (fira's path without the residual) with the slow tests (README's
+# command stays short)
 @pytest.mark.parametrize(
     "method",
     [
         m if m not in ("lora-fira", "full-adamw", "galore") else pytest.param(m, marks=pytest.mark.slow)
         for m in finetune.METHODS
-    ],  # galore: fira's path without the residual
+    ],
 )
 def test_each_method_trains_only_what_it_should(tmp_path, checkpoint, method):
     (tmp_path / "train.json").write_text(json.dumps(RECORDS))
