@@ -13,6 +13,7 @@ import pytest
 from numpy_side import np_side
 
 import fira_jax
+from fira_jax._src import basis as basis_module
 
 REFRESH_OPTIONS = ("method", "stagger", "canonical_signs", "oversample", "power_iters", "seed")
 
@@ -164,6 +165,33 @@ def test_nonfinite_gradient_keeps_previous_basis():
     _, state = jax.jit(tx.update)({"w": good}, state)
     _, state_inf = jax.jit(tx.update)({"w": good.at[1, 1].set(jnp.inf)}, state)
     np.testing.assert_array_equal(np.asarray(state_inf.right["w"]), np.asarray(state.right["w"]))
+
+
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized", "subspace", "gram, finite eigenvectors"])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_a_nonfinite_matrix_keeps_its_basis_and_the_others_refresh(method, bad, monkeypatch):
+    """Per matrix, by every method: one NaN or infinity in one matrix of a stack keeps that matrix's
+    basis, and the other matrices (of the stack and of a leaf sharing the site) take new ones.
+    "gram, finite eigenvectors": an eigensolver that returns finite vectors whatever its input (the
+    Gram refresh reads the gradient's finiteness from the Gram matrix, not from the vectors)."""
+    if method == "gram, finite eigenvectors":
+        method = "gram"
+        monkeypatch.setattr(basis_module, "_top_eigenvectors", lambda a, rank: jnp.tanh(jnp.nan_to_num(a[..., :rank])))
+    rng = np.random.default_rng(7)
+    shapes = {"s": (3, 6, 8), "t": (8, 6)}  # left-side 3 x 6 x 8 and right-side 8 x 6: one Gram site
+    tx = project(2, update_proj_gap=1, refresh_by_shape=True, method=method, axes=fira_jax.MatrixAxes())
+    state = tx.init({k: jnp.zeros(v) for k, v in shapes.items()})
+    first = {k: jnp.asarray(rng.standard_normal(v), jnp.float32) for k, v in shapes.items()}
+    _, state = jax.jit(tx.update)(first, state)
+    before = {"s": np.asarray(state.left["s"]), "t": np.asarray(state.right["t"])}
+    second = {k: jnp.asarray(rng.standard_normal(v), jnp.float32) for k, v in shapes.items()}
+    second["s"] = second["s"].at[1, 2, 3].set(bad)
+    _, state = jax.jit(tx.update)(second, state)
+    after = {"s": np.asarray(state.left["s"]), "t": np.asarray(state.right["t"])}
+    assert np.isfinite(after["s"]).all() and np.isfinite(after["t"]).all()
+    np.testing.assert_array_equal(after["s"][1], before["s"][1])
+    assert not np.array_equal(after["s"][[0, 2]], before["s"][[0, 2]])
+    assert not np.array_equal(after["t"], before["t"])
 
 
 def test_bf16_gradient_svd_in_float32():
